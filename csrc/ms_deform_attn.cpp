@@ -1,0 +1,16 @@
+// The op schemas. Kernels register per device in cpu/ and cuda/; the fake (meta) kernels and the autograd
+// formula are registered from Python (rtdetrv2_kernels/_registration.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(rtdetrv2_kernels, m) {
+  // spatial_shapes is flattened (H_0, W_0, H_1, W_1, ...); num_points holds one count per level;
+  // method is "default" (bilinear) or "discrete" (nearest pixel). Returns (B, Q, H*C).
+  m.def(
+      "ms_deform_attn_forward(Tensor value, int[] spatial_shapes, Tensor sampling_locations, "
+      "Tensor attention_weights, int[] num_points, str method) -> Tensor");
+  // Returns the gradients of value, sampling_locations and attention_weights.
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
+      "Tensor sampling_locations, Tensor attention_weights, int[] num_points, str method) "
+      "-> (Tensor, Tensor, Tensor)");
+}

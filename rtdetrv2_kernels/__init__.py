@@ -1,0 +1,48 @@
+"""Fused multi-scale deformable attention for RT-DETRv2, D-FINE, DEIM and Deformable-DETR-style models.
+
+The contract of :func:`ms_deform_attn` is written out in docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._validation import check_inputs
+from .backends import BACKENDS, ENV_VAR, available_backends, implementation, resolve_backend
+from .reference import ms_deform_attn_reference
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "available_backends", "BACKENDS", "ENV_VAR"]
+__version__ = "0.1.0"
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Sequence[int]] | torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points: Sequence[int] | int,
+    method: str = "default",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-scale deformable attention with per-level point counts (the RT-DETRv2 layout).
+
+    Args:
+        value: (B, S, H, C); S = sum of H_l * W_l, each level flattened row-major, levels in order.
+        spatial_shapes: L (height, width) pairs, or an integer tensor of shape (L, 2).
+        sampling_locations: (B, Q, H, P, 2) with P = sum(num_points), points level-major; the last dim is
+            (x, y) normalized to the level's width and height. Values outside [0, 1] are legal.
+        attention_weights: (B, Q, H, P), used as given (no softmax is applied).
+        num_points: points per level, e.g. [4, 4, 4] (RT-DETRv2) or [3, 6, 3] (D-FINE), or one int for all.
+        method: "default" (bilinear, as grid_sample with zero padding and align_corners=False) or
+            "discrete" (the nearest pixel, clamped into the level).
+        backend: "cuda", "triton", "cpu", "torch", or None for the fastest one available on the tensors'
+            device (the RTDETRV2_KERNELS_BACKEND environment variable overrides that default).
+
+    Returns:
+        (B, Q, H*C) in value's dtype; channel index h*C + c.
+    """
+    shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method)
+    run = implementation(resolve_backend(backend, value.device.type))
+    return run(value, shapes, sampling_locations, attention_weights, points, method)

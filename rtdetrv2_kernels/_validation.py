@@ -1,0 +1,117 @@
+"""Argument checks for ms_deform_attn: every message names the argument and what was expected.
+
+Only shapes, dtypes and devices are inspected, never tensor values on a device, so checking costs no
+host-device sync (a spatial_shapes tensor on a GPU is the one exception; see docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+
+METHODS = ("default", "discrete")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT32_MAX = 2**31 - 1
+
+
+def _as_int(x, what: str) -> int:
+    if isinstance(x, bool):
+        raise TypeError(f"{what} must be an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(x).__name__}") from None
+
+
+def level_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
+    """spatial_shapes as a tuple of (height, width) pairs of Python ints."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
+        if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype.is_complex or spatial_shapes.dtype == torch.bool:
+            raise TypeError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+        spatial_shapes = spatial_shapes.tolist()
+    if not isinstance(spatial_shapes, Sequence) or isinstance(spatial_shapes, str):
+        raise TypeError(
+            f"spatial_shapes must be a sequence of (height, width) pairs or an int tensor of shape (L, 2), "
+            f"got {type(spatial_shapes).__name__}"
+        )
+    if len(spatial_shapes) == 0:
+        raise ValueError("spatial_shapes must hold at least one level")
+    shapes = []
+    for level, pair in enumerate(spatial_shapes):
+        if not isinstance(pair, (Sequence, torch.Tensor)) or len(pair) != 2:
+            raise ValueError(f"spatial_shapes[{level}] must be a (height, width) pair, got {pair!r}")
+        height = _as_int(pair[0], f"spatial_shapes[{level}][0]")
+        width = _as_int(pair[1], f"spatial_shapes[{level}][1]")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"spatial_shapes[{level}] must be positive, got ({height}, {width})")
+        if height * width > _INT32_MAX:
+            raise ValueError(f"spatial_shapes[{level}] = ({height}, {width}) has more than 2^31 - 1 pixels")
+        shapes.append((height, width))
+    return tuple(shapes)
+
+
+def points_per_level(num_points, num_levels: int) -> tuple[int, ...]:
+    """num_points as one positive int per level."""
+    if isinstance(num_points, Sequence) and not isinstance(num_points, str):
+        points = tuple(_as_int(n, f"num_points[{i}]") for i, n in enumerate(num_points))
+        if len(points) != num_levels:
+            raise ValueError(
+                f"num_points has {len(points)} entries but spatial_shapes has {num_levels} levels; "
+                "give one count per level or a single int"
+            )
+    else:
+        points = (_as_int(num_points, "num_points"),) * num_levels
+    for level, n in enumerate(points):
+        if n <= 0:
+            raise ValueError(f"num_points must be positive, got {n} for level {level}")
+    return points
+
+
+def _check_tensor(name: str, tensor, dims: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(tensor).__name__}")
+    if tensor.dim() != dims.count(",") + 1:
+        raise ValueError(f"{name} must have shape {dims}, got {tuple(tensor.shape)}")
+
+
+def check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    """Validates all arguments; returns (level shapes, points per level) as tuples of Python ints."""
+    _check_tensor("value", value, "(B, S, H, C)")
+    _check_tensor("sampling_locations", sampling_locations, "(B, Q, H, P, 2)")
+    _check_tensor("attention_weights", attention_weights, "(B, Q, H, P)")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"value must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if tensor.dtype != value.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but value has {value.dtype}; all three must match")
+        if tensor.device != value.device:
+            raise ValueError(f"{name} is on {tensor.device} but value is on {value.device}; all three must match")
+
+    shapes = level_shapes(spatial_shapes)
+    points = points_per_level(num_points, len(shapes))
+    batch, sequence, heads, _ = value.shape
+    queries, total_points = sampling_locations.shape[1], sum(points)
+    expected_rows = sum(h * w for h, w in shapes)
+    if sequence != expected_rows:
+        raise ValueError(
+            f"value has S={sequence} rows but spatial_shapes {list(shapes)} sum to {expected_rows} (sum of H_l*W_l)"
+        )
+    expected = (batch, queries, heads, total_points, 2)
+    if tuple(sampling_locations.shape) != expected:
+        raise ValueError(
+            f"sampling_locations must have shape (B, Q, H, P, 2) = {expected} for value of shape "
+            f"{tuple(value.shape)} and num_points {list(points)} (P = {total_points}), "
+            f"got {tuple(sampling_locations.shape)}"
+        )
+    if tuple(attention_weights.shape) != expected[:4]:
+        raise ValueError(
+            f"attention_weights must have shape (B, Q, H, P) = {expected[:4]}, got {tuple(attention_weights.shape)}"
+        )
+    return shapes, points

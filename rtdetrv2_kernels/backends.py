@@ -1,0 +1,89 @@
+"""Backend selection: which implementation runs a call of ms_deform_attn.
+
+Precedence: the ``backend`` argument, then the ``RTDETRV2_KERNELS_BACKEND`` environment variable, then the
+fastest backend available for the tensors' device (CUDA: "cuda", "triton", "torch"; CPU: "cpu", "torch").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from . import _extension
+from .reference import ms_deform_attn_reference
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _cpp_kernels(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    flat_shapes = [size for shape in spatial_shapes for size in shape]
+    return torch.ops.rtdetrv2_kernels.ms_deform_attn_forward(
+        value, flat_shapes, sampling_locations, attention_weights, list(num_points), method
+    )
+
+
+_IMPLEMENTATIONS = {"cpu": _cpp_kernels, "torch": ms_deform_attn_reference}
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None when `backend` can run on tensors of `device_type` here, else why it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"it runs on CPU tensors, got {device_type} tensors"
+        reason = _extension.load("_C")
+        return None if reason is None else f"the C++ kernels could not be loaded ({reason})"
+    if backend == "cuda":
+        return "this build of rtdetrv2_kernels has no CUDA kernels yet"
+    if backend == "triton":
+        return "this build of rtdetrv2_kernels has no Triton kernels yet"
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here, on the CPU or on this machine's GPU, fastest first."""
+    device_types = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    return [b for b in BACKENDS if any(unavailable_reason(b, d) is None for d in device_types)]
+
+
+@functools.cache
+def _warn_fallback(device_type: str, skipped: str) -> None:
+    warnings.warn(f"rtdetrv2_kernels: falling back to the slow 'torch' backend on {device_type}: {skipped}", stacklevel=3)
+
+
+# torch.compile runs this once per (backend, device type) while tracing and bakes in the answer, so the
+# environment lookup and the first-use library load stay out of the compiled graph.
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str | None, device_type: str) -> str:
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"{ENV_VAR}={backend!r}"
+    else:
+        source = f"backend={backend!r}"
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{source}: backend must be one of {BACKENDS} or None")
+        reason = unavailable_reason(backend, device_type)
+        if reason is not None:
+            raise RuntimeError(f"{source} is not available: {reason}")
+        return backend
+    skipped = []
+    for candidate in _PREFERENCE.get(device_type, ("torch",)):
+        reason = unavailable_reason(candidate, device_type)
+        if reason is None:
+            if skipped and candidate == "torch":
+                _warn_fallback(device_type, "; ".join(skipped))
+            return candidate
+        skipped.append(f"'{candidate}' is unavailable: {reason}")
+    raise AssertionError("the torch backend is always available")
+
+
+def implementation(backend: str):
+    """The function running `backend`: (value, level shapes, locations, weights, points, method) -> output."""
+    return _IMPLEMENTATIONS[backend]

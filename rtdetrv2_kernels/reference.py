@@ -1,0 +1,72 @@
+"""Pure-PyTorch multi-scale deformable attention: the "torch" backend and the oracle of every test.
+
+Runs on any device and dtype PyTorch supports and is differentiable by autograd. It computes in fp32 for
+fp16/bf16 inputs (fp64 for fp64) and returns value's dtype, as every kernel of this package does.
+Inputs are assumed validated (see ``rtdetrv2_kernels.ms_deform_attn``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ms_deform_attn_reference"]
+
+
+def _bilinear(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+    """(N, C, H_l, W_l) sampled at (N, Q, p, 2) normalized locations -> (N, C, Q, p)."""
+    # Locations far outside the level read nothing; clamping them (and NaN) to a point that is still
+    # outside keeps grid_sample's float-to-int conversion defined without changing any value or gradient.
+    locations = torch.nan_to_num(locations, nan=-1.0, posinf=2.0, neginf=-1.0).clamp(-1.0, 2.0)
+    return F.grid_sample(value_level, 2 * locations - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _nearest(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+    """(N, C, H_l, W_l) read at the nearest pixel of (N, Q, p, 2) locations, per axis clamped -> (N, C, Q, p)."""
+    n, channels, height, width = value_level.shape
+    _, queries, points, _ = locations.shape
+    sizes = locations.new_tensor([width, height])
+    pixel = torch.floor(locations * sizes + 0.5)
+    readable = ~pixel.isnan().any(dim=-1)  # a NaN coordinate reads nothing
+    pixel = torch.minimum(torch.nan_to_num(pixel, nan=0.0).clamp(min=0.0), sizes - 1)
+    index = pixel.long()
+    index = (index[..., 1] * width + index[..., 0]).reshape(n, 1, queries * points)
+    sampled = value_level.reshape(n, channels, height * width).gather(2, index.expand(n, channels, -1))
+    # The pixel does not move with small changes of the location: its gradient is zero, not absent. Routing
+    # the (finite) pixel through the result gives the locations a zero gradient, as the kernels do, so the
+    # layers that produce them stay in the autograd graph.
+    presence = (pixel.sum(-1) * 0 + 1) * readable
+    return sampled.view(n, channels, queries, points) * presence[:, None]
+
+
+def ms_deform_attn_reference(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points: Sequence[int],
+    method: str = "default",
+) -> torch.Tensor:
+    """value (B, S, H, C), sampling_locations (B, Q, H, P, 2), attention_weights (B, Q, H, P) -> (B, Q, H*C)."""
+    batch, _, heads, channels = value.shape
+    queries, total_points = sampling_locations.shape[1], sampling_locations.shape[3]
+    out_dtype = value.dtype
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
+
+    sample = _nearest if method == "discrete" else _bilinear
+    value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
+    location_levels = sampling_locations.split(list(num_points), dim=3)
+    sampled = []
+    for (height, width), value_level, locations in zip(spatial_shapes, value_levels, location_levels):
+        # (B, h*w, H, C) -> (B*H, C, h, w);  (B, Q, H, p, 2) -> (B*H, Q, p, 2)
+        value_level = value_level.permute(0, 2, 3, 1).reshape(batch * heads, channels, height, width)
+        locations = locations.transpose(1, 2).reshape(batch * heads, queries, locations.shape[3], 2)
+        sampled.append(sample(value_level, locations))
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, total_points)
+    output = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # (B*H, C, Q)
+    return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous().to(out_dtype)
