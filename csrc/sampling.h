@@ -2,16 +2,26 @@
 // Where one sampling point lands in one feature level: which pixels it reads and with what weights.
 // This is the single home of the sampling math; the CPU and CUDA kernels both include it, so the two
 // can only differ in how they schedule work. docs/semantics.md states the contract implemented here.
-#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RTDETRV2_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced inline so that CPU kernels compiled for several ISAs get this math in each version.
+#define RTDETRV2_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define RTDETRV2_HOST_DEVICE inline
 #endif
 
 namespace rtdetrv2_kernels {
+
+// floor() for |x| < 2^31. Truncation plus a correction avoids a libm call where the baseline ISA has no
+// rounding instruction (x86-64 without SSE4.1).
+template <typename acc_t>
+RTDETRV2_HOST_DEVICE int32_t floor_to_int(acc_t x) {
+  const int32_t truncated = static_cast<int32_t>(x);
+  return truncated - (x < static_cast<acc_t>(truncated) ? 1 : 0);
+}
 
 // The four pixels read by a bilinear sample, in the order (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1).
 // A corner outside the level reads nothing: inside[k] is false and its weight and derivatives are zero.
@@ -36,12 +46,10 @@ RTDETRV2_HOST_DEVICE BilinearCorners<acc_t> bilinear_corners(acc_t loc_x, acc_t 
   // which also keeps the float-to-int conversions below away from non-finite and huge values.
   const bool near_level = x >= acc_t(-1) && x < static_cast<acc_t>(width) && y >= acc_t(-1) &&
                           y < static_cast<acc_t>(height);
-  const acc_t x_floor = near_level ? std::floor(x) : acc_t(-2);
-  const acc_t y_floor = near_level ? std::floor(y) : acc_t(-2);
-  const int32_t x0 = static_cast<int32_t>(x_floor);
-  const int32_t y0 = static_cast<int32_t>(y_floor);
-  const acc_t fx = x - x_floor;
-  const acc_t fy = y - y_floor;
+  const int32_t x0 = near_level ? floor_to_int(x) : -2;
+  const int32_t y0 = near_level ? floor_to_int(y) : -2;
+  const acc_t fx = x - static_cast<acc_t>(x0);
+  const acc_t fy = y - static_cast<acc_t>(y0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int dx = k & 1;
@@ -60,15 +68,17 @@ RTDETRV2_HOST_DEVICE BilinearCorners<acc_t> bilinear_corners(acc_t loc_x, acc_t 
   return corners;
 }
 
-// Nearest pixel index along one axis, clamped into [0, size - 1]; -1 for NaN (the sample reads nothing).
+// Nearest pixel index along one axis, floor(loc * size + 0.5) clamped into [0, size - 1];
+// -1 for NaN (the sample reads nothing).
 template <typename acc_t>
 RTDETRV2_HOST_DEVICE int32_t nearest_clamped_index(acc_t loc, int32_t size) {
-  const acc_t index = std::floor(loc * static_cast<acc_t>(size) + acc_t(0.5));
-  if (!(index == index)) return -1;
-  // Clamp in floating point so infinities and huge values never reach the int conversion.
-  if (index <= acc_t(0)) return 0;
-  if (index >= static_cast<acc_t>(size - 1)) return size - 1;
-  return static_cast<int32_t>(index);
+  const acc_t t = loc * static_cast<acc_t>(size) + acc_t(0.5);
+  if (!(t == t)) return -1;
+  // Clamped in floating point, so infinities and huge values never reach the int conversion; in between,
+  // t is in [1, size - 1) where truncation is the floor.
+  if (t < acc_t(1)) return 0;
+  if (t >= static_cast<acc_t>(size - 1)) return size - 1;
+  return static_cast<int32_t>(t);
 }
 
 // method="discrete": the one pixel read by a sample, as y * width + x within the level, or -1.

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import rtdetrv2_kernels  # noqa: E402
+
+# Non-square levels (W > H and H > W); power-of-two sides where border locations are placed exactly.
+SHAPES = [(4, 8), (8, 2), (3, 5)]
+POINTS = [3, 6, 2]
+
+
+def backends_for(device_type: str) -> list[str]:
+    from rtdetrv2_kernels.backends import unavailable_reason
+
+    return [b for b in rtdetrv2_kernels.BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+def backend_params():
+    """(backend, device type) for every backend available here, on CPU and (when present) on CUDA."""
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    return [pytest.param(b, d, id=f"{b}-{d}") for d in devices for b in backends_for(d)]
+
+
+def make_inputs(
+    batch=2,
+    queries=5,
+    heads=3,
+    channels=7,
+    shapes=SHAPES,
+    points=POINTS,
+    dtype=torch.float64,
+    device="cpu",
+    borders=True,
+    seed=0,
+):
+    """Fresh random inputs: locations spread over [-0.3, 1.3], plus exact pixel centers and level edges on
+    the power-of-two levels (where they are exact in binary), so kernels and reference agree on the floor."""
+    generator = torch.Generator().manual_seed(seed)
+    total_rows = sum(h * w for h, w in shapes)
+    total_points = sum(points)
+    value = torch.randn(batch, total_rows, heads, channels, generator=generator, dtype=torch.float64)
+    locations = torch.rand(batch, queries, heads, total_points, 2, generator=generator, dtype=torch.float64)
+    locations = locations * 1.6 - 0.3
+    weights = torch.rand(batch, queries, heads, total_points, generator=generator, dtype=torch.float64)
+    if borders:
+        first = 0
+        for (height, width), count in zip(shapes, points):
+            for axis, size in ((0, width), (1, height)):
+                if size & (size - 1) == 0:  # power of two: k / (2 size) is exact
+                    grid = torch.randint(-2, 2 * size + 3, locations[..., first : first + count, axis].shape,
+                                         generator=generator)
+                    exact = grid.double() / (2 * size)
+                    keep = torch.rand(exact.shape, generator=generator) < 0.5
+                    locations[..., first : first + count, axis] = torch.where(
+                        keep, exact, locations[..., first : first + count, axis]
+                    )
+            first += count
+    return (
+        value.to(dtype=dtype, device=device),
+        locations.to(dtype=dtype, device=device),
+        weights.to(dtype=dtype, device=device),
+    )
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Compares against an fp64 expectation with a tolerance set by the dtype the kernel ran in, scaled by
+    the magnitude of the expectation."""
+    tolerance = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance * scale:.3g} ({dtype})"
+
+
+def run_with_grads(fn, value, locations, weights, grad_output=None):
+    """Output and the gradients of value, locations and weights for a fixed random output gradient."""
+    value, locations, weights = (t.detach().clone().requires_grad_() for t in (value, locations, weights))
+    output = fn(value, locations, weights)
+    if grad_output is None:
+        generator = torch.Generator().manual_seed(1)
+        grad_output = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad(output, (value, locations, weights), grad_output.to(output), allow_unused=True)
+    return (output, *grads)

@@ -1,0 +1,167 @@
+"""Every backend against the fp64 PyTorch reference, forward and all gradients. The "torch" backend is the
+reference itself; running it here too checks its low-precision path against its fp64 one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import POINTS, SHAPES, assert_close, backend_params, make_inputs, run_with_grads
+
+from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_reference
+
+METHODS = ["default", "discrete"]
+NAMES = ("output", "grad_value", "grad_locations", "grad_weights")
+BACKENDS = backend_params()
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def check_against_reference(backend, device, dtype, method, shapes=SHAPES, points=POINTS, **shape):
+    inputs = make_inputs(shapes=shapes, points=points, dtype=dtype, device=device, **shape)
+    # The expectation: fp64 reference on the very same (already rounded) inputs.
+    expected = run_with_grads(
+        lambda v, l, w: ms_deform_attn_reference(v, shapes, l, w, points, method), *(t.double().cpu() for t in inputs)
+    )
+    actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, shapes, l, w, points, method, backend=backend), *inputs)
+    assert actual[0].dtype == dtype and actual[0].device.type == device
+    for name, a, e in zip(NAMES, actual, expected):
+        assert a.dtype == dtype, name
+        assert_close(a, e, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_reference(backend, device, dtype, method):
+    check_against_reference(backend, device, dtype, method)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "shapes,points,heads,channels",
+    [
+        ([(7, 3)], [1], 1, 1),  # one level, one point, H = 1, C = 1
+        ([(4, 8), (8, 2)], 2, 8, 32),  # an int num_points; H = 8 and the C = 32 fast path
+        ([(6, 10), (3, 5), (2, 3), (1, 2)], [1, 3, 2, 4], 2, 64),  # L = 4, C = 64
+        ([(5, 4), (3, 3), (2, 2)], [3, 6, 3], 3, 48),  # D-FINE points, C = 48 (not a multiple of 32)
+        ([(2, 3)] * 8, [2] * 8, 2, 9),  # L = 8
+    ],
+)
+def test_shapes(backend, device, method, shapes, points, heads, channels):
+    points_list = points if isinstance(points, list) else [points] * len(shapes)
+    inputs = make_inputs(batch=2, queries=4, heads=heads, channels=channels, shapes=shapes, points=points_list,
+                         device=device)
+    expected = run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, shapes, l, w, points_list, method),
+                              *(t.cpu() for t in inputs))
+    actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, shapes, l, w, points, method, backend=backend), *inputs)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close(a, e, torch.float64, name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck(backend, device, method):
+    value, locations, weights = make_inputs(batch=1, queries=2, heads=2, channels=3, device=device, borders=False)
+    # Finite differences step across the bilinear kinks only with negligible probability at random
+    # locations; the discrete location gradient is zero by definition and tested below.
+    locations.requires_grad_(method == "default")
+    value.requires_grad_()
+    weights.requires_grad_()
+
+    def fn(v, l, w):
+        return ms_deform_attn(v, SHAPES, l, w, POINTS, method, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (value, locations, weights), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_discrete_location_gradient_is_zero(backend, device):
+    value, locations, weights = make_inputs(device=device)
+    _, _, grad_locations, _ = run_with_grads(
+        lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, "discrete", backend=backend), value, locations, weights
+    )
+    assert torch.equal(grad_locations, torch.zeros_like(grad_locations))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_nonfinite_and_huge_locations_read_nothing_outside(backend, device, method, dtype):
+    value, locations, weights = make_inputs(batch=1, queries=4, heads=2, channels=5, dtype=dtype, borders=False)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3e9, -3e9, 2.0**31],
+                            dtype=dtype)
+    locations[0, :, :, :, 0].view(-1)[: specials.numel()] = specials
+    locations[0, :, :, :, 1].view(-1)[-specials.numel():] = specials.flip(0)
+    inputs = [t.to(device) for t in (value, locations, weights)]
+    expected = run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method),
+                              *(t.double().cpu() for t in inputs))
+    actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, method, backend=backend), *inputs)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_non_contiguous_and_expanded_inputs(backend, device, method):
+    value, locations, weights = make_inputs(batch=1, device=device)
+    # value expanded over the batch (stride 0) and with its heads sliced; locations and weights transposed.
+    value_big = torch.cat([value, value], dim=2)[:, :, ::2].expand(3, -1, -1, -1)
+    locations_t = locations.expand(3, -1, -1, -1, -1).transpose(1, 2).contiguous().transpose(1, 2)
+    weights_t = weights.expand(3, -1, -1, -1)
+    assert not value_big.is_contiguous() and not locations_t.is_contiguous() and not weights_t.is_contiguous()
+    expected = ms_deform_attn_reference(value_big.contiguous(), SHAPES, locations_t.contiguous(),
+                                        weights_t.contiguous(), POINTS, method)
+    actual = ms_deform_attn(value_big, SHAPES, locations_t, weights_t, POINTS, method, backend=backend)
+    assert_close(actual, expected, torch.float64, "output")
+    # Channels strided: the kernel must copy rather than misread.
+    value_strided = torch.stack([value, value], dim=-1)[..., 0]
+    assert value_strided.stride(-1) == 2
+    actual = ms_deform_attn(value_strided, SHAPES, locations, weights, POINTS, method, backend=backend)
+    assert_close(actual, ms_deform_attn_reference(value, SHAPES, locations, weights, POINTS, method),
+                 torch.float64, "output")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("batch,queries", [(0, 4), (2, 0)])
+def test_empty_batch_or_queries(backend, device, batch, queries):
+    value, locations, weights = make_inputs(batch=batch, queries=queries, device=device)
+    value.requires_grad_()
+    output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)
+    assert output.shape == (batch, queries, value.shape[2] * value.shape[3])
+    output.sum().backward()
+    assert value.grad.shape == value.shape and not value.grad.any()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_every_output_element_is_written(backend, device):
+    # All samples inside their level with nonzero weights: an unwritten row shows up as a mismatch.
+    value, locations, weights = make_inputs(batch=2, queries=9, heads=4, channels=32, device=device, borders=False)
+    locations = locations.clamp(0.05, 0.95)
+    weights = weights + 0.5
+    for _ in range(3):  # fresh allocations each time, possibly reusing freed memory
+        output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)
+        expected = ms_deform_attn_reference(value, SHAPES, locations, weights, POINTS)
+        assert (expected.abs() > 0).all()
+        assert_close(output, expected, torch.float64, "output")
+
+
+def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
+    pytest.importorskip("rtdetrv2_kernels")
+    from conftest import backends_for
+
+    if "cpu" not in backends_for("cpu"):
+        pytest.skip("the C++ CPU kernels are not available")
+    inputs = make_inputs(batch=2, queries=16, heads=4, channels=32, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            results.append(run_with_grads(
+                lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, backend="cpu"), *inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name, a, b in zip(NAMES, results[0], other):
+            assert torch.equal(a, b), name

@@ -1,0 +1,103 @@
+"""The custom ops (opcheck, torch.compile) and backend selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import POINTS, SHAPES, backends_for, make_inputs
+
+import rtdetrv2_kernels
+from rtdetrv2_kernels import ms_deform_attn
+
+needs_cpu_kernels = pytest.mark.skipif(
+    "cpu" not in backends_for("cpu"), reason="the C++ CPU kernels are not available in this install"
+)
+FLAT_SHAPES = [s for shape in SHAPES for s in shape]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_opcheck_forward_and_backward(method):
+    value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
+    forward = torch.ops.rtdetrv2_kernels.ms_deform_attn_forward.default
+    backward = torch.ops.rtdetrv2_kernels.ms_deform_attn_backward.default
+    args = (value.requires_grad_(), FLAT_SHAPES, locations.requires_grad_(), weights.requires_grad_(), POINTS, method)
+    torch.library.opcheck(forward, args)
+    grad_output = torch.randn(2, 3, 10, dtype=torch.float64)
+    torch.library.opcheck(backward, (grad_output, value.detach(), FLAT_SHAPES, locations.detach(),
+                                     weights.detach(), POINTS, method))
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_compile_fullgraph_without_graph_breaks(backend, method):
+    value, locations, weights = make_inputs(dtype=torch.float32)
+
+    def layer(v, l, w):
+        return ms_deform_attn(v, SHAPES, l, w.softmax(-1), POINTS, method, backend=backend).relu().sum()
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(value, locations, weights)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(layer, fullgraph=True)
+    eager_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    compiled_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    expected = layer(*eager_inputs)
+    actual = compiled(*compiled_inputs)
+    torch.testing.assert_close(actual, expected)
+    expected.backward()
+    actual.backward()
+    for a, e in zip(compiled_inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_available_backends():
+    available = rtdetrv2_kernels.available_backends()
+    assert "torch" in available
+    assert set(available) <= set(rtdetrv2_kernels.BACKENDS)
+
+
+def test_unavailable_backend_says_why():
+    value, locations, weights = make_inputs()
+    missing = [b for b in rtdetrv2_kernels.BACKENDS if b not in backends_for("cpu")]
+    assert "cuda" in missing  # CPU tensors never run on the CUDA backend
+    for backend in missing:
+        with pytest.raises(RuntimeError, match=f"backend='{backend}' is not available: "):
+            ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)
+
+
+def _chosen_backend(env_value):
+    """The backend a fresh process picks for CPU tensors, with RTDETRV2_KERNELS_BACKEND set to env_value."""
+    code = (
+        "import rtdetrv2_kernels.backends as b; "
+        "print(b.resolve_backend(None, 'cpu'))"
+    )
+    env = dict(os.environ)
+    env.pop(rtdetrv2_kernels.ENV_VAR, None)
+    if env_value is not None:
+        env[rtdetrv2_kernels.ENV_VAR] = env_value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_default_backend_and_environment_override():
+    default = _chosen_backend(None)
+    assert default.returncode == 0, default.stderr
+    expected_default = "cpu" if "cpu" in backends_for("cpu") else "torch"
+    assert default.stdout.strip() == expected_default
+    forced = _chosen_backend("torch")
+    assert forced.stdout.strip() == "torch", forced.stderr
+    bad = _chosen_backend("fastest")
+    assert bad.returncode != 0 and "RTDETRV2_KERNELS_BACKEND='fastest'" in bad.stderr
+    unavailable = _chosen_backend("cuda")
+    assert unavailable.returncode != 0 and "RTDETRV2_KERNELS_BACKEND='cuda' is not available" in unavailable.stderr
+
+
+def test_explicit_backend_argument_beats_environment(monkeypatch):
+    value, locations, weights = make_inputs()
+    monkeypatch.setenv(rtdetrv2_kernels.ENV_VAR, "cuda")  # would fail for CPU tensors
+    output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend="torch")
+    assert output.shape == (2, 5, 21)

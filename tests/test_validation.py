@@ -1,0 +1,92 @@
+"""Bad input gets a clear TypeError/ValueError naming the argument and what was expected."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import POINTS, SHAPES, backend_params, make_inputs
+
+from rtdetrv2_kernels import ms_deform_attn
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs(batch=2, queries=3, heads=2, channels=4)
+
+
+def call(inputs, **overrides):
+    value, locations, weights = inputs
+    args = dict(value=value, spatial_shapes=SHAPES, sampling_locations=locations, attention_weights=weights,
+                num_points=POINTS)
+    args.update(overrides)
+    return ms_deform_attn(**args)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,message",
+    [
+        (lambda v, l, w: dict(value=v[0]), ValueError, r"value must have shape \(B, S, H, C\), got \(63, 2, 4\)"),
+        (lambda v, l, w: dict(value=v.tolist()), TypeError, r"value must be a torch.Tensor"),
+        (lambda v, l, w: dict(sampling_locations=l[..., 0]), ValueError, r"sampling_locations must have shape"),
+        (lambda v, l, w: dict(sampling_locations=torch.cat([l, l], -1)), ValueError,
+         r"sampling_locations must have shape \(B, Q, H, P, 2\) = \(2, 3, 2, 11, 2\)"),
+        (lambda v, l, w: dict(attention_weights=w[..., None]), ValueError, r"attention_weights must have shape"),
+        (lambda v, l, w: dict(sampling_locations=l[:1]), ValueError, r"sampling_locations must have shape"),
+        (lambda v, l, w: dict(attention_weights=w[:, :2]), ValueError, r"attention_weights must have shape \(B, Q, H, P\) = \(2, 3, 2, 11\)"),
+        (lambda v, l, w: dict(value=v[:, :, :1]), ValueError, r"sampling_locations must have shape"),
+        (lambda v, l, w: dict(sampling_locations=l[:, :, :, :10], attention_weights=w[..., :10]), ValueError,
+         r"P = 11"),
+        (lambda v, l, w: dict(value=v[:, :-1]), ValueError, r"value has S=62 rows but spatial_shapes .* sum to 63"),
+        (lambda v, l, w: dict(num_points=[3, 6]), ValueError, r"num_points has 2 entries but spatial_shapes has 3 levels"),
+        (lambda v, l, w: dict(num_points=[3, 0, 8]), ValueError, r"num_points must be positive"),
+        (lambda v, l, w: dict(num_points=[3.0, 6, 2]), TypeError, r"num_points\[0\] must be an int"),
+        (lambda v, l, w: dict(spatial_shapes=[(4, 8), (8, 2), (0, 5)]), ValueError, r"spatial_shapes\[2\] must be positive"),
+        (lambda v, l, w: dict(spatial_shapes=[(4, 8), (8, 2), (-3, -5)]), ValueError, r"spatial_shapes\[2\] must be positive"),
+        (lambda v, l, w: dict(spatial_shapes=[(4, 8), (8, 2), (3,)]), ValueError, r"spatial_shapes\[2\] must be a \(height, width\) pair"),
+        (lambda v, l, w: dict(spatial_shapes=[]), ValueError, r"at least one level"),
+        (lambda v, l, w: dict(spatial_shapes=torch.tensor(SHAPES, dtype=torch.float32)), TypeError, r"spatial_shapes must be an integer tensor"),
+        (lambda v, l, w: dict(spatial_shapes=torch.tensor(SHAPES).flatten()), ValueError, r"spatial_shapes must have shape \(L, 2\)"),
+        (lambda v, l, w: dict(spatial_shapes="4x8"), TypeError, r"spatial_shapes must be a sequence"),
+        (lambda v, l, w: dict(value=v.float()), TypeError, r"sampling_locations has dtype torch.float64 but value has torch.float32"),
+        (lambda v, l, w: dict(attention_weights=w.half()), TypeError, r"attention_weights has dtype torch.float16"),
+        (lambda v, l, w: dict(value=v.long(), sampling_locations=l.long(), attention_weights=w.long()), TypeError,
+         r"value must be float16, bfloat16, float32 or float64, got torch.int64"),
+        (lambda v, l, w: dict(method="bilinear"), ValueError, r"method must be one of \('default', 'discrete'\), got 'bilinear'"),
+        (lambda v, l, w: dict(backend="fast"), ValueError, r"backend must be one of"),
+        (lambda v, l, w: dict(sampling_locations=l.to("meta")), ValueError, r"sampling_locations is on meta but value is on cpu"),
+    ],
+)
+def test_bad_input_is_named(inputs, overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(inputs, **overrides(*inputs))
+
+
+def test_spatial_shapes_forms_are_equivalent(inputs):
+    expected = call(inputs)
+    for shapes in (torch.tensor(SHAPES), torch.tensor(SHAPES, dtype=torch.int32), [list(s) for s in SHAPES], tuple(SHAPES)):
+        assert torch.equal(call(inputs, spatial_shapes=shapes), expected)
+    assert torch.equal(call(inputs, spatial_shapes=torch.tensor(SHAPES)), expected)
+
+
+def test_single_int_num_points():
+    value, locations, weights = make_inputs(points=[2, 2, 2])
+    expected = ms_deform_attn(value, SHAPES, locations, weights, [2, 2, 2])
+    assert torch.equal(ms_deform_attn(value, SHAPES, locations, weights, 2), expected)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("cpu", "cuda")])
+def test_raw_op_rejects_bad_shapes_without_crashing(backend, device):
+    """The C++ ops check their inputs themselves, so a direct torch.ops call cannot read out of bounds."""
+    value, locations, weights = make_inputs(device=device)
+    op = torch.ops.rtdetrv2_kernels.ms_deform_attn_forward
+    flat = [s for shape in SHAPES for s in shape]
+    with pytest.raises(RuntimeError, match=re.escape("spatial shapes sum to")):
+        op(value, [4, 8, 8, 2, 3, 6], locations, weights, POINTS, "default")
+    with pytest.raises(RuntimeError, match="num_points"):
+        op(value, flat, locations, weights, POINTS[:2], "default")
+    with pytest.raises(RuntimeError, match="sampling_locations must be"):
+        op(value, flat, locations[:, :, :, :5], weights, POINTS, "default")
+    with pytest.raises(RuntimeError, match="method must be"):
+        op(value, flat, locations, weights, POINTS, "nearest")
