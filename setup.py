@@ -54,12 +54,18 @@ def _extensions():
     return extensions, {"build_ext": BuildExtensionWithStamp.with_options(use_ninja=True)}
 
 
+# The C++ sources ship inside the package (as rtdetrv2_kernels/csrc/...) so that they can be compiled at
+# first use; each source folder is listed as a data-only package.
+SOURCE_PACKAGES = ["rtdetrv2_kernels.csrc"] + sorted(
+    "rtdetrv2_kernels.csrc." + ".".join(d.relative_to(ROOT / "csrc").parts)
+    for d in (ROOT / "csrc").rglob("*")
+    if d.is_dir()
+)
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["rtdetrv2_kernels", "rtdetrv2_kernels.csrc"],
-    # The C++ sources ship inside the package so that they can be compiled at first use.
+    packages=["rtdetrv2_kernels", *SOURCE_PACKAGES],
     package_dir={"rtdetrv2_kernels.csrc": "csrc"},
-    package_data={"rtdetrv2_kernels.csrc": ["*.h", "*.cpp", "*/*.h", "*/*.cpp", "*/*.cu", "*/*.cuh"]},
+    package_data={name: ["*.h", "*.cuh", "*.cpp", "*.cu"] for name in SOURCE_PACKAGES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

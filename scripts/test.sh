@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: a fresh virtualenv with torch 2.14.1 (the CUDA build, so CUDA sources compile even
+# without a GPU), the test dependencies and this package built against that torch, then pytest.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reference -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${RTDETRV2_TEST_VENV:-.venv-test}
+PYTHON=${PYTHON:-python3}
+
+echo "== creating $VENV"
+rm -rf "$VENV"
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=77" wheel
+echo "== installing torch 2.14.1"
+"$VENV/bin/python" -m pip install -q torch==2.14.1
+echo "== building rtdetrv2_kernels"
+"$VENV/bin/python" -m pip install -q --no-build-isolation ".[test]"
+"$VENV/bin/python" -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())"
+echo "== pytest"
+# The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path and would test the
+# source tree instead of the installed package.
+exec "$VENV/bin/pytest" "$@"
