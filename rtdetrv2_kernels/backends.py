@@ -27,7 +27,14 @@ def _cpp_kernels(value, spatial_shapes, sampling_locations, attention_weights, n
     )
 
 
-_IMPLEMENTATIONS = {"cpu": _cpp_kernels, "torch": ms_deform_attn_reference}
+def _triton_kernels(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    flat_shapes = [size for shape in spatial_shapes for size in shape]
+    return torch.ops.rtdetrv2_kernels.triton_ms_deform_attn_forward(
+        value, flat_shapes, sampling_locations, attention_weights, list(num_points), method
+    )
+
+
+_IMPLEMENTATIONS = {"cpu": _cpp_kernels, "triton": _triton_kernels, "torch": ms_deform_attn_reference}
 
 
 def unavailable_reason(backend: str, device_type: str) -> str | None:
@@ -42,8 +49,21 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "cuda":
         return "this build of rtdetrv2_kernels has no CUDA kernels yet"
     if backend == "triton":
-        return "this build of rtdetrv2_kernels has no Triton kernels yet"
+        return _triton_unavailable_reason(device_type)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def _triton_unavailable_reason(device_type: str) -> str | None:
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "it runs on CUDA tensors (or on CPU tensors in Triton's interpreter, TRITON_INTERPRET=1)"
+    elif device_type != "cuda":
+        return f"it runs on CUDA tensors, got {device_type} tensors"
+    try:
+        from . import triton_ms_deform_attn  # noqa: F401
+    except ImportError as error:
+        return f"Triton could not be imported ({error})"
+    return None
 
 
 def available_backends() -> list[str]:

@@ -13,18 +13,20 @@ from conftest import POINTS, SHAPES, backends_for, make_inputs
 import rtdetrv2_kernels
 from rtdetrv2_kernels import ms_deform_attn
 
-needs_cpu_kernels = pytest.mark.skipif(
-    "cpu" not in backends_for("cpu"), reason="the C++ CPU kernels are not available in this install"
-)
 FLAT_SHAPES = [s for shape in SHAPES for s in shape]
 
 
-@needs_cpu_kernels
+OPS = {  # backend -> (forward op, backward op)
+    "cpu": ("ms_deform_attn_forward", "ms_deform_attn_backward"),
+    "triton": ("triton_ms_deform_attn_forward", "triton_ms_deform_attn_backward"),
+}
+
+
+@pytest.mark.parametrize("backend", [b for b in OPS if b in backends_for("cpu")])
 @pytest.mark.parametrize("method", ["default", "discrete"])
-def test_opcheck_forward_and_backward(method):
+def test_opcheck_forward_and_backward(backend, method):
     value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
-    forward = torch.ops.rtdetrv2_kernels.ms_deform_attn_forward.default
-    backward = torch.ops.rtdetrv2_kernels.ms_deform_attn_backward.default
+    forward, backward = (getattr(torch.ops.rtdetrv2_kernels, name).default for name in OPS[backend])
     args = (value.requires_grad_(), FLAT_SHAPES, locations.requires_grad_(), weights.requires_grad_(), POINTS, method)
     torch.library.opcheck(forward, args)
     grad_output = torch.randn(2, 3, 10, dtype=torch.float64)

@@ -1,0 +1,317 @@
+"""Triton kernels for ms_deform_attn (the "triton" backend): forward and backward, bilinear and discrete
+sampling, per-level point counts. The contract is docs/semantics.md; the sampling math mirrors
+csrc/sampling.h line for line.
+
+One program covers BLOCK_Q queries of one (batch, head) with the channels as the vector dimension. Level
+shapes, starts and point counts are compile-time constants (a model has one set of them), so the level and
+point loops unroll and no table has to reach the device. Each point's location and weight are loaded once
+per program and its corners are gathered as [BLOCK_Q, BLOCK_C] tiles. The backward reduces the location and
+weight gradients over channels inside the program and scatters grad_value with atomic adds into an fp32
+(fp64 for fp64) buffer, cast at the end.
+
+The ops are opaque torch.library custom ops with fake kernels, so torch.compile traces them without graph
+breaks, also when Triton runs in interpreter mode (TRITON_INTERPRET=1) on CPU tensors, as the tests do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._validation import check_inputs
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _bilinear_corner(x0, y0, fx, fy, near, height, width, DX: tl.constexpr, DY: tl.constexpr):
+    """Row offset in the level, inside mask, weight and weight derivatives of corner (x0+DX, y0+DY)."""
+    cx = x0 + DX
+    cy = y0 + DY
+    inside = near & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    wx = fx if DX == 1 else 1.0 - fx
+    wy = fy if DY == 1 else 1.0 - fy
+    weight = tl.where(inside, wx * wy, 0.0)
+    dweight_dx = tl.where(inside, wy if DX == 1 else -wy, 0.0)
+    dweight_dy = tl.where(inside, wx if DY == 1 else -wx, 0.0)
+    offset = tl.where(inside, cy * width + cx, 0)
+    return offset, inside, weight, dweight_dx, dweight_dy
+
+
+@triton.jit
+def _pixel_coordinates(loc_x, loc_y, height, width):
+    """Bilinear: floor of the pixel coordinates, fractions, and whether any corner can be inside."""
+    x = loc_x * width - 0.5
+    y = loc_y * height - 0.5
+    # Written so NaN fails it; outside it the coordinates are replaced before the int conversion.
+    near = (x >= -1.0) & (x < width) & (y >= -1.0) & (y < height)
+    x_floor = tl.floor(tl.where(near, x, -2.0))
+    y_floor = tl.floor(tl.where(near, y, -2.0))
+    return x_floor.to(tl.int32), y_floor.to(tl.int32), x - x_floor, y - y_floor, near
+
+
+@triton.jit
+def _nearest_index(loc, size):
+    """Discrete: floor(loc * size + 0.5) clamped into [0, size - 1], and False for NaN."""
+    t = loc * size + 0.5
+    valid = t == t
+    t = tl.minimum(tl.maximum(tl.where(valid, t, 0.0), 0.0), size - 1.0)
+    return tl.floor(t).to(tl.int32), valid
+
+
+@triton.jit
+def _forward_kernel(
+    value_ptr, loc_ptr, weight_ptr, out_ptr,
+    Q, stride_vb, stride_vs, stride_vh,
+    H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
+    SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    c = tl.arange(0, BLOCK_C)
+    tile_mask = q_mask[:, None] & (c < C)[None, :]
+    bqh = (b * Q + q) * H + h
+    value_bh = value_ptr + b * stride_vb + h * stride_vh
+    acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
+    for level in tl.static_range(NUM_LEVELS):
+        height = SHAPES[2 * level]
+        width = SHAPES[2 * level + 1]
+        level_rows = value_bh + STARTS[level] * stride_vs
+        for i in tl.static_range(POINTS[level]):
+            point = bqh * P + FIRST_POINT[level] + i
+            w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
+            loc_x = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
+            loc_y = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+            if DISCRETE:
+                x, valid_x = _nearest_index(loc_x, width)
+                y, valid_y = _nearest_index(loc_y, height)
+                row = (y * width + x).to(tl.int64)
+                v = tl.load(level_rows + row[:, None] * stride_vs + c[None, :],
+                            mask=tile_mask & (valid_x & valid_y)[:, None], other=0.0)
+                acc += w[:, None] * v.to(ACC)
+            else:
+                x0, y0, fx, fy, near = _pixel_coordinates(loc_x, loc_y, height, width)
+                o00, m00, w00, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 0)
+                o01, m01, w01, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 0)
+                o10, m10, w10, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 1)
+                o11, m11, w11, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 1)
+                # All four gathers are issued before any of them is used.
+                v00 = tl.load(level_rows + o00.to(tl.int64)[:, None] * stride_vs + c[None, :],
+                              mask=tile_mask & m00[:, None], other=0.0)
+                v01 = tl.load(level_rows + o01.to(tl.int64)[:, None] * stride_vs + c[None, :],
+                              mask=tile_mask & m01[:, None], other=0.0)
+                v10 = tl.load(level_rows + o10.to(tl.int64)[:, None] * stride_vs + c[None, :],
+                              mask=tile_mask & m10[:, None], other=0.0)
+                v11 = tl.load(level_rows + o11.to(tl.int64)[:, None] * stride_vs + c[None, :],
+                              mask=tile_mask & m11[:, None], other=0.0)
+                sample = (w00[:, None] * v00.to(ACC) + w01[:, None] * v01.to(ACC)
+                          + w10[:, None] * v10.to(ACC) + w11[:, None] * v11.to(ACC))
+                acc += w[:, None] * sample
+    out = out_ptr + bqh[:, None] * C + c[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _scatter_corner(grad_out, value_rows, grad_rows, offset, inside, scale, c, tile_mask,
+                    stride_vs, stride_gs, ACC: tl.constexpr):
+    """grad_value[corner] += scale * grad_out; returns grad_out . value[corner] per query."""
+    row = offset.to(tl.int64)[:, None]
+    mask = tile_mask & inside[:, None]
+    v = tl.load(value_rows + row * stride_vs + c[None, :], mask=mask, other=0.0).to(ACC)
+    tl.atomic_add(grad_rows + row * stride_gs + c[None, :], scale[:, None] * grad_out, mask=mask, sem="relaxed")
+    return tl.sum(grad_out * v, axis=1)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_out_ptr, value_ptr, loc_ptr, weight_ptr, grad_value_ptr, grad_loc_ptr, grad_weight_ptr,
+    Q, stride_vb, stride_vs, stride_vh,
+    H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
+    SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    c = tl.arange(0, BLOCK_C)
+    tile_mask = q_mask[:, None] & (c < C)[None, :]
+    bqh = (b * Q + q) * H + h
+    grad_out = tl.load(grad_out_ptr + bqh[:, None] * C + c[None, :], mask=tile_mask, other=0.0).to(ACC)
+    value_bh = value_ptr + b * stride_vb + h * stride_vh
+    # grad_value is a contiguous (B, S, H, C) buffer.
+    stride_gs = H * C
+    grad_bh = grad_value_ptr + (b * STARTS[NUM_LEVELS] * H + h) * C
+    for level in tl.static_range(NUM_LEVELS):
+        height = SHAPES[2 * level]
+        width = SHAPES[2 * level + 1]
+        value_rows = value_bh + STARTS[level] * stride_vs
+        grad_rows = grad_bh + STARTS[level] * stride_gs
+        for i in tl.static_range(POINTS[level]):
+            point = bqh * P + FIRST_POINT[level] + i
+            w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
+            loc_x = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
+            loc_y = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+            if DISCRETE:
+                x, valid_x = _nearest_index(loc_x, width)
+                y, valid_y = _nearest_index(loc_y, height)
+                grad_w = _scatter_corner(grad_out, value_rows, grad_rows, y * width + x,
+                                         valid_x & valid_y, w, c, tile_mask, stride_vs, stride_gs, ACC)
+                grad_x = tl.zeros_like(grad_w)
+                grad_y = tl.zeros_like(grad_w)
+            else:
+                x0, y0, fx, fy, near = _pixel_coordinates(loc_x, loc_y, height, width)
+                o00, m00, w00, dx00, dy00 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 0)
+                o01, m01, w01, dx01, dy01 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 0)
+                o10, m10, w10, dx10, dy10 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 1)
+                o11, m11, w11, dx11, dy11 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 1)
+                d00 = _scatter_corner(grad_out, value_rows, grad_rows, o00, m00, w * w00, c,
+                                      tile_mask, stride_vs, stride_gs, ACC)
+                d01 = _scatter_corner(grad_out, value_rows, grad_rows, o01, m01, w * w01, c,
+                                      tile_mask, stride_vs, stride_gs, ACC)
+                d10 = _scatter_corner(grad_out, value_rows, grad_rows, o10, m10, w * w10, c,
+                                      tile_mask, stride_vs, stride_gs, ACC)
+                d11 = _scatter_corner(grad_out, value_rows, grad_rows, o11, m11, w * w11, c,
+                                      tile_mask, stride_vs, stride_gs, ACC)
+                grad_w = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
+                # Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
+                grad_x = w * (dx00 * d00 + dx01 * d01 + dx10 * d10 + dx11 * d11) * width
+                grad_y = w * (dy00 * d00 + dy01 * d01 + dy10 * d10 + dy11 * d11) * height
+            out_ty = grad_weight_ptr.dtype.element_ty
+            tl.store(grad_weight_ptr + point, grad_w.to(out_ty), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * point, grad_x.to(out_ty), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * point + 1, grad_y.to(out_ty), mask=q_mask)
+
+
+_TUNING = [
+    triton.Config({"BLOCK_Q": block_q}, num_warps=warps)
+    for block_q, warps in ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8))
+]
+_forward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE"])(_forward_kernel)
+# Autotuning reruns the kernel; the atomically accumulated buffer must start from zero each time.
+_backward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE"], reset_to_zero=["grad_value_ptr"])(
+    _backward_kernel
+)
+_INTERPRETER_BLOCK_Q = 16  # the interpreter runs one fixed configuration: tuning it would only cost time
+
+
+def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
+    if interpreting():
+        plain[(triton.cdiv(grid_q, _INTERPRETER_BLOCK_Q), batch_heads)](*args, BLOCK_Q=_INTERPRETER_BLOCK_Q, **constants)
+    else:
+        tuned[lambda meta: (triton.cdiv(grid_q, meta["BLOCK_Q"]), batch_heads)](*args, **constants)
+
+
+def _level_constants(value, spatial_shapes, num_points, method):
+    shapes = tuple(int(s) for s in spatial_shapes)
+    points = tuple(int(p) for p in num_points)
+    starts, first_point = [0], [0]
+    for level, count in enumerate(points):
+        starts.append(starts[-1] + shapes[2 * level] * shapes[2 * level + 1])
+        first_point.append(first_point[-1] + count)
+    return dict(
+        H=value.shape[2], C=value.shape[3], P=first_point[-1], SHAPES=shapes, STARTS=tuple(starts),
+        POINTS=points, FIRST_POINT=tuple(first_point), NUM_LEVELS=len(points), DISCRETE=method == "discrete",
+        ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
+        BLOCK_C=triton.next_power_of_2(max(1, value.shape[3])),
+    )
+
+
+def _prepare(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    # A direct call of the op must not be able to index out of bounds: check like the public API does.
+    pairs = [spatial_shapes[i : i + 2] for i in range(0, len(spatial_shapes), 2)]
+    check_inputs(value, pairs, sampling_locations, attention_weights, list(num_points), method)
+    if value.stride(3) != 1:
+        value = value.contiguous()
+    return value, sampling_locations.contiguous(), attention_weights.contiguous()
+
+
+@torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_forward", mutates_args=())
+def triton_ms_deform_attn_forward(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points: list[int],
+    method: str,
+) -> torch.Tensor:
+    value, locations, weights = _prepare(value, spatial_shapes, sampling_locations, attention_weights,
+                                         num_points, method)
+    batch, _, heads, channels = value.shape
+    queries = locations.shape[1]
+    output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
+    if output.numel():
+        _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
+                value, locations, weights, output, queries, value.stride(0), value.stride(1), value.stride(2),
+                **_level_constants(value, spatial_shapes, num_points, method))
+    return output
+
+
+@triton_ms_deform_attn_forward.register_fake
+def _(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    return value.new_empty(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3])
+
+
+@torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_backward", mutates_args=())
+def triton_ms_deform_attn_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points: list[int],
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    value, locations, weights = _prepare(value, spatial_shapes, sampling_locations, attention_weights,
+                                         num_points, method)
+    batch, _, heads, channels = value.shape
+    queries = locations.shape[1]
+    accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, device=value.device, dtype=accumulate_dtype)
+    grad_locations = torch.empty_like(locations)
+    grad_weights = torch.empty_like(weights)
+    if grad_weights.numel() and channels:
+        _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
+                grad_output.contiguous(), value, locations, weights, grad_value, grad_locations, grad_weights,
+                queries, value.stride(0), value.stride(1), value.stride(2),
+                **_level_constants(value, spatial_shapes, num_points, method))
+    else:
+        grad_locations.zero_()
+        grad_weights.zero_()
+    return grad_value.to(value.dtype), grad_locations, grad_weights
+
+
+@triton_ms_deform_attn_backward.register_fake
+def _(grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, sampling_locations, attention_weights, num_points, method = inputs
+    ctx.save_for_backward(value, sampling_locations, attention_weights)
+    ctx.arguments = (spatial_shapes, num_points, method)
+
+
+def _backward(ctx, grad_output):
+    value, sampling_locations, attention_weights = ctx.saved_tensors
+    spatial_shapes, num_points, method = ctx.arguments
+    grad_value, grad_locations, grad_weights = triton_ms_deform_attn_backward(
+        grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points, method
+    )
+    return grad_value, None, grad_locations, grad_weights, None, None
+
+
+triton_ms_deform_attn_forward.register_autograd(_backward, setup_context=_setup_context)
