@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace rtdetrv2_kernels {
@@ -76,6 +77,25 @@ inline void check_inputs(const at::Tensor& value, const LevelTable& levels, cons
               "rtdetrv2_kernels: value, sampling_locations and attention_weights must share one dtype");
   TORCH_CHECK(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
               "rtdetrv2_kernels: value, sampling_locations and attention_weights must be on one device");
+}
+
+// The inputs as every kernel reads them: checked, with the level table built, value's channels and the
+// whole of locations and weights contiguous. An expanded or sliced value is used in place (the kernels take
+// any batch, row and head stride); only a value whose channels are strided is copied.
+struct KernelInputs {
+  LevelTable levels;
+  bool discrete;
+  at::Tensor value, locations, weights;
+};
+
+inline KernelInputs prepare_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                   at::IntArrayRef num_points, c10::string_view method) {
+  LevelTable levels = make_level_table(spatial_shapes, num_points);
+  check_inputs(value, levels, sampling_locations, attention_weights);
+  const bool discrete = is_discrete(std::string(method));
+  return {std::move(levels), discrete, value.stride(3) == 1 ? value : value.contiguous(),
+          sampling_locations.contiguous(), attention_weights.contiguous()};
 }
 
 }  // namespace rtdetrv2_kernels

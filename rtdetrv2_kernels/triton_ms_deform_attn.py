@@ -65,6 +65,43 @@ def _nearest_index(loc, size):
 
 
 @triton.jit
+def _discrete_offset(loc_x, loc_y, height, width):
+    """Discrete: the row (y * width + x) within the level, and whether the sample reads it."""
+    x, valid_x = _nearest_index(loc_x, width)
+    y, valid_y = _nearest_index(loc_y, height)
+    return y * width + x, valid_x & valid_y
+
+
+@triton.jit
+def _program_tile(Q, H: tl.constexpr, C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's batch and head, its queries' (b * Q + q) * H + h indices, and the tile masks."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    c = tl.arange(0, BLOCK_C)
+    tile_mask = q_mask[:, None] & (c < C)[None, :]
+    return b, h, (b * Q + q) * H + h, q_mask, c, tile_mask
+
+
+@triton.jit
+def _load_point(loc_ptr, weight_ptr, point, q_mask, ACC: tl.constexpr):
+    """Attention weight and (x, y) location of one point for every query of the tile."""
+    w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
+    loc_x = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
+    loc_y = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+    return w, loc_x, loc_y
+
+
+@triton.jit
+def _gather(rows_ptr, offset, inside, c, tile_mask, stride, ACC: tl.constexpr):
+    """[BLOCK_Q, BLOCK_C] tile of the rows at `offset` (zeros where not `inside`)."""
+    row = offset.to(tl.int64)[:, None]
+    return tl.load(rows_ptr + row * stride + c[None, :], mask=tile_mask & inside[:, None], other=0.0).to(ACC)
+
+
+@triton.jit
 def _forward_kernel(
     value_ptr, loc_ptr, weight_ptr, out_ptr,
     Q, stride_vb, stride_vs, stride_vh,
@@ -73,32 +110,18 @@ def _forward_kernel(
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < Q
-    c = tl.arange(0, BLOCK_C)
-    tile_mask = q_mask[:, None] & (c < C)[None, :]
-    bqh = (b * Q + q) * H + h
+    b, h, bqh, q_mask, c, tile_mask = _program_tile(Q, H, C, BLOCK_Q, BLOCK_C)
     value_bh = value_ptr + b * stride_vb + h * stride_vh
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
     for level in tl.static_range(NUM_LEVELS):
         height = SHAPES[2 * level]
         width = SHAPES[2 * level + 1]
-        level_rows = value_bh + STARTS[level] * stride_vs
+        rows = value_bh + STARTS[level] * stride_vs
         for i in tl.static_range(POINTS[level]):
-            point = bqh * P + FIRST_POINT[level] + i
-            w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
-            loc_x = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
-            loc_y = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+            w, loc_x, loc_y = _load_point(loc_ptr, weight_ptr, bqh * P + FIRST_POINT[level] + i, q_mask, ACC)
             if DISCRETE:
-                x, valid_x = _nearest_index(loc_x, width)
-                y, valid_y = _nearest_index(loc_y, height)
-                row = (y * width + x).to(tl.int64)
-                v = tl.load(level_rows + row[:, None] * stride_vs + c[None, :],
-                            mask=tile_mask & (valid_x & valid_y)[:, None], other=0.0)
-                acc += w[:, None] * v.to(ACC)
+                offset, valid = _discrete_offset(loc_x, loc_y, height, width)
+                acc += w[:, None] * _gather(rows, offset, valid, c, tile_mask, stride_vs, ACC)
             else:
                 x0, y0, fx, fy, near = _pixel_coordinates(loc_x, loc_y, height, width)
                 o00, m00, w00, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 0)
@@ -106,29 +129,23 @@ def _forward_kernel(
                 o10, m10, w10, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 1)
                 o11, m11, w11, _, _ = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 1)
                 # All four gathers are issued before any of them is used.
-                v00 = tl.load(level_rows + o00.to(tl.int64)[:, None] * stride_vs + c[None, :],
-                              mask=tile_mask & m00[:, None], other=0.0)
-                v01 = tl.load(level_rows + o01.to(tl.int64)[:, None] * stride_vs + c[None, :],
-                              mask=tile_mask & m01[:, None], other=0.0)
-                v10 = tl.load(level_rows + o10.to(tl.int64)[:, None] * stride_vs + c[None, :],
-                              mask=tile_mask & m10[:, None], other=0.0)
-                v11 = tl.load(level_rows + o11.to(tl.int64)[:, None] * stride_vs + c[None, :],
-                              mask=tile_mask & m11[:, None], other=0.0)
-                sample = (w00[:, None] * v00.to(ACC) + w01[:, None] * v01.to(ACC)
-                          + w10[:, None] * v10.to(ACC) + w11[:, None] * v11.to(ACC))
+                v00 = _gather(rows, o00, m00, c, tile_mask, stride_vs, ACC)
+                v01 = _gather(rows, o01, m01, c, tile_mask, stride_vs, ACC)
+                v10 = _gather(rows, o10, m10, c, tile_mask, stride_vs, ACC)
+                v11 = _gather(rows, o11, m11, c, tile_mask, stride_vs, ACC)
+                sample = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
                 acc += w[:, None] * sample
-    out = out_ptr + bqh[:, None] * C + c[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + bqh[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _scatter_corner(grad_out, value_rows, grad_rows, offset, inside, scale, c, tile_mask,
-                    stride_vs, stride_gs, ACC: tl.constexpr):
+def _scatter_corner(grad_out, value_rows, grad_rows, offset, inside, scale, c, tile_mask, stride_vs, stride_gs,
+                    ACC: tl.constexpr):
     """grad_value[corner] += scale * grad_out; returns grad_out . value[corner] per query."""
+    v = _gather(value_rows, offset, inside, c, tile_mask, stride_vs, ACC)
     row = offset.to(tl.int64)[:, None]
-    mask = tile_mask & inside[:, None]
-    v = tl.load(value_rows + row * stride_vs + c[None, :], mask=mask, other=0.0).to(ACC)
-    tl.atomic_add(grad_rows + row * stride_gs + c[None, :], scale[:, None] * grad_out, mask=mask, sem="relaxed")
+    tl.atomic_add(grad_rows + row * stride_gs + c[None, :], scale[:, None] * grad_out,
+                  mask=tile_mask & inside[:, None], sem="relaxed")
     return tl.sum(grad_out * v, axis=1)
 
 
@@ -141,19 +158,13 @@ def _backward_kernel(
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < Q
-    c = tl.arange(0, BLOCK_C)
-    tile_mask = q_mask[:, None] & (c < C)[None, :]
-    bqh = (b * Q + q) * H + h
+    b, h, bqh, q_mask, c, tile_mask = _program_tile(Q, H, C, BLOCK_Q, BLOCK_C)
     grad_out = tl.load(grad_out_ptr + bqh[:, None] * C + c[None, :], mask=tile_mask, other=0.0).to(ACC)
     value_bh = value_ptr + b * stride_vb + h * stride_vh
-    # grad_value is a contiguous (B, S, H, C) buffer.
+    # grad_value is a contiguous (B, S, H, C) buffer; STARTS[NUM_LEVELS] is S.
     stride_gs = H * C
     grad_bh = grad_value_ptr + (b * STARTS[NUM_LEVELS] * H + h) * C
+    out_ty = grad_weight_ptr.dtype.element_ty
     for level in tl.static_range(NUM_LEVELS):
         height = SHAPES[2 * level]
         width = SHAPES[2 * level + 1]
@@ -161,14 +172,11 @@ def _backward_kernel(
         grad_rows = grad_bh + STARTS[level] * stride_gs
         for i in tl.static_range(POINTS[level]):
             point = bqh * P + FIRST_POINT[level] + i
-            w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
-            loc_x = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
-            loc_y = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+            w, loc_x, loc_y = _load_point(loc_ptr, weight_ptr, point, q_mask, ACC)
             if DISCRETE:
-                x, valid_x = _nearest_index(loc_x, width)
-                y, valid_y = _nearest_index(loc_y, height)
-                grad_w = _scatter_corner(grad_out, value_rows, grad_rows, y * width + x,
-                                         valid_x & valid_y, w, c, tile_mask, stride_vs, stride_gs, ACC)
+                offset, valid = _discrete_offset(loc_x, loc_y, height, width)
+                grad_w = _scatter_corner(grad_out, value_rows, grad_rows, offset, valid, w, c, tile_mask,
+                                         stride_vs, stride_gs, ACC)
                 grad_x = tl.zeros_like(grad_w)
                 grad_y = tl.zeros_like(grad_w)
             else:
@@ -177,19 +185,18 @@ def _backward_kernel(
                 o01, m01, w01, dx01, dy01 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 0)
                 o10, m10, w10, dx10, dy10 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 0, 1)
                 o11, m11, w11, dx11, dy11 = _bilinear_corner(x0, y0, fx, fy, near, height, width, 1, 1)
-                d00 = _scatter_corner(grad_out, value_rows, grad_rows, o00, m00, w * w00, c,
-                                      tile_mask, stride_vs, stride_gs, ACC)
-                d01 = _scatter_corner(grad_out, value_rows, grad_rows, o01, m01, w * w01, c,
-                                      tile_mask, stride_vs, stride_gs, ACC)
-                d10 = _scatter_corner(grad_out, value_rows, grad_rows, o10, m10, w * w10, c,
-                                      tile_mask, stride_vs, stride_gs, ACC)
-                d11 = _scatter_corner(grad_out, value_rows, grad_rows, o11, m11, w * w11, c,
-                                      tile_mask, stride_vs, stride_gs, ACC)
+                d00 = _scatter_corner(grad_out, value_rows, grad_rows, o00, m00, w * w00, c, tile_mask,
+                                      stride_vs, stride_gs, ACC)
+                d01 = _scatter_corner(grad_out, value_rows, grad_rows, o01, m01, w * w01, c, tile_mask,
+                                      stride_vs, stride_gs, ACC)
+                d10 = _scatter_corner(grad_out, value_rows, grad_rows, o10, m10, w * w10, c, tile_mask,
+                                      stride_vs, stride_gs, ACC)
+                d11 = _scatter_corner(grad_out, value_rows, grad_rows, o11, m11, w * w11, c, tile_mask,
+                                      stride_vs, stride_gs, ACC)
                 grad_w = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
                 # Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
                 grad_x = w * (dx00 * d00 + dx01 * d01 + dx10 * d10 + dx11 * d11) * width
                 grad_y = w * (dy00 * d00 + dy01 * d01 + dy10 * d10 + dy11 * d11) * height
-            out_ty = grad_weight_ptr.dtype.element_ty
             tl.store(grad_weight_ptr + point, grad_w.to(out_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * point, grad_x.to(out_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * point + 1, grad_y.to(out_ty), mask=q_mask)

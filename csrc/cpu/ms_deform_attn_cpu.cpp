@@ -256,30 +256,20 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t>& problem, 
   }
 }
 
-// The kernels read C contiguous channels per row and any stride elsewhere, so an expanded or sliced value
-// is used in place; only a value whose channels are strided is copied.
-at::Tensor with_contiguous_channels(const at::Tensor& value) {
-  return value.stride(3) == 1 ? value : value.contiguous();
-}
-
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, at::IntArrayRef spatial_shapes,
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
                                       at::IntArrayRef num_points, c10::string_view method) {
-  const LevelTable levels = make_level_table(spatial_shapes, num_points);
-  check_inputs(value_in, levels, sampling_locations, attention_weights);
-  const bool discrete = is_discrete(std::string(method));
-  const at::Tensor value = with_contiguous_channels(value_in);
-  const at::Tensor locations = sampling_locations.contiguous();
-  const at::Tensor weights = attention_weights.contiguous();
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
   at::Tensor output =
-      at::empty({value.size(0), locations.size(1), value.size(2) * value.size(3)}, value.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    const Problem<scalar_t> problem(levels, value, locations, weights);
+      at::empty({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}, in.value.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    const Problem<scalar_t> problem(in.levels, in.value, in.locations, in.weights);
     scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
-    const int64_t work_per_head = std::max<int64_t>(1, problem.points * problem.channels * (discrete ? 1 : 4));
+    const int64_t work_per_head = std::max<int64_t>(1, problem.points * problem.channels * (in.discrete ? 1 : 4));
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / work_per_head);
     at::parallel_for(0, problem.batch * problem.queries * problem.heads, grain, [&](int64_t begin, int64_t end) {
-      if (discrete) {
+      if (in.discrete) {
         forward_range<scalar_t, true>(problem, begin, end, output_data);
       } else {
         forward_range<scalar_t, false>(problem, begin, end, output_data);
@@ -290,32 +280,29 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, at::IntArrayRe
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& value_in, at::IntArrayRef spatial_shapes,
+    const at::Tensor& grad_output_in, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
     c10::string_view method) {
-  const LevelTable levels = make_level_table(spatial_shapes, num_points);
-  check_inputs(value_in, levels, sampling_locations, attention_weights);
-  const bool discrete = is_discrete(std::string(method));
-  const at::Tensor value = with_contiguous_channels(value_in);
-  const at::Tensor locations = sampling_locations.contiguous();
-  const at::Tensor weights = attention_weights.contiguous();
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
   const at::Tensor grad_output = grad_output_in.contiguous();
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({value.size(0), locations.size(1), value.size(2) * value.size(3)}),
+  TORCH_CHECK(grad_output.sizes() ==
+                  at::IntArrayRef({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}),
               "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
-              value.scalar_type(), ", got ", grad_output.scalar_type());
-  const auto acc_type = at::toOpMathType(value.scalar_type());
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
-  at::Tensor grad_locations = at::empty_like(locations);
-  at::Tensor grad_weights = at::empty_like(weights);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    const Problem<scalar_t> problem(levels, value, locations, weights);
+  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
+              in.value.scalar_type(), ", got ", grad_output.scalar_type());
+  const auto acc_type = at::toOpMathType(in.value.scalar_type());
+  at::Tensor grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
+  at::Tensor grad_locations = at::empty_like(in.locations);
+  at::Tensor grad_weights = at::empty_like(in.weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    const Problem<scalar_t> problem(in.levels, in.value, in.locations, in.weights);
     const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
     auto* grad_value_data = grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>();
     scalar_t* grad_location_data = grad_locations.mutable_data_ptr<scalar_t>();
     scalar_t* grad_weight_data = grad_weights.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, problem.batch * problem.heads, 1, [&](int64_t begin, int64_t end) {
-      if (discrete) {
+      if (in.discrete) {
         backward_range<scalar_t, true>(problem, grad_output_data, begin, end, grad_value_data, grad_location_data,
                                        grad_weight_data);
       } else {
@@ -324,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       }
     });
   });
-  return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
 }
 
 }  // namespace
