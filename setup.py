@@ -1,13 +1,15 @@
 """Builds the C++ kernels ahead of time when torch is importable at build time.
 
-`pip install --no-build-isolation .` (torch already installed) compiles rtdetrv2_kernels._C against that
-torch and stamps it with the torch version. Under pip's default build isolation torch is absent here, so
+`pip install --no-build-isolation .` (torch already installed) compiles rtdetrv2_kernels._C (CPU) and,
+where nvcc and a CUDA build of torch are present, rtdetrv2_kernels._C_cuda, for TORCH_CUDA_ARCH_LIST
+(default 8.0;8.6;8.9;9.0+PTX, no GPU needed), against that torch, and stamps each with the torch version. Under pip's default build isolation torch is absent here, so
 only the Python package and the C++ sources are installed, and the kernels are compiled at first use
 against whatever torch is installed then (rtdetrv2_kernels/_extension.py). A binary is never loaded
 by a torch other than the one it was built against.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import setup
@@ -24,7 +26,7 @@ def _build_config():
 
 def _extensions():
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print(
             "rtdetrv2_kernels: torch is not importable in this build environment; the C++ kernels will be "
@@ -41,16 +43,25 @@ def _extensions():
             stamp = built.parent / (ext.name.rsplit(".", 1)[-1] + config.STAMP_SUFFIX)
             stamp.write_text(config.torch_build_tag() + "\n")
 
-    extensions = [
-        CppExtension(
-            f"rtdetrv2_kernels.{name}",
+    cuda_reason = config.cuda_unavailable_reason()
+    extensions = []
+    for name, sources in config.LIBRARIES.items():
+        kwargs = dict(
             sources=[f"csrc/{source}" for source in sources],
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args=config.CXX_FLAGS,
             extra_link_args=config.LINK_FLAGS,
         )
-        for name, sources in config.LIBRARIES.items()
-    ]
+        if not config.is_cuda_library(name):
+            extensions.append(CppExtension(f"rtdetrv2_kernels.{name}", **kwargs))
+        elif cuda_reason:
+            print(f"rtdetrv2_kernels: not building the CUDA kernels: {cuda_reason}")
+        else:
+            # Without a GPU to detect, torch would refuse to guess the architectures.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", config.DEFAULT_CUDA_ARCHS)
+            kwargs["include_dirs"] += config.cuda_include_dirs()
+            kwargs["extra_compile_args"] = {"cxx": config.CXX_FLAGS, "nvcc": config.NVCC_FLAGS}
+            extensions.append(CUDAExtension(f"rtdetrv2_kernels.{name}", **kwargs))
     return extensions, {"build_ext": BuildExtensionWithStamp.with_options(use_ninja=True)}
 
 

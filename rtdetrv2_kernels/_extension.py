@@ -18,11 +18,21 @@ from pathlib import Path
 
 import torch
 
-from ._build_config import CXX_FLAGS, LIBRARIES, LINK_FLAGS, STAMP_SUFFIX, torch_build_tag
+from ._build_config import (
+    CXX_FLAGS,
+    LIBRARIES,
+    LINK_FLAGS,
+    NVCC_FLAGS,
+    STAMP_SUFFIX,
+    cuda_include_dirs,
+    cuda_unavailable_reason,
+    is_cuda_library,
+    torch_build_tag,
+)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # loading _C_cuda loads _C first
 _status: dict[str, str | None] = {}  # library name -> None when loaded, else why it could not be
 
 
@@ -68,8 +78,14 @@ def _jit_cache_exists(jit_name: str) -> bool:
 def _jit_compile(name: str) -> None:
     from torch.utils import cpp_extension
 
-    _ensure_ninja_on_path()
     src = source_dir()
+    include_dirs = [str(src)]
+    if is_cuda_library(name):
+        reason = cuda_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"cannot compile the CUDA kernels: {reason}")
+        include_dirs += cuda_include_dirs()
+    _ensure_ninja_on_path()
     jit_name = "rtdetrv2_kernels" + name + "_torch" + re.sub(r"\W", "_", torch_build_tag())
     if not _jit_cache_exists(jit_name):
         print(
@@ -81,8 +97,9 @@ def _jit_compile(name: str) -> None:
         name=jit_name,
         sources=[str(src / f) for f in LIBRARIES[name]],
         extra_cflags=CXX_FLAGS,
+        extra_cuda_cflags=NVCC_FLAGS,
         extra_ldflags=LINK_FLAGS,
-        extra_include_paths=[str(src)],
+        extra_include_paths=include_dirs,
         is_python_module=False,
         verbose=False,
     )
@@ -94,6 +111,9 @@ def load(name: str) -> str | None:
         if name in _status:
             return _status[name]
         reason = None
+        if name != "_C" and (base_reason := load("_C")) is not None:
+            _status[name] = f"the library defining the ops could not be loaded ({base_reason})"
+            return _status[name]
         try:
             if os.environ.get("RTDETRV2_KERNELS_FORCE_JIT") != "1" and (path := _prebuilt_path(name)):
                 torch.ops.load_library(str(path))

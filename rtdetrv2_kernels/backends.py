@@ -34,7 +34,13 @@ def _triton_kernels(value, spatial_shapes, sampling_locations, attention_weights
     )
 
 
-_IMPLEMENTATIONS = {"cpu": _cpp_kernels, "triton": _triton_kernels, "torch": ms_deform_attn_reference}
+# "cpu" and "cuda" are the same C++ ops; the dispatcher picks the kernel by the tensors' device.
+_IMPLEMENTATIONS = {
+    "cuda": _cpp_kernels,
+    "cpu": _cpp_kernels,
+    "triton": _triton_kernels,
+    "torch": ms_deform_attn_reference,
+}
 
 
 def unavailable_reason(backend: str, device_type: str) -> str | None:
@@ -47,7 +53,12 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
         reason = _extension.load("_C")
         return None if reason is None else f"the C++ kernels could not be loaded ({reason})"
     if backend == "cuda":
-        return "this build of rtdetrv2_kernels has no CUDA kernels yet"
+        if device_type != "cuda":
+            return f"it runs on CUDA tensors, got {device_type} tensors"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        reason = _extension.load("_C_cuda")
+        return None if reason is None else f"the CUDA kernels could not be loaded ({reason})"
     if backend == "triton":
         return _triton_unavailable_reason(device_type)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")

@@ -4,13 +4,15 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reference -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# torch guesses the CUDA toolkit from `which nvcc`, which a wrapper script in /usr/local/bin misleads.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 VENV=${RTDETRV2_TEST_VENV:-.venv-test}
 PYTHON=${PYTHON:-python3}
 
 echo "== creating $VENV"
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=77" wheel
+"$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
 echo "== installing torch 2.14.1"
 "$VENV/bin/python" -m pip install -q torch==2.14.1
 echo "== building rtdetrv2_kernels"

@@ -56,3 +56,20 @@ def test_isolated_wheel_ships_sources_and_compiles_at_first_use(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
     assert "compiling the C++ kernels" in run.stderr  # the one-time message
+
+
+def test_cuda_kernels_are_built_and_registered():
+    """Where the build had nvcc and a CUDA torch (CI has both, without a GPU), the CUDA library exists,
+    loads, and registers CUDA kernels for both ops."""
+    import torch
+
+    from rtdetrv2_kernels import _build_config, _extension
+
+    reason = _build_config.cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"no CUDA build here: {reason}")
+    if not _extension._prebuilt_path("_C_cuda"):
+        pytest.skip("running from a source checkout without a prebuilt CUDA library")
+    assert _extension.load("_C_cuda") is None
+    for op in ("ms_deform_attn_forward", "ms_deform_attn_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rtdetrv2_kernels::{op}", "CUDA")

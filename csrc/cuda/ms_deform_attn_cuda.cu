@@ -1,0 +1,345 @@
+// CUDA kernels for multi-scale deformable attention, forward and backward, both sampling methods.
+//
+// A (batch, query, head) is served by a group of adjacent lanes, each owning VEC consecutive channels
+// (16 bytes: 4 fp32 or 8 fp16/bf16 channels; VEC = 1 when C or the strides do not allow it). The lanes of a
+// group read the same location and weight, which the cache serves once; each lane gathers its channels of
+// the four corners with one vector load apiece, all four issued before use. The backward scatters into
+// grad_value with atomics on an fp32 (fp64 for fp64) buffer and reduces the location and weight gradients
+// over the group's lanes with warp shuffles when the group size is a power of two up to 32 (atomics
+// otherwise). Level shapes travel in the kernel arguments, so no launch needs a device table or a sync.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../ms_deform_attn.h"
+#include "../sampling.h"
+
+namespace rtdetrv2_kernels {
+namespace {
+
+constexpr int kMaxLevels = 16;
+constexpr int kThreadsPerBlock = 256;
+
+struct LevelParams {
+  int32_t height[kMaxLevels];
+  int32_t width[kMaxLevels];
+  int32_t points[kMaxLevels];
+  int64_t start[kMaxLevels];
+  int32_t num_levels;
+};
+
+LevelParams make_level_params(const LevelTable& table) {
+  TORCH_CHECK(table.num_levels() <= kMaxLevels, "rtdetrv2_kernels: the CUDA kernels support up to ", kMaxLevels,
+              " levels, got ", table.num_levels());
+  LevelParams params{};
+  params.num_levels = static_cast<int32_t>(table.num_levels());
+  for (int64_t l = 0; l < table.num_levels(); ++l) {
+    params.height[l] = table.height[l];
+    params.width[l] = table.width[l];
+    params.points[l] = static_cast<int32_t>(table.points[l]);
+    params.start[l] = table.start[l];
+  }
+  return params;
+}
+
+// Sizes and value's strides (in elements); lanes = channel groups of VEC per (batch, query, head).
+struct Geometry {
+  int64_t queries, heads, channels, points, lanes;
+  int64_t stride_b, stride_s, stride_h;
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Vec<scalar_t, VEC> load_row(const scalar_t* rows, int32_t offset, int64_t stride,
+                                                       bool inside) {
+  Vec<scalar_t, VEC> out;
+  if (inside) {
+    out = *reinterpret_cast<const Vec<scalar_t, VEC>*>(rows + offset * stride);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = scalar_t(0);
+  }
+  return out;
+}
+
+template <typename scalar_t, int VEC, bool kDiscrete>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ locations,
+                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ output, Geometry g,
+                   LevelParams levels, int64_t total_lanes) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (tid >= total_lanes) return;
+  const int64_t lane = tid % g.lanes;
+  const int64_t bqh = tid / g.lanes;
+  const int64_t h = bqh % g.heads;
+  const int64_t b = bqh / (g.heads * g.queries);
+  const scalar_t* value_bh = value + b * g.stride_b + h * g.stride_h + lane * VEC;
+  acc_t acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+  int64_t point = bqh * g.points;
+  for (int l = 0; l < levels.num_levels; ++l) {
+    const int32_t height = levels.height[l], width = levels.width[l];
+    const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
+    for (int i = 0; i < levels.points[l]; ++i, ++point) {
+      const acc_t w = static_cast<acc_t>(weights[point]);
+      const acc_t loc_x = static_cast<acc_t>(locations[2 * point]);
+      const acc_t loc_y = static_cast<acc_t>(locations[2 * point + 1]);
+      if constexpr (kDiscrete) {
+        const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
+        const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, offset >= 0);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += w * static_cast<acc_t>(v.v[j]);
+      } else {
+        const auto corners = bilinear_corners(loc_x, loc_y, height, width);
+        Vec<scalar_t, VEC> v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[k] = load_row<scalar_t, VEC>(rows, corners.offset[k], g.stride_s, corners.inside[k]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc[j] += w * (corners.weight[0] * static_cast<acc_t>(v[0].v[j]) +
+                         corners.weight[1] * static_cast<acc_t>(v[1].v[j]) +
+                         corners.weight[2] * static_cast<acc_t>(v[2].v[j]) +
+                         corners.weight[3] * static_cast<acc_t>(v[3].v[j]));
+        }
+      }
+    }
+  }
+  Vec<scalar_t, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(acc[j]);
+  *reinterpret_cast<Vec<scalar_t, VEC>*>(output + bqh * g.channels + lane * VEC) = out;
+}
+
+// Sum over the `lanes` adjacent lanes of a group (a power of two up to 32, groups aligned in the warp).
+template <typename T>
+__device__ __forceinline__ T group_sum(T value, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// Adds a group's partial gradients: one shuffle-reduced store by the group's first lane, or an atomic add
+// per lane into a zeroed buffer.
+template <bool kShuffle, typename acc_t>
+__device__ __forceinline__ void add_group_partial(acc_t* target, acc_t partial, int lanes, bool first_lane,
+                                                  bool active) {
+  if constexpr (kShuffle) {
+    partial = group_sum(partial, lanes);
+    if (active && first_lane) *target = partial;
+  } else {
+    if (active) atomicAdd(target, partial);
+  }
+}
+
+// grad_value, grad_locations and grad_weights are in acc_t; grad_value is contiguous (B, S, H, C) and
+// zeroed, and so are the other two when kShuffle is false. With kShuffle every lane of a warp runs the whole
+// loop (inactive lanes on zeros) so that the shuffles see full warps.
+template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
+                    const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
+                    at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    at::opmath_type<scalar_t>* __restrict__ grad_locations,
+                    at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g, LevelParams levels,
+                    int64_t total_lanes) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const bool active = tid < total_lanes;
+  if (!kShuffle && !active) return;
+  const int64_t lane_id = active ? tid : 0;
+  const int64_t lane = lane_id % g.lanes;
+  const int64_t bqh = lane_id / g.lanes;
+  const int64_t h = bqh % g.heads;
+  const int64_t b = bqh / (g.heads * g.queries);
+  const int64_t S = levels.start[levels.num_levels - 1] +
+                    static_cast<int64_t>(levels.height[levels.num_levels - 1]) * levels.width[levels.num_levels - 1];
+  const scalar_t* value_bh = value + b * g.stride_b + h * g.stride_h + lane * VEC;
+  acc_t* grad_bh = grad_value + (b * S * g.heads + h) * g.channels + lane * VEC;
+  const int64_t grad_stride_s = g.heads * g.channels;
+  acc_t grad_out[VEC];
+  {
+    const auto go = *reinterpret_cast<const Vec<scalar_t, VEC>*>(grad_output + bqh * g.channels + lane * VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) grad_out[j] = active ? static_cast<acc_t>(go.v[j]) : acc_t(0);
+  }
+  const int lanes = static_cast<int>(g.lanes);
+  const bool first_lane = lane == 0;
+  int64_t point = bqh * g.points;
+  for (int l = 0; l < levels.num_levels; ++l) {
+    const int32_t height = levels.height[l], width = levels.width[l];
+    const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
+    acc_t* grad_rows = grad_bh + levels.start[l] * grad_stride_s;
+    for (int i = 0; i < levels.points[l]; ++i, ++point) {
+      const acc_t w = static_cast<acc_t>(weights[point]);
+      const acc_t loc_x = static_cast<acc_t>(locations[2 * point]);
+      const acc_t loc_y = static_cast<acc_t>(locations[2 * point + 1]);
+      acc_t grad_w = 0, grad_x = 0, grad_y = 0;
+      if constexpr (kDiscrete) {
+        const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
+        if (active && offset >= 0) {
+          const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, true);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            grad_w += grad_out[j] * static_cast<acc_t>(v.v[j]);
+            atomicAdd(grad_rows + offset * grad_stride_s + j, w * grad_out[j]);
+          }
+        }
+      } else {
+        const auto corners = bilinear_corners(loc_x, loc_y, height, width);
+        Vec<scalar_t, VEC> v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          v[k] = load_row<scalar_t, VEC>(rows, corners.offset[k], g.stride_s, active && corners.inside[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          acc_t dot = 0;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) dot += grad_out[j] * static_cast<acc_t>(v[k].v[j]);
+          grad_w += corners.weight[k] * dot;
+          grad_x += corners.dweight_dx[k] * dot;
+          grad_y += corners.dweight_dy[k] * dot;
+          if (active && corners.inside[k]) {
+            const acc_t scale = w * corners.weight[k];
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) atomicAdd(grad_rows + corners.offset[k] * grad_stride_s + j, scale * grad_out[j]);
+          }
+        }
+        // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
+        grad_x *= w * width;
+        grad_y *= w * height;
+      }
+      add_group_partial<kShuffle>(grad_weights + point, grad_w, lanes, first_lane, active);
+      add_group_partial<kShuffle>(grad_locations + 2 * point, grad_x, lanes, first_lane, active);
+      add_group_partial<kShuffle>(grad_locations + 2 * point + 1, grad_y, lanes, first_lane, active);
+    }
+  }
+}
+
+// Channels per lane: 16 bytes when the channel count, value's strides and both pointers allow it, else 1.
+template <typename scalar_t>
+int vector_width(const at::Tensor& value, const at::Tensor& other) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  const int64_t C = value.size(3);
+  const bool aligned = C % kWide == 0 && value.stride(0) % kWide == 0 && value.stride(1) % kWide == 0 &&
+                       value.stride(2) % kWide == 0 && reinterpret_cast<uintptr_t>(value.const_data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(other.const_data_ptr()) % 16 == 0;
+  return aligned ? kWide : 1;
+}
+
+Geometry make_geometry(const KernelInputs& in, int vec) {
+  const at::Tensor& value = in.value;
+  return {in.locations.size(1), value.size(2), value.size(3), in.locations.size(3), value.size(3) / vec,
+          value.stride(0), value.stride(1), value.stride(2)};
+}
+
+int64_t blocks_for(int64_t threads) { return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock; }
+
+// Runs f.template operator()<VEC, kDiscrete>() for the runtime vector width and method.
+template <int kWide, typename F>
+void dispatch_width_and_method(int vec, bool discrete, const F& f) {
+  auto with_method = [&](auto width_constant) {
+    constexpr int VEC = decltype(width_constant)::value;
+    if (discrete) {
+      f.template operator()<VEC, true>();
+    } else {
+      f.template operator()<VEC, false>();
+    }
+  };
+  if (vec == kWide) {
+    with_method(std::integral_constant<int, kWide>{});
+  } else {
+    with_method(std::integral_constant<int, 1>{});
+  }
+}
+
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                       at::IntArrayRef num_points, c10::string_view method) {
+  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+  const LevelParams levels = make_level_params(in.levels);
+  at::Tensor output =
+      at::empty({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}, in.value.options());
+  if (output.numel() == 0) return output;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+    const int vec = vector_width<scalar_t>(in.value, output);
+    const Geometry g = make_geometry(in, vec);
+    const int64_t total = output.numel() / vec;
+    dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
+      forward_kernel<scalar_t, VEC, kDiscrete><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+          in.value.const_data_ptr<scalar_t>(), in.locations.const_data_ptr<scalar_t>(),
+          in.weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, levels, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& grad_output_in, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
+    c10::string_view method) {
+  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+  const LevelParams levels = make_level_params(in.levels);
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  TORCH_CHECK(grad_output.sizes() ==
+                  at::IntArrayRef({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}),
+              "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type() && grad_output.device() == in.value.device(),
+              "rtdetrv2_kernels: grad_output must match value's dtype and device");
+  const auto acc_options = in.value.options().dtype(at::toOpMathType(in.value.scalar_type()));
+  at::Tensor grad_value = at::zeros(in.value.sizes(), acc_options);
+  at::Tensor grad_locations = at::zeros(in.locations.sizes(), acc_options);
+  at::Tensor grad_weights = at::zeros(in.weights.sizes(), acc_options);
+  if (grad_output.numel() > 0) {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const int vec = vector_width<scalar_t>(in.value, grad_output);
+      const Geometry g = make_geometry(in, vec);
+      const int64_t total = grad_output.numel() / vec;
+      const bool shuffle = g.lanes <= 32 && (g.lanes & (g.lanes - 1)) == 0;
+      dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
+        // Shuffles need whole warps: launch a multiple of 32 lanes.
+        const auto launch = [&](auto kernel, int64_t threads) {
+          kernel<<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
+              grad_output.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(),
+              in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
+              grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
+              grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (shuffle) {
+          launch(backward_kernel<scalar_t, VEC, kDiscrete, true>, blocks_for(total) * kThreadsPerBlock);
+        } else {
+          launch(backward_kernel<scalar_t, VEC, kDiscrete, false>, total);
+        }
+      });
+    });
+  }
+  const auto dtype = in.value.scalar_type();
+  return {grad_value.to(dtype), grad_locations.to(dtype), grad_weights.to(dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rtdetrv2_kernels, CUDA, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+}
+
+}  // namespace rtdetrv2_kernels
