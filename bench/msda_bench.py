@@ -167,6 +167,17 @@ def benchmark_case(case: Case, device: str, rounds: int, budget_s: float) -> lis
 
 
 # ----------------------------------------------------------------------------------------------- report
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -175,7 +186,7 @@ def environment() -> dict:
         commit = ""
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=commit or "unknown", torch=torch.__version__, python=platform.python_version(),
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cpu=_cpu_name(), threads=torch.get_num_threads(),
                 backends=rtdetrv2_kernels.available_backends())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -14,6 +14,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
-"$VENV/bin/python" -m pip install -q torch==2.14.1
+"$VENV/bin/python" -m pip install -q torch==2.14.1 numpy
 "$VENV/bin/python" -m pip install -q --no-build-isolation .
 exec "$VENV/bin/python" bench/msda_bench.py "$@"

@@ -14,7 +14,7 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
 echo "== installing torch 2.14.1"
-"$VENV/bin/python" -m pip install -q torch==2.14.1
+"$VENV/bin/python" -m pip install -q torch==2.14.1 numpy
 echo "== building rtdetrv2_kernels"
 "$VENV/bin/python" -m pip install -q --no-build-isolation ".[test]"
 "$VENV/bin/python" -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())"
