@@ -41,7 +41,7 @@ def cuda_unavailable_reason() -> str | None:
         return "this torch is a CPU-only build"
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return "no CUDA toolkit (nvcc) was found; set CUDA_HOME to the toolkit's root"
-    if not any((Path(CUDA_HOME) / lib).glob("libcudart.so*") for lib in ("lib64", "lib")):
+    if not any(any((Path(CUDA_HOME) / lib).glob("libcudart.so*")) for lib in ("lib64", "lib")):
         return f"CUDA_HOME={CUDA_HOME} has no lib64/libcudart.so; set CUDA_HOME to the toolkit's root"
     return None
 

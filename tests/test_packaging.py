@@ -73,3 +73,22 @@ def test_cuda_kernels_are_built_and_registered():
     assert _extension.load("_C_cuda") is None
     for op in ("ms_deform_attn_forward", "ms_deform_attn_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rtdetrv2_kernels::{op}", "CUDA")
+
+
+def test_cuda_toolkit_detection_explains_a_misleading_cuda_home(tmp_path, monkeypatch):
+    """An nvcc wrapper outside the toolkit makes torch guess a CUDA_HOME without the runtime library: the
+    build must say so instead of failing at link time."""
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    from rtdetrv2_kernels import _build_config
+
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch never builds the CUDA kernels")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert "has no lib64/libcudart.so" in _build_config.cuda_unavailable_reason()
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so.13").write_text("")
+    assert _build_config.cuda_unavailable_reason() is None
