@@ -92,3 +92,16 @@ def test_cuda_toolkit_detection_explains_a_misleading_cuda_home(tmp_path, monkey
     (tmp_path / "lib64").mkdir()
     (tmp_path / "lib64" / "libcudart.so.13").write_text("")
     assert _build_config.cuda_unavailable_reason() is None
+
+
+@pytest.mark.slow
+def test_fast_path_cuda_kernels_do_not_spill():
+    from rtdetrv2_kernels import _build_config
+
+    reason = _build_config.cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"no CUDA toolkit here: {reason}")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "ptxas_report.py"), "--arch", "90", "--check"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| forward_kernel<float, 4, false> | sm_90 |" in run.stdout
