@@ -20,25 +20,22 @@ ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
-def _cpp_kernels(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
-    flat_shapes = [size for shape in spatial_shapes for size in shape]
-    return torch.ops.rtdetrv2_kernels.ms_deform_attn_forward(
-        value, flat_shapes, sampling_locations, attention_weights, list(num_points), method
-    )
+def _custom_op(name: str):
+    """Calls torch.ops.rtdetrv2_kernels.<name>, whose schema takes the level shapes flattened."""
+
+    def run(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+        flat_shapes = [size for shape in spatial_shapes for size in shape]
+        op = getattr(torch.ops.rtdetrv2_kernels, name)
+        return op(value, flat_shapes, sampling_locations, attention_weights, list(num_points), method)
+
+    return run
 
 
-def _triton_kernels(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
-    flat_shapes = [size for shape in spatial_shapes for size in shape]
-    return torch.ops.rtdetrv2_kernels.triton_ms_deform_attn_forward(
-        value, flat_shapes, sampling_locations, attention_weights, list(num_points), method
-    )
-
-
-# "cpu" and "cuda" are the same C++ ops; the dispatcher picks the kernel by the tensors' device.
+# "cpu" and "cuda" are the same C++ op; the dispatcher picks the kernel by the tensors' device.
 _IMPLEMENTATIONS = {
-    "cuda": _cpp_kernels,
-    "cpu": _cpp_kernels,
-    "triton": _triton_kernels,
+    "cuda": _custom_op("ms_deform_attn_forward"),
+    "cpu": _custom_op("ms_deform_attn_forward"),
+    "triton": _custom_op("triton_ms_deform_attn_forward"),
     "torch": ms_deform_attn_reference,
 }
 
