@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on any CUDA machine whose python3 has torch, triton, pytest and
-# transformers (no network needed): build against that torch, run the full test suite (the "cuda" and
-# "triton" backends run on the GPU), compute-sanitizer memcheck and racecheck on a small subset, and the
-# benchmark table. Writes gpu_check.md (summary), tests.log, sanitizer.log, benchmark.md and
-# benchmark.json to ${OUT:-bench/results/gpu-<UTC date>}. Exits non-zero if any step failed.
+# transformers (no network needed): build against that torch for this GPU's architecture, run the test
+# suite (the "cuda" and "triton" backends run on the GPU; the wheel-building tests marked slow run in CI),
+# compute-sanitizer memcheck and racecheck on a small subset, and the GPU benchmark table. With
+# PEER_SDIST=path/to/torch_ms_deform_attn-*.tar.gz the peer's kernels are built from that sdist and timed
+# beside ours. Writes gpu_check.md (summary), tests.log, sanitizer.log, benchmark.md and benchmark.json to
+# ${OUT:-bench/results/gpu-<UTC date>}. Each step has a time limit (STEP_TIMEOUT, seconds). Exits non-zero
+# if any step failed.
+#
+#   bash bench/gpu_check.sh [STEP ...]     steps: build tests sanitizer benchmark (default: all of them)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 OUT_DIR=${OUT:-$REPO/bench/results/gpu-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 SUMMARY="$OUT_DIR/gpu_check.md"
+STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 export PYTHONUNBUFFERED=1
+# Build for this GPU only (the wheel's default list has four architectures and takes four times as long).
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c \
+  'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)}
+STEPS=" ${*:-build tests sanitizer benchmark} "
 failed=0
+
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 record() {  # record NAME STATUS [LOG to delete when the step passed]
   echo "| $1 | $([ "$2" -eq 0 ] && echo ok || echo "FAILED ($2)") |" >>"$SUMMARY"
@@ -30,28 +43,45 @@ record() {  # record NAME STATUS [LOG to delete when the step passed]
   echo "|---|---|"
 } >"$SUMMARY"
 
-echo "== build"
-(cd "$REPO" && "$PYTHON" -m pip install -q --no-build-isolation --no-deps .) >"$OUT_DIR/build.log" 2>&1
+if want build; then
+echo "== build (sm_$TORCH_CUDA_ARCH_LIST)"
+(cd "$REPO" && timeout "$STEP_TIMEOUT" "$PYTHON" -m pip install -q --no-build-isolation --no-deps .) \
+  >"$OUT_DIR/build.log" 2>&1
 record build $? "$OUT_DIR/build.log"
+if [ -n "${PEER_SDIST:-}" ]; then
+  timeout "$STEP_TIMEOUT" "$PYTHON" -m pip install -q --no-build-isolation --no-deps "$PEER_SDIST" \
+    >"$OUT_DIR/peer_build.log" 2>&1
+  record "build torch-ms-deform-attn (peer)" $? "$OUT_DIR/peer_build.log"
+fi
+fi
 
+if want tests; then
 echo "== tests"
-(cd /tmp && "$PYTHON" -m pytest -q -ra "$REPO/tests") >"$OUT_DIR/tests.log" 2>&1
+(cd /tmp && timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -ra -m "not slow" "$REPO/tests") \
+  >"$OUT_DIR/tests.log" 2>&1
 record tests $?
 tail -15 "$OUT_DIR/tests.log"
+fi
 
+if want sanitizer; then
 echo "== compute-sanitizer"
 SUBSET=(-q -x "$REPO/tests/test_kernels.py" -k "cuda and (matches_reference or nonfinite or shapes) and not torch-")
 : >"$OUT_DIR/sanitizer.log"
 for tool in memcheck racecheck; do
-  (cd /tmp && compute-sanitizer --tool "$tool" --error-exitcode 9 "$PYTHON" -m pytest "${SUBSET[@]}") \
+  (cd /tmp && timeout "$STEP_TIMEOUT" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    "$PYTHON" -m pytest "${SUBSET[@]}") \
     >>"$OUT_DIR/sanitizer.log" 2>&1
   record "compute-sanitizer $tool" $?
 done
 tail -5 "$OUT_DIR/sanitizer.log"
+fi
 
+if want benchmark; then
 echo "== benchmark"
-"$PYTHON" "$REPO/bench/msda_bench.py" --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
+timeout "$STEP_TIMEOUT" "$PYTHON" "$REPO/bench/msda_bench.py" --device cuda --out "$OUT_DIR" \
+  >"$OUT_DIR/bench.log" 2>&1
 record benchmark $? "$OUT_DIR/bench.log"
+fi
 
 { echo; cat "$OUT_DIR/benchmark.md" 2>/dev/null; } >>"$SUMMARY"
 cat "$SUMMARY"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -40,9 +41,12 @@ class Case:
     channels: int = 32
     dtype: torch.dtype = torch.float32
     method: str = "default"
+    floor: bool = False  # report the forward's memory-traffic floor (bytes that must move / copy bandwidth)
 
 
 RTDETR_LEVELS = ((80, 80), (40, 40), (20, 20))
+DETR_ENCODER_LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))  # 20197 rows: queries = rows in the encoder
+PEER = "torch-ms-deform-attn"  # PyPI's fused kernels (fixed points per level, bilinear), timed when installed
 CASES = {
     "cpu": [
         Case("RT-DETRv2 decoder B=1", 1, 300, RTDETR_LEVELS, (4, 4, 4)),
@@ -52,8 +56,13 @@ CASES = {
     ],
     "cuda": [
         Case("RT-DETRv2 decoder training B=16 bf16", 16, 500, RTDETR_LEVELS, (4, 4, 4), dtype=torch.bfloat16),
+        Case("RT-DETRv2 decoder training B=16 fp32", 16, 500, RTDETR_LEVELS, (4, 4, 4)),
+        Case("RT-DETRv2 decoder training B=16 bf16 discrete", 16, 500, RTDETR_LEVELS, (4, 4, 4),
+             dtype=torch.bfloat16, method="discrete"),
         Case("RT-DETRv2 decoder inference B=1 fp32", 1, 300, RTDETR_LEVELS, (4, 4, 4)),
         Case("D-FINE decoder B=16 bf16 [3,6,3]", 16, 500, RTDETR_LEVELS, (3, 6, 3), dtype=torch.bfloat16),
+        Case("Deformable-DETR encoder B=8 bf16", 8, 20197, DETR_ENCODER_LEVELS, (4, 4, 4, 4),
+             dtype=torch.bfloat16, floor=True),
     ],
 }
 
@@ -139,7 +148,48 @@ def measure(fns: dict, device: str, rounds: int, budget_s: float) -> dict[str, f
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def benchmark_case(case: Case, device: str, rounds: int, budget_s: float) -> list[dict]:
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    source = torch.randn(2**28 // 4, device=device).view(torch.int32)  # 256 MiB, larger than any cache
+    target = torch.empty_like(source)
+    seconds = measure({"copy": lambda: target.copy_(source)}, device, rounds=5, budget_s=0.5)["copy"]
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def peer_functions(case: Case, value, locations, weights, grad_inputs, grad_output) -> dict:
+    """The peer's forward and forward+backward on the same problem, where it applies (bilinear, the same
+    number of points on every level); empty when the peer is not installed."""
+    try:
+        from torch_ms_deform_attn import ms_deform_attn as peer
+    except ImportError:
+        return {}
+    levels, points = len(case.shapes), case.points[0]
+    if case.method != "default" or any(p != points for p in case.points):
+        return {}
+    shapes = torch.tensor(case.shapes, dtype=torch.long, device=value.device)
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+
+    def call(v, l, w):  # our (.., sum(P), ..) layout is the peer's (.., L, P, ..) one, flattened
+        return peer(v, shapes, starts, l.unflatten(3, (levels, points)), w.unflatten(3, (levels, points)))
+
+    with torch.no_grad():
+        error = (call(value, locations, weights).double() -
+                 ms_deform_attn(value, case.shapes, locations, weights, case.points).double()).abs().max().item()
+    tolerance = 1e-4 if case.dtype == torch.float32 else 2e-2
+    if not error <= tolerance:
+        raise RuntimeError(f"{PEER} disagrees with rtdetrv2_kernels on {case.name}: max error {error:.3g}")
+
+    def forward():
+        with torch.no_grad():
+            call(value, locations, weights)
+
+    def forward_backward():
+        torch.autograd.grad(call(*grad_inputs), grad_inputs, grad_output)
+
+    return {(PEER, "forward"): forward, (PEER, "forward+backward"): forward_backward}
+
+
+def benchmark_case(case: Case, device: str, rounds: int, budget_s: float, bandwidth: float | None) -> list[dict]:
     value, locations, weights = make_inputs(case, device)
     grad_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
     grad_output = torch.randn(case.batch, case.queries, case.heads * case.channels, device=device, dtype=case.dtype)
@@ -156,13 +206,22 @@ def benchmark_case(case: Case, device: str, rounds: int, budget_s: float) -> lis
 
         fns[(backend, "forward")] = forward
         fns[(backend, "forward+backward")] = forward_backward
+    fns.update(peer_functions(case, value, locations, weights, grad_inputs, grad_output))
     times = measure(fns, device, rounds, budget_s)
+    floor_ms = None
+    if case.floor and bandwidth:  # each input read once, the output written once
+        moved = sum(t.numel() * t.element_size() for t in (value, locations, weights)) + grad_output.numel() * \
+            grad_output.element_size()
+        floor_ms = moved / bandwidth * 1e3
     rows = []
     for (backend, pass_), seconds in times.items():
         baseline = times.get(("torch", pass_))
+        peer = times.get((PEER, pass_))
         rows.append(dict(case=case.name, device=device, dtype=str(case.dtype).replace("torch.", ""),
                          method=case.method, backend=backend, pass_=pass_, ms=seconds * 1e3,
-                         speedup_vs_torch=baseline / seconds if baseline else None))
+                         speedup_vs_torch=baseline / seconds if baseline else None,
+                         speedup_vs_peer=peer / seconds if peer and backend != PEER else None,
+                         times_floor=seconds * 1e3 / floor_ms if floor_ms and pass_ == "forward" else None))
     return rows
 
 
@@ -188,6 +247,10 @@ def environment() -> dict:
                 commit=commit or "unknown", torch=torch.__version__, python=platform.python_version(),
                 cpu=_cpu_name(), threads=torch.get_num_threads(),
                 backends=rtdetrv2_kernels.available_backends())
+    try:
+        info[PEER] = importlib.metadata.version(PEER)
+    except importlib.metadata.PackageNotFoundError:
+        info[PEER] = "not installed"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         try:
@@ -202,12 +265,16 @@ def environment() -> dict:
 def markdown(info: dict, rows: list[dict]) -> str:
     lines = ["# rtdetrv2_kernels benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["", "| case | device | dtype | backend | pass | ms / call | speedup vs torch |",
-              "|---|---|---|---|---|---:|---:|"]
+    lines += ["", f"| case | device | dtype | backend | pass | ms / call | speedup vs torch | vs {PEER} | "
+              "x memory floor |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+
+    def ratio(x):
+        return f"{x:.2f}x" if x else "-"
+
     for r in rows:
-        speedup = f"{r['speedup_vs_torch']:.1f}x" if r["speedup_vs_torch"] else "-"
         lines.append(f"| {r['case']} | {r['device']} | {r['dtype']} | {r['backend']} | {r['pass_']} | "
-                     f"{r['ms']:.3f} | {speedup} |")
+                     f"{r['ms']:.3f} | {ratio(r['speedup_vs_torch'])} | {ratio(r['speedup_vs_peer'])} | "
+                     f"{ratio(r['times_floor'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,8 +282,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter budget (a smoke run)")
     parser.add_argument("--out", type=Path, help="directory for benchmark.md and benchmark.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], action="append",
+                        help="only this device (repeatable); default: the CPU and, when present, the GPU")
     args = parser.parse_args(argv)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     info = environment()
     print(f"rtdetrv2_kernels on {info}")
 
@@ -229,9 +300,12 @@ def main(argv=None) -> int:
     rounds, budget = (3, 0.5) if args.quick else (7, 4.0)
     rows = []
     for device in devices:
+        bandwidth = copy_bandwidth(device) if device == "cuda" else None
+        if bandwidth:
+            info["copy_bandwidth_GBps"] = round(bandwidth / 1e9)
         for case in CASES[device]:
             print(f"timing {case.name} on {device} ...", flush=True)
-            rows += benchmark_case(case, device, rounds, budget)
+            rows += benchmark_case(case, device, rounds, budget, bandwidth)
     report = markdown(info, rows)
     print(report)
     if args.out:

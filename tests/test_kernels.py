@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, assert_close, backend_params, make_inputs, run_with_grads
+from conftest import POINTS, SHAPES, assert_close, backend_params, backends_for, make_inputs, run_with_grads
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_reference
 
@@ -150,9 +150,6 @@ def test_every_output_element_is_written(backend, device):
 
 
 def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
-    pytest.importorskip("rtdetrv2_kernels")
-    from conftest import backends_for
-
     if "cpu" not in backends_for("cpu"):
         pytest.skip("the C++ CPU kernels are not available")
     inputs = make_inputs(batch=2, queries=16, heads=4, channels=32, dtype=torch.float32)
@@ -168,3 +165,49 @@ def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
     for other in results[1:]:
         for name, a, b in zip(NAMES, results[0], other):
             assert torch.equal(a, b), name
+
+
+GPU_KERNELS = [b for b in backends_for("cuda") if b != "torch"] if torch.cuda.is_available() else []
+needs_gpu_kernels = pytest.mark.skipif(not GPU_KERNELS, reason="needs a GPU and a GPU kernel backend")
+
+
+@needs_gpu_kernels
+@pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
+    value, locations, weights = (t.float().requires_grad_() for t in make_inputs(channels=32, device="cuda"))
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * 32, device="cuda")
+
+    def step():
+        output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, method, backend=backend)
+        return (output, *torch.autograd.grad(output, (value, locations, weights), grad_output))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton's autotuning) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh = make_inputs(channels=32, device="cuda", seed=7)
+    with torch.no_grad():
+        for target, source in zip((value, locations, weights), fresh):
+            target.copy_(source)
+    graph.replay()
+    for name, replayed, eager in zip(NAMES, captured, step()):  # atomics may sum in another order
+        assert_close(replayed, eager, torch.float32, f"{name} replayed")
+
+
+@needs_gpu_kernels
+@pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
+def test_inference_forward_is_one_kernel_launch(backend):
+    value, locations, weights = make_inputs(batch=1, channels=32, dtype=torch.float16, device="cuda")
+    ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)  # Triton compiles and tunes here
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        with torch.no_grad():
+            ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, kernels
