@@ -37,11 +37,20 @@ def _extensions():
     config = _build_config()
 
     class BuildExtensionWithStamp(BuildExtension):
+        @staticmethod
+        def write_stamp(package_dir, ext):
+            stamp = Path(package_dir) / (ext.name.rsplit(".", 1)[-1] + config.STAMP_SUFFIX)
+            stamp.write_text(config.torch_build_tag() + "\n")
+
         def build_extension(self, ext):
             super().build_extension(ext)
-            built = Path(self.get_ext_fullpath(ext.name))
-            stamp = built.parent / (ext.name.rsplit(".", 1)[-1] + config.STAMP_SUFFIX)
-            stamp.write_text(config.torch_build_tag() + "\n")
+            self.write_stamp(Path(self.get_ext_fullpath(ext.name)).parent, ext)
+
+        def copy_extensions_to_source(self):  # editable installs (`pip install -e .`) load from the checkout
+            super().copy_extensions_to_source()
+            package_dir = self.get_finalized_command("build_py").get_package_dir("rtdetrv2_kernels")
+            for ext in self.extensions:
+                self.write_stamp(package_dir, ext)
 
     cuda_reason = config.cuda_unavailable_reason()
     extensions = []

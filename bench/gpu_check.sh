@@ -6,7 +6,7 @@
 # PEER_SDIST=path/to/torch_ms_deform_attn-*.tar.gz the peer's kernels are built from that sdist and timed
 # beside ours. Writes gpu_check.md (summary), tests.log, sanitizer.log, benchmark.md and benchmark.json to
 # ${OUT:-bench/results/gpu-<UTC date>}. Each step has a time limit (STEP_TIMEOUT, seconds). Exits non-zero
-# if any step failed.
+# if any step failed. BENCH_ARGS replaces the benchmark's options (default: --budget 1.5 --rounds 5).
 #
 #   bash bench/gpu_check.sh [STEP ...]     steps: build tests sanitizer benchmark (default: all of them)
 set -uo pipefail
@@ -45,7 +45,8 @@ record() {  # record NAME STATUS [LOG to delete when the step passed]
 
 if want build; then
 echo "== build (sm_$TORCH_CUDA_ARCH_LIST)"
-(cd "$REPO" && timeout "$STEP_TIMEOUT" "$PYTHON" -m pip install -q --no-build-isolation --no-deps .) \
+# Editable: `python -m bench` runs from the checkout, so the checkout must hold the build.
+(cd "$REPO" && timeout "$STEP_TIMEOUT" "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .) \
   >"$OUT_DIR/build.log" 2>&1
 record build $? "$OUT_DIR/build.log"
 if [ -n "${PEER_SDIST:-}" ]; then
@@ -78,7 +79,10 @@ fi
 
 if want benchmark; then
 echo "== benchmark"
-timeout "$STEP_TIMEOUT" "$PYTHON" "$REPO/bench/msda_bench.py" --device cuda --out "$OUT_DIR" \
+# A shorter budget per problem than a full run, so that all four steps fit a 10-minute session.
+# shellcheck disable=SC2086
+(cd "$REPO" && timeout "$STEP_TIMEOUT" "$PYTHON" -m bench --devices cuda --out "$OUT_DIR" \
+  ${BENCH_ARGS:---budget 1.5 --rounds 5}) \
   >"$OUT_DIR/bench.log" 2>&1
 record benchmark $? "$OUT_DIR/bench.log"
 fi

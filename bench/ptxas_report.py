@@ -87,7 +87,7 @@ def main() -> int:
     if not kernels:
         print("no kernels found in the ptxas report")
         return 1
-    print(f"| kernel | arch | registers | smem | stack | spill stores | spill loads |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| kernel | arch | registers | smem | stack | spill stores | spill loads |\n|---|---|---:|---:|---:|---:|---:|")
     bad = []
     for k in kernels:
         print(f"| {k['name']} | {k['arch']} | {k['registers']} | {k['smem']} | {k['stack']} | {k['spill_stores']} "

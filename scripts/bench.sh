@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: builds the package in a virtualenv (created on first use) and runs the benchmark suite,
-# which first checks every available backend against the reference, on the CPU and on a GPU if present.
-# Extra arguments go to bench/msda_bench.py, e.g. `bash scripts/bench.sh --quick --out bench/results/local`.
+# The main job: builds the package (editable, so `python -m bench` and the checkout agree) in a virtualenv
+# created on first use, with the peers it is compared against, then runs the benchmark suite: a self-check
+# of every implementation against the reference, then the timings, on the CPU and on a GPU if present.
+# Extra arguments go to `python -m bench`, e.g. `bash scripts/bench.sh --quick` or `--shapes dfine-infer-b1`.
+# BENCH_PEERS=0 skips building torch-ms-deform-attn (compiled from its sdist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch guesses the CUDA toolkit from `which nvcc`, which a wrapper script in /usr/local/bin misleads.
@@ -14,6 +16,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
-"$VENV/bin/python" -m pip install -q torch==2.14.1 numpy
-"$VENV/bin/python" -m pip install -q --no-build-isolation .
-exec "$VENV/bin/python" bench/msda_bench.py "$@"
+"$VENV/bin/python" -m pip install -q torch==2.14.1 numpy ninja
+echo "== building rtdetrv2_kernels"
+"$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[bench]"
+if [ "${BENCH_PEERS:-1}" != 0 ] && ! "$VENV/bin/python" -c "import torch_ms_deform_attn" 2>/dev/null; then
+  echo "== building the peer torch-ms-deform-attn (BENCH_PEERS=0 skips it)"
+  "$VENV/bin/python" -m pip install -q --no-build-isolation torch-ms-deform-attn \
+    || echo "   could not build torch-ms-deform-attn: it is left out of the comparison"
+fi
+exec "$VENV/bin/python" -m bench "$@"

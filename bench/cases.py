@@ -1,0 +1,159 @@
+"""The benchmark problems: named shapes, their random inputs, and the callables that are timed.
+
+One home for what a benchmark runs, shared by the CLI (``python -m bench``) and the pytest-benchmark files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+import rtdetrv2_kernels
+from rtdetrv2_kernels import ms_deform_attn
+from rtdetrv2_kernels.backends import unavailable_reason
+
+from . import peers
+
+
+def feature_levels(image_size: int) -> tuple:
+    """RT-DETRv2's three levels (strides 8, 16, 32) for a square input image."""
+    return tuple((image_size // stride, image_size // stride) for stride in (8, 16, 32))
+
+
+DETR_ENCODER_LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))  # 20197 rows; encoder queries = rows
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One MSDA problem size: batch, queries, (H_l, W_l) per level, points per level, heads, channels."""
+
+    name: str
+    batch: int
+    queries: int
+    levels: tuple
+    points: tuple
+    heads: int = 8
+    channels: int = 32
+    # Report the forward's memory-traffic floor: only where the samples cover all of value (an encoder,
+    # queries = rows), so reading it whole is needed; a decoder's few queries touch a small part of it.
+    floor: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(h * w for h, w in self.levels)
+
+    def with_(self, **changes) -> "Shape":
+        return replace(self, **changes)
+
+
+def _shapes() -> dict[str, Shape]:
+    shapes = [
+        Shape("rtdetrv2-infer-b1", 1, 300, feature_levels(640), (4, 4, 4)),
+        Shape("rtdetrv2-infer-b8", 8, 300, feature_levels(640), (4, 4, 4)),
+        *(Shape(f"rtdetrv2-train-b16-{size}", 16, 500, feature_levels(size), (4, 4, 4))
+          for size in range(480, 801, 32)),  # RT-DETRv2's multi-scale training sizes
+        Shape("dfine-infer-b1", 1, 300, feature_levels(640), (3, 6, 3)),
+        Shape("dfine-train-b16", 16, 500, feature_levels(640), (3, 6, 3)),
+        Shape("detr-encoder-b2", 2, 20197, DETR_ENCODER_LEVELS, (4, 4, 4, 4), floor=True),
+        Shape("detr-encoder-b8", 8, 20197, DETR_ENCODER_LEVELS, (4, 4, 4, 4), floor=True),
+        Shape("tiny", 2, 20, ((6, 10), (3, 5)), (2, 3), heads=2, channels=8),  # smoke runs
+    ]
+    return {shape.name: shape for shape in shapes}
+
+
+SHAPES = _shapes()
+# What a run times unless told otherwise. The CPU set keeps the main job to minutes on a laptop.
+DEFAULT_SHAPES = {
+    "cpu": ["rtdetrv2-infer-b1", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-640", "dfine-infer-b1",
+            "detr-encoder-b2"],
+    "cuda": ["rtdetrv2-infer-b1", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-480", "rtdetrv2-train-b16-640",
+             "rtdetrv2-train-b16-800", "dfine-infer-b1", "dfine-train-b16", "detr-encoder-b2",
+             "detr-encoder-b8"],
+}
+QUICK_SHAPES = {"cpu": ["rtdetrv2-infer-b1"], "cuda": ["rtdetrv2-infer-b1", "rtdetrv2-train-b16-640"]}
+DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16", "float32"]}
+METHODS = ("default", "discrete")
+PASSES = ("forward", "forward+backward")
+REFERENCE = "torch"  # the backend every speedup is measured against
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A shape with the dtype, method and device it runs in."""
+
+    shape: Shape
+    dtype: torch.dtype
+    method: str
+    device: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.name} {self.method} {str(self.dtype).replace('torch.', '')} {self.device}"
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """value, sampling_locations (a tenth of them outside [0, 1]) and softmaxed attention_weights."""
+    generator = torch.Generator().manual_seed(seed)
+    points = sum(shape.points)
+    value = torch.randn(shape.batch, shape.rows, shape.heads, shape.channels, generator=generator)
+    locations = torch.rand(shape.batch, shape.queries, shape.heads, points, 2, generator=generator) * 1.2 - 0.1
+    weights = torch.randn(shape.batch, shape.queries, shape.heads, points, generator=generator).softmax(-1)
+    return [t.to(device=device, dtype=dtype) for t in (value, locations, weights)]
+
+
+def available_backends(device: str) -> list[str]:
+    """Our backends that run on `device`, except Triton's interpreter on CPU tensors (TRITON_INTERPRET=1):
+    it is a debugging aid whose timings mean nothing and take minutes; name it explicitly to include it."""
+    return [b for b in rtdetrv2_kernels.BACKENDS
+            if unavailable_reason(b, device) is None and not (b == "triton" and device == "cpu")]
+
+
+def implementations(problem: Problem, backends: list[str] | None = None,
+                    with_peers: bool = True) -> dict[str, Callable]:
+    """name -> fn(value, shapes, locations, weights, points, method) for every backend available on the
+    problem's device (or those named) and, with_peers, every installed peer that handles the problem."""
+    names = available_backends(problem.device) if backends is None else backends
+    fns: dict[str, Callable] = {
+        backend: (lambda *args, backend=backend: ms_deform_attn(*args, backend=backend)) for backend in names
+    }
+    if with_peers:
+        fns.update(peers.for_problem(problem.shape.points, problem.method))
+    return fns
+
+
+class Runner:
+    """Inputs of one problem, allocated once, and the timed closures over them."""
+
+    def __init__(self, problem: Problem, seed: int = 0):
+        self.problem = problem
+        shape = problem.shape
+        self.inputs = make_inputs(shape, problem.dtype, problem.device, seed)
+        self.grad_inputs = [t.clone().requires_grad_() for t in self.inputs]
+        self.grad_output = torch.randn(shape.batch, shape.queries, shape.heads * shape.channels,
+                                       device=problem.device, dtype=problem.dtype)
+
+    def closure(self, fn: Callable, pass_: str) -> Callable[[], None]:
+        shape, method = self.problem.shape, self.problem.method
+        levels, points = list(shape.levels), list(shape.points)
+        if pass_ == "forward":
+            value, locations, weights = self.inputs
+
+            def forward():
+                with torch.no_grad():
+                    fn(value, levels, locations, weights, points, method)
+
+            return forward
+        value, locations, weights = self.grad_inputs
+        needs_grad = self.grad_inputs if method == "default" else [value, weights]
+
+        def forward_backward():
+            out = fn(value, levels, locations, weights, points, method)
+            torch.autograd.grad(out, needs_grad, self.grad_output)
+
+        return forward_backward
+
+    def memory_floor_bytes(self) -> int:
+        """What the forward must move at least: every input read once, the output written once."""
+        return sum(t.numel() * t.element_size() for t in (*self.inputs, self.grad_output))
