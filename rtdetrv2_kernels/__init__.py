@@ -9,11 +9,19 @@ from collections.abc import Sequence
 
 import torch
 
-from ._validation import check_inputs
+from ._validation import check_fused_inputs, check_inputs
 from .backends import BACKENDS, ENV_VAR, available_backends, implementation, resolve_backend
-from .reference import ms_deform_attn_reference
+from .reference import fused_prologue_reference, ms_deform_attn_fused_reference, ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "available_backends", "BACKENDS", "ENV_VAR"]
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_fused",
+    "ms_deform_attn_reference",
+    "ms_deform_attn_fused_reference",
+    "available_backends",
+    "BACKENDS",
+    "ENV_VAR",
+]
 __version__ = "0.1.0"
 
 
@@ -46,3 +54,42 @@ def ms_deform_attn(
     shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method)
     run = implementation(resolve_backend(backend, value.device.type))
     return run(value, shapes, sampling_locations, attention_weights, points, method)
+
+
+def ms_deform_attn_fused(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Sequence[int]] | torch.Tensor,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+    num_points: Sequence[int] | int,
+    offset_scale: float = 0.5,
+    method: str = "default",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The RT-DETRv2 attention core: softmax and sampling locations, then :func:`ms_deform_attn`.
+
+    Args:
+        value, spatial_shapes, num_points, method, backend: as for :func:`ms_deform_attn`.
+        reference_points: (B, Q, 1, 4) boxes (cx, cy, w, h) or (B, Q, 1, 2) points, normalized to [0, 1];
+            or (B, Q, L, 4 | 2), one per level.
+        sampling_offsets: (B, Q, H, P, 2), raw (x, y) offsets.
+        attention_logits: (B, Q, H, P), raw; softmax runs over each head's P points (all levels together).
+        offset_scale: boxes only: loc = ref_xy + offset / num_points_l * ref_wh * offset_scale (RT-DETRv2).
+            Points: loc = ref_xy + offset / (W_l, H_l) (Deformable DETR).
+
+    Returns:
+        (B, Q, H*C) in value's dtype. Gradients reach value, sampling_offsets, attention_logits and
+        reference_points (discrete: none through the locations, so offsets and references get zeros).
+
+    The prologue currently runs as PyTorch ops before the chosen backend's kernel; moving it inside the
+    kernels is tracked work (docs/semantics.md, "The fused op").
+    """
+    shapes, points = check_fused_inputs(
+        value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method
+    )
+    locations, weights = fused_prologue_reference(
+        shapes, reference_points, sampling_offsets, attention_logits, points, float(offset_scale)
+    )
+    run = implementation(resolve_backend(backend, value.device.type))
+    return run(value, shapes, locations, weights, points, method)

@@ -6,6 +6,7 @@ host-device sync (a spatial_shapes tensor on a GPU is the one exception; see doc
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -78,21 +79,21 @@ def _check_tensor(name: str, tensor, dims: str) -> None:
         raise ValueError(f"{name} must have shape {dims}, got {tuple(tensor.shape)}")
 
 
-def check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
-    """Validates all arguments; returns (level shapes, points per level) as tuples of Python ints."""
+def check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method,
+                 names=("sampling_locations", "attention_weights")):
+    """Validates all arguments; returns (level shapes, points per level) as tuples of Python ints. `names`
+    are what messages call the two per-point tensors (the fused op's offsets and logits take their place)."""
+    locations_name, weights_name = names
     _check_tensor("value", value, "(B, S, H, C)")
-    _check_tensor("sampling_locations", sampling_locations, "(B, Q, H, P, 2)")
-    _check_tensor("attention_weights", attention_weights, "(B, Q, H, P)")
+    _check_tensor(locations_name, sampling_locations, "(B, Q, H, P, 2)")
+    _check_tensor(weights_name, attention_weights, "(B, Q, H, P)")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
     if value.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"value must be float16, bfloat16, float32 or float64, got {value.dtype}")
-    for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if tensor.dtype != value.dtype:
-            raise TypeError(f"{name} has dtype {tensor.dtype} but value has {value.dtype}; all three must match")
-        if tensor.device != value.device:
-            raise ValueError(f"{name} is on {tensor.device} but value is on {value.device}; all three must match")
+    for name, tensor in ((locations_name, sampling_locations), (weights_name, attention_weights)):
+        _check_like_value(name, tensor, value)
 
     shapes = level_shapes(spatial_shapes)
     points = points_per_level(num_points, len(shapes))
@@ -106,12 +107,42 @@ def check_inputs(value, spatial_shapes, sampling_locations, attention_weights, n
     expected = (batch, queries, heads, total_points, 2)
     if tuple(sampling_locations.shape) != expected:
         raise ValueError(
-            f"sampling_locations must have shape (B, Q, H, P, 2) = {expected} for value of shape "
+            f"{locations_name} must have shape (B, Q, H, P, 2) = {expected} for value of shape "
             f"{tuple(value.shape)} and num_points {list(points)} (P = {total_points}), "
             f"got {tuple(sampling_locations.shape)}"
         )
     if tuple(attention_weights.shape) != expected[:4]:
         raise ValueError(
-            f"attention_weights must have shape (B, Q, H, P) = {expected[:4]}, got {tuple(attention_weights.shape)}"
+            f"{weights_name} must have shape (B, Q, H, P) = {expected[:4]}, got {tuple(attention_weights.shape)}"
         )
+    return shapes, points
+
+
+def _check_like_value(name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+    if tensor.dtype != value.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but value has {value.dtype}; they must match")
+    if tensor.device != value.device:
+        raise ValueError(f"{name} is on {tensor.device} but value is on {value.device}; they must match")
+
+
+def check_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+                       offset_scale, method):
+    """check_inputs for ms_deform_attn_fused, plus its reference points and offset scale."""
+    shapes, points = check_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method,
+                                  names=("sampling_offsets", "attention_logits"))
+    _check_tensor("reference_points", reference_points, "(B, Q, 1 or L, 4 or 2)")
+    _check_like_value("reference_points", reference_points, value)
+    batch, queries = sampling_offsets.shape[:2]
+    levels = len(shapes)
+    if (
+        tuple(reference_points.shape[:2]) != (batch, queries)
+        or reference_points.shape[2] not in (1, levels)
+        or reference_points.shape[3] not in (2, 4)
+    ):
+        raise ValueError(
+            f"reference_points must have shape (B, Q, 1 or L, 4) for boxes (cx, cy, w, h) or (B, Q, 1 or L, 2) "
+            f"for points, with B={batch}, Q={queries}, L={levels}; got {tuple(reference_points.shape)}"
+        )
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)) or not math.isfinite(offset_scale):
+        raise TypeError(f"offset_scale must be a finite Python number, got {offset_scale!r}")
     return shapes, points

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ms_deform_attn_reference"]
+__all__ = ["ms_deform_attn_reference", "ms_deform_attn_fused_reference", "fused_prologue_reference"]
 
 
 def _bilinear(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
@@ -70,3 +70,57 @@ def ms_deform_attn_reference(
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, total_points)
     output = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # (B*H, C, Q)
     return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous().to(out_dtype)
+
+
+def fused_prologue_reference(
+    spatial_shapes: Sequence[tuple[int, int]],
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+    num_points: Sequence[int],
+    offset_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of the plain op from those of the fused one: (sampling_locations, attention_weights).
+
+    reference_points (B, Q, 1 or L, 4) boxes (cx, cy, w, h): loc = ref_xy + offset / n_l * ref_wh * offset_scale;
+    (B, Q, 1 or L, 2) points: loc = ref_xy + offset / (W_l, H_l). attention_weights = softmax of each head's
+    P logits. Computed in fp32 for fp16/bf16 inputs and returned in the offsets' dtype.
+    """
+    dtype = sampling_offsets.dtype
+    compute_dtype = torch.promote_types(dtype, torch.float32)
+    device = sampling_offsets.device
+
+    def per_point(per_level) -> torch.Tensor:  # (P,): each point takes its level's entry; filled on device
+        return torch.cat([torch.full((n,), x, dtype=compute_dtype, device=device)
+                          for x, n in zip(per_level, num_points)])
+
+    reference = reference_points.to(compute_dtype)
+    if reference.shape[2] > 1:  # one reference per level: (B, Q, L, k) -> (B, Q, P, k)
+        reference = reference[:, :, per_point(range(len(num_points))).long()]
+    reference = reference.unsqueeze(2)  # (B, Q, 1, 1 or P, k), broadcast over heads (and points)
+    offsets = sampling_offsets.to(compute_dtype)
+    if reference.shape[-1] == 4:
+        scale = per_point([offset_scale / n for n in num_points])[:, None]
+        locations = reference[..., :2] + offsets * scale * reference[..., 2:]
+    else:
+        normalizer = torch.stack([per_point([w for _, w in spatial_shapes]), per_point([h for h, _ in spatial_shapes])], -1)
+        locations = reference + offsets / normalizer
+    weights = attention_logits.to(compute_dtype).softmax(-1)
+    return locations.to(dtype), weights.to(dtype)
+
+
+def ms_deform_attn_fused_reference(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+    num_points: Sequence[int],
+    offset_scale: float = 0.5,
+    method: str = "default",
+) -> torch.Tensor:
+    """The fused op (see ``rtdetrv2_kernels.ms_deform_attn_fused``) as its prologue then the plain op."""
+    locations, weights = fused_prologue_reference(
+        spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale
+    )
+    return ms_deform_attn_reference(value, spatial_shapes, locations, weights, num_points, method)

@@ -1,0 +1,155 @@
+"""ms_deform_attn_fused: the RT-DETRv2 attention core (softmax over each head's points and the sampling
+locations from reference boxes or points, then the sampling), on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SHAPES, assert_close, backend_params
+
+from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
+
+POINTS = [3, 6, 2]
+
+
+def fused_inputs(batch=2, queries=5, heads=3, channels=7, shapes=SHAPES, points=POINTS, reference="boxes",
+                 per_level=False, dtype=torch.float64, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows, total = sum(h * w for h, w in shapes), sum(points)
+    value = torch.randn(batch, rows, heads, channels, generator=generator, dtype=torch.float64)
+    offsets = torch.randn(batch, queries, heads, total, 2, generator=generator, dtype=torch.float64) * 2
+    logits = torch.randn(batch, queries, heads, total, generator=generator, dtype=torch.float64) * 2
+    levels = len(shapes) if per_level else 1
+    centers = torch.rand(batch, queries, levels, 2, generator=generator, dtype=torch.float64) * 1.2 - 0.1
+    if reference == "boxes":
+        sizes = torch.rand(batch, queries, levels, 2, generator=generator, dtype=torch.float64) * 0.8 + 0.05
+        ref = torch.cat([centers, sizes], -1)
+    else:
+        ref = centers
+    return [t.to(dtype=dtype, device=device) for t in (value, ref, offsets, logits)]
+
+
+def naive_locations_and_weights(shapes, ref, offsets, logits, points, offset_scale):
+    """The formulas of docs/semantics.md written point by point."""
+    locations = torch.empty_like(offsets)
+    p = 0
+    for level, ((height, width), count) in enumerate(zip(shapes, points)):
+        r = ref[:, :, level if ref.shape[2] > 1 else 0]  # (B, Q, k)
+        for _ in range(count):
+            for axis, size in ((0, width), (1, height)):
+                o = offsets[:, :, :, p, axis]
+                if ref.shape[-1] == 4:
+                    locations[:, :, :, p, axis] = r[:, :, None, axis] + o / count * r[:, :, None, 2 + axis] * offset_scale
+                else:
+                    locations[:, :, :, p, axis] = r[:, :, None, axis] + o / size
+            p += 1
+    weights = logits.exp() / logits.exp().sum(-1, keepdim=True)
+    return locations, weights
+
+
+@pytest.mark.parametrize("reference", ["boxes", "points"])
+@pytest.mark.parametrize("per_level", [False, True])
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_reference_follows_the_formulas(reference, per_level, method):
+    value, ref, offsets, logits = fused_inputs(reference=reference, per_level=per_level)
+    locations, weights = naive_locations_and_weights(SHAPES, ref, offsets, logits, POINTS, 0.7)
+    expected = ms_deform_attn(value, SHAPES, locations, weights, POINTS, method, backend="torch")
+    actual = ms_deform_attn_fused_reference(value, SHAPES, ref, offsets, logits, POINTS, 0.7, method)
+    assert_close(actual, expected, torch.float64, "fused reference")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reference,per_level", [("boxes", False), ("boxes", True), ("points", True)])
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_match_the_reference_with_gradients(backend, device, reference, per_level, method, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take fp16/bf16/fp32")
+    inputs = fused_inputs(reference=reference, per_level=per_level, device=device)
+    grad_output = torch.randn(2, 5, 3 * 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(fn, tensors):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*tensors)
+        return [out, *torch.autograd.grad(out, tensors, grad_output.to(out))]
+
+    expected = run(lambda v, r, o, a: ms_deform_attn_fused_reference(v, SHAPES, r, o, a, POINTS, 0.5, method), inputs)
+    actual = run(lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, method, backend=backend),
+                 [t.to(dtype) for t in inputs])
+    for name, a, e in zip(("output", "value", "reference_points", "sampling_offsets", "attention_logits"),
+                          actual, expected):
+        assert_close(a, e, dtype, f"{backend} {name}")
+    if method == "discrete":  # the nearest pixel does not move with the offsets
+        assert actual[2].abs().max() == 0 and actual[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("reference", ["boxes", "points"])
+def test_gradcheck_fp64(backend, reference):
+    value, ref, offsets, logits = fused_inputs(batch=1, queries=2, heads=2, channels=3, reference=reference,
+                                               per_level=True)
+    tensors = [t.requires_grad_() for t in (value, ref, offsets, logits)]
+    assert torch.autograd.gradcheck(
+        lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, backend=backend), tensors
+    )
+
+
+def test_matches_transformers_rtdetrv2_cross_attention():
+    """Hugging Face's RTDetrV2MultiscaleDeformableAttention (written elsewhere) against its own linear layers
+    feeding ms_deform_attn_fused, for both sampling methods."""
+    configuration = pytest.importorskip("transformers.models.rt_detr_v2.configuration_rt_detr_v2")
+    modeling = pytest.importorskip("transformers.models.rt_detr_v2.modeling_rt_detr_v2")
+    shapes = [(6, 10), (5, 3), (2, 4)]
+    for method in ("default", "discrete"):
+        config = configuration.RTDetrV2Config(d_model=32, decoder_attention_heads=4, decoder_n_levels=3,
+                                              decoder_n_points=3, decoder_method=method, decoder_offset_scale=0.5)
+        torch.manual_seed(0)
+        attention = modeling.RTDetrV2MultiscaleDeformableAttention(config).eval()
+        with torch.no_grad():
+            for parameter in attention.parameters():
+                parameter.normal_(0, 0.5)
+        hidden = torch.randn(2, 7, 32)
+        memory = torch.randn(2, sum(h * w for h, w in shapes), 32)
+        boxes = torch.cat([torch.rand(2, 7, 1, 2), torch.rand(2, 7, 1, 2) * 0.5 + 0.1], -1)
+        with torch.no_grad():
+            expected, _ = attention(hidden, encoder_hidden_states=memory, reference_points=boxes,
+                                    spatial_shapes=torch.tensor(shapes), spatial_shapes_list=shapes)
+            value = attention.value_proj(memory).view(2, -1, 4, 8)
+            offsets = attention.sampling_offsets(hidden).view(2, 7, 4, 9, 2)
+            logits = attention.attention_weights(hidden).view(2, 7, 4, 9)
+            for backend in ("cpu", "torch"):
+                out = ms_deform_attn_fused(value, shapes, boxes, offsets, logits, [3, 3, 3], 0.5, method,
+                                           backend=backend)
+                actual = attention.output_proj(out)
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{method}/{backend}: {m}")
+
+
+def test_compiles_without_graph_breaks():
+    value, ref, offsets, logits = fused_inputs(dtype=torch.float32)
+
+    def layer(v, r, o, a):
+        return ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, backend="cpu") * 2
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(value, ref, offsets, logits), layer(value, ref, offsets, logits))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda i: {**i, "reference_points": i["reference_points"][..., :3]}, "reference_points must have shape"),
+        (lambda i: {**i, "reference_points": i["reference_points"].expand(-1, -1, 2, -1)}, "1 or L"),
+        (lambda i: {**i, "sampling_offsets": i["sampling_offsets"][..., :1, :]}, "sampling_offsets must have shape"),
+        (lambda i: {**i, "attention_logits": i["attention_logits"].float()}, "attention_logits has dtype"),
+        (lambda i: {**i, "reference_points": i["reference_points"].float()}, "reference_points has dtype"),
+        (lambda i: {**i, "offset_scale": "0.5"}, "offset_scale must be a finite Python number"),
+        (lambda i: {**i, "offset_scale": float("nan")}, "offset_scale must be a finite Python number"),
+    ],
+)
+def test_bad_input_names_the_argument(change, message):
+    value, ref, offsets, logits = fused_inputs()
+    arguments = dict(value=value, spatial_shapes=SHAPES, reference_points=ref, sampling_offsets=offsets,
+                     attention_logits=logits, num_points=POINTS, offset_scale=0.5)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ms_deform_attn_fused(**change(arguments))
