@@ -12,7 +12,7 @@ import torch
 
 import rtdetrv2_kernels
 
-from . import peers
+from . import fused, peers
 from .cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(info: dict, rows: list[dict], scaling: list[dict]) -> str:
+def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict]) -> str:
     peer_columns = [name for name in peers.NAMES if any(r.get(f"vs {name}") for r in rows)]
     lines = ["# rtdetrv2_kernels benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
@@ -104,14 +104,18 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict]) -> str:
         lines += ["", "## Cost growth (forward+backward, ms)", "",
                   "| sweep | value | implementation | ms |", "|---|---:|---|---:|"]
         lines += [f"| {s['sweep']} | {s['value']} | {s['implementation']} | {s['ms']:.3f} |" for s in scaling]
+    if fused_rows:
+        lines += ["", fused.markdown(fused_rows)]
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], charts: bool) -> list[Path]:
+def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict],
+          charts: bool) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "benchmark.md", out / "benchmark.json"]
-    written[0].write_text(markdown(info, rows, scaling))
-    written[1].write_text(json.dumps(dict(environment=info, results=rows, scaling=scaling), indent=2))
+    written[0].write_text(markdown(info, rows, scaling, fused_rows))
+    written[1].write_text(json.dumps(dict(environment=info, results=rows, scaling=scaling, fused=fused_rows),
+                                     indent=2))
     if charts:
         written += _charts(out, info, rows, scaling)
     return written

@@ -13,4 +13,16 @@ TORCH_LIBRARY(rtdetrv2_kernels, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
       "Tensor sampling_locations, Tensor attention_weights, int[] num_points, str method) "
       "-> (Tensor, Tensor, Tensor)");
+  // The fused op (docs/semantics.md): reference_points (B, Q, 1 or L, 4 or 2), raw sampling_offsets
+  // (B, Q, H, P, 2) and attention_logits (B, Q, H, P) in place of locations and weights. The CPU kernel
+  // implements it; other devices run its prologue in PyTorch before the plain op.
+  m.def(
+      "ms_deform_attn_fused_forward(Tensor value, int[] spatial_shapes, Tensor reference_points, "
+      "Tensor sampling_offsets, Tensor attention_logits, int[] num_points, float offset_scale, str method) "
+      "-> Tensor");
+  // Returns the gradients of value, reference_points, sampling_offsets and attention_logits.
+  m.def(
+      "ms_deform_attn_fused_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
+      "Tensor reference_points, Tensor sampling_offsets, Tensor attention_logits, int[] num_points, "
+      "float offset_scale, str method) -> (Tensor, Tensor, Tensor, Tensor)");
 }

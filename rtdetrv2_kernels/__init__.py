@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from ._validation import check_fused_inputs, check_inputs
-from .backends import BACKENDS, ENV_VAR, available_backends, implementation, resolve_backend
-from .reference import fused_prologue_reference, ms_deform_attn_fused_reference, ms_deform_attn_reference
+from .backends import BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend
+from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 __all__ = [
     "ms_deform_attn",
@@ -82,14 +82,11 @@ def ms_deform_attn_fused(
         (B, Q, H*C) in value's dtype. Gradients reach value, sampling_offsets, attention_logits and
         reference_points (discrete: none through the locations, so offsets and references get zeros).
 
-    The prologue currently runs as PyTorch ops before the chosen backend's kernel; moving it inside the
-    kernels is tracked work (docs/semantics.md, "The fused op").
+    The "cpu" backend computes the softmax and the locations inside its kernel; the others still run them
+    as PyTorch ops before their sampling kernel (docs/semantics.md, "The fused op").
     """
     shapes, points = check_fused_inputs(
         value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method
     )
-    locations, weights = fused_prologue_reference(
-        shapes, reference_points, sampling_offsets, attention_logits, points, float(offset_scale)
-    )
-    run = implementation(resolve_backend(backend, value.device.type))
-    return run(value, shapes, locations, weights, points, method)
+    run = fused_implementation(resolve_backend(backend, value.device.type))
+    return run(value, shapes, reference_points, sampling_offsets, attention_logits, points, float(offset_scale), method)

@@ -44,3 +44,42 @@ def _backward(ctx, grad_output):
 torch.library.register_autograd(
     "rtdetrv2_kernels::ms_deform_attn_forward", _backward, setup_context=_setup_context
 )
+
+
+@torch.library.register_fake("rtdetrv2_kernels::ms_deform_attn_fused_forward")
+def _fused_forward_fake(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+                        offset_scale, method):
+    batch, _, heads, channels = value.shape
+    return value.new_empty((batch, sampling_offsets.shape[1], heads * channels))
+
+
+@torch.library.register_fake("rtdetrv2_kernels::ms_deform_attn_fused_backward")
+def _fused_backward_fake(grad_output, value, spatial_shapes, reference_points, sampling_offsets, attention_logits,
+                         num_points, offset_scale, method):
+    return (
+        value.new_empty(value.shape),
+        reference_points.new_empty(reference_points.shape),
+        sampling_offsets.new_empty(sampling_offsets.shape),
+        attention_logits.new_empty(attention_logits.shape),
+    )
+
+
+def _fused_setup_context(ctx, inputs, output):
+    value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method = inputs
+    ctx.save_for_backward(value, reference_points, sampling_offsets, attention_logits)
+    ctx.arguments = (spatial_shapes, num_points, offset_scale, method)
+
+
+def _fused_backward(ctx, grad_output):
+    value, reference_points, sampling_offsets, attention_logits = ctx.saved_tensors
+    spatial_shapes, num_points, offset_scale, method = ctx.arguments
+    grad_value, grad_reference, grad_offsets, grad_logits = _OPS.ms_deform_attn_fused_backward(
+        grad_output, value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+        offset_scale, method
+    )
+    return grad_value, None, grad_reference, grad_offsets, grad_logits, None, None, None
+
+
+torch.library.register_autograd(
+    "rtdetrv2_kernels::ms_deform_attn_fused_forward", _fused_backward, setup_context=_fused_setup_context
+)

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from . import _extension
-from .reference import ms_deform_attn_reference
+from .reference import fused_prologue_reference, ms_deform_attn_reference
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
@@ -115,3 +115,30 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
 def implementation(backend: str):
     """The function running `backend`: (value, level shapes, locations, weights, points, method) -> output."""
     return _IMPLEMENTATIONS[backend]
+
+
+def _fused_cpu(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+               offset_scale, method):
+    flat_shapes = [size for shape in spatial_shapes for size in shape]
+    return torch.ops.rtdetrv2_kernels.ms_deform_attn_fused_forward(
+        value, flat_shapes, reference_points, sampling_offsets, attention_logits, list(num_points), offset_scale,
+        method
+    )
+
+
+def fused_implementation(backend: str):
+    """The function running ms_deform_attn_fused on `backend`: (value, level shapes, reference_points,
+    sampling_offsets, attention_logits, points, offset_scale, method) -> output. The CPU kernel computes the
+    softmax and the locations itself; the other backends get them from PyTorch ops first."""
+    if backend == "cpu":
+        return _fused_cpu
+    plain = _IMPLEMENTATIONS[backend]
+
+    def prologue_then_plain(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+                            offset_scale, method):
+        locations, weights = fused_prologue_reference(
+            spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale
+        )
+        return plain(value, spatial_shapes, locations, weights, num_points, method)
+
+    return prologue_then_plain

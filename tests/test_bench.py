@@ -41,6 +41,9 @@ def test_cli_quick_run_writes_every_report(tmp_path):
         assert (row["vs torch"] is None) == (row["implementation"] == "torch")
         assert (row.get("peak_mib") is not None) == (row["pass"] == "forward+backward")
     assert {s["sweep"] for s in report["scaling"]} == {"batch", "queries"}
+    fused_timed = {(r["backend"], r["pass"]) for r in report["fused"]}
+    assert {(b, p) for b in ours if b != "torch" for p in ("forward", "forward+backward")} <= fused_timed
+    assert all(r["fused ms"] > 0 and r["speedup"] > 0 for r in report["fused"])
     markdown = (out / "benchmark.md").read_text()
     assert "| tiny | default | float32 | cpu | forward | cpu |" in markdown
     pytest.importorskip("matplotlib")

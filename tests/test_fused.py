@@ -153,3 +153,48 @@ def test_bad_input_names_the_argument(change, message):
                      attention_logits=logits, num_points=POINTS, offset_scale=0.5)
     with pytest.raises((ValueError, TypeError), match=message):
         ms_deform_attn_fused(**change(arguments))
+
+
+@pytest.mark.parametrize("reference,method", [("boxes", "default"), ("points", "discrete")])
+def test_opcheck_cpu_fused_ops(reference, method):
+    rtdetrv2_kernels = pytest.importorskip("rtdetrv2_kernels")
+    if "cpu" not in rtdetrv2_kernels.available_backends():
+        pytest.skip("the C++ kernels are not built")
+    value, ref, offsets, logits = fused_inputs(batch=2, queries=3, heads=2, channels=5, reference=reference,
+                                               per_level=reference == "points")
+    flat = [size for shape in SHAPES for size in shape]
+    ops = torch.ops.rtdetrv2_kernels
+    torch.library.opcheck(ops.ms_deform_attn_fused_forward.default,
+                          (value.requires_grad_(), flat, ref.requires_grad_(), offsets.requires_grad_(),
+                           logits.requires_grad_(), POINTS, 0.5, method))
+    grad_output = torch.randn(2, 3, 10, dtype=torch.float64)
+    torch.library.opcheck(ops.ms_deform_attn_fused_backward.default,
+                          (grad_output, value.detach(), flat, ref.detach(), offsets.detach(), logits.detach(),
+                           POINTS, 0.5, method))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_inputs_compute_in_fp32(dtype):
+    """The CPU kernel keeps locations and weights in fp32 (the composed path rounds them to the dtype), so it
+    is checked against the fp64 reference on the same half-precision inputs."""
+    value, ref, offsets, logits = (t.to(dtype) for t in fused_inputs())
+    actual = ms_deform_attn_fused(value, SHAPES, ref, offsets, logits, POINTS, 0.5, backend="cpu")
+    assert actual.dtype == dtype
+    expected = ms_deform_attn_fused_reference(value.double(), SHAPES, ref.double(), offsets.double(),
+                                              logits.double(), POINTS, 0.5)
+    assert_close(actual, expected, dtype, "half output")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_empty_and_nonfinite(backend, device):
+    value, ref, offsets, logits = fused_inputs(device=device, dtype=torch.float32)
+    empty = ms_deform_attn_fused(value[:0], SHAPES, ref[:0], offsets[:0], logits[:0], POINTS, backend=backend)
+    assert empty.shape == (0, 5, 21)
+    offsets = offsets.clone()
+    offsets[0, 0, 0, 0] = float("nan")
+    offsets[0, 1, 0, 1] = float("inf")
+    offsets[1, 2, 1, 2] = 1e30
+    out = ms_deform_attn_fused(value, SHAPES, ref, offsets, logits, POINTS, backend=backend)
+    expected = ms_deform_attn_fused_reference(value.double(), SHAPES, ref.double(), offsets.double(),
+                                              logits.double(), POINTS, 0.5)
+    assert_close(out, expected, torch.float32, f"{backend} with non-finite offsets")

@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -82,35 +84,137 @@ RTDETRV2_INLINE void prefetch(const void* address) {
 #endif
 }
 
-// Everything a kernel reads or writes, with value's strides in elements: row (b, s, h) of C contiguous
-// channels starts at value + b*batch_stride + s*row_stride + h*head_stride.
+// Where a kernel's per-point inputs come from, and where the gradients of those inputs go. Each fills the
+// acc_t buffers of one (batch, query, head): loc[2P] as (x, y) pairs and weight[P]; and takes their gradients
+// back in the same layout. PlainPoints reads and writes the plain op's sampling_locations and
+// attention_weights; FusedPoints derives them from reference points, raw offsets and raw logits.
 template <typename scalar_t>
+struct PlainPoints {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t points;
+  const scalar_t* locations;  // contiguous (B, Q, H, P, 2)
+  const scalar_t* weights;    // contiguous (B, Q, H, P)
+  scalar_t* grad_locations = nullptr;
+  scalar_t* grad_weights = nullptr;
+
+  RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
+    const int64_t first = bqh * points;
+    for (int64_t i = 0; i < 2 * points; ++i) loc[i] = static_cast<acc_t>(locations[2 * first + i]);
+    for (int64_t i = 0; i < points; ++i) weight[i] = static_cast<acc_t>(weights[first + i]);
+  }
+  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t*, const acc_t* grad_loc,
+                                       const acc_t* grad_weight) const {
+    const int64_t first = bqh * points;
+    for (int64_t i = 0; i < 2 * points; ++i) grad_locations[2 * first + i] = static_cast<scalar_t>(grad_loc[i]);
+    for (int64_t i = 0; i < points; ++i) grad_weights[first + i] = static_cast<scalar_t>(grad_weight[i]);
+  }
+};
+
+// The fused op's prologue (docs/semantics.md, "The fused op"): weight = softmax of the head's P logits;
+// boxes: loc = ref_xy + offset * (offset_scale / n_l) * ref_wh; points: loc = ref_xy + offset / (W_l, H_l).
+template <typename scalar_t>
+struct FusedPoints {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t heads, points;
+  int64_t reference_levels, reference_size;  // reference_points is contiguous (B, Q, R, K): R = 1 or L, K = 4 or 2
+  const scalar_t* reference;
+  const scalar_t* offsets;  // contiguous (B, Q, H, P, 2)
+  const scalar_t* logits;   // contiguous (B, Q, H, P)
+  std::vector<int64_t> reference_of_point;  // the row of reference_points (0 .. R-1) each point uses
+  std::vector<acc_t> offset_factor;         // 2P: d loc / d offset per axis, less the box size for boxes
+  acc_t* grad_reference = nullptr;          // (B, Q, H, R, K): per head, summed over heads by the caller
+  scalar_t* grad_offsets = nullptr;
+  scalar_t* grad_logits = nullptr;
+
+  FusedPoints(const LevelTable& levels, int64_t heads_, const at::Tensor& reference_t, const at::Tensor& offsets_t,
+              const at::Tensor& logits_t, double offset_scale)
+      : heads(heads_), points(logits_t.size(3)), reference_levels(reference_t.size(2)),
+        reference_size(reference_t.size(3)), reference(reference_t.const_data_ptr<scalar_t>()),
+        offsets(offsets_t.const_data_ptr<scalar_t>()), logits(logits_t.const_data_ptr<scalar_t>()) {
+    for (int64_t level = 0; level < levels.num_levels(); ++level) {
+      for (int64_t i = 0; i < levels.points[level]; ++i) {
+        reference_of_point.push_back(reference_levels > 1 ? level : 0);
+        const bool boxes = reference_size == 4;
+        offset_factor.push_back(boxes ? static_cast<acc_t>(offset_scale / levels.points[level]) : acc_t(1) / levels.width[level]);
+        offset_factor.push_back(boxes ? static_cast<acc_t>(offset_scale / levels.points[level]) : acc_t(1) / levels.height[level]);
+      }
+    }
+  }
+
+  RTDETRV2_INLINE const scalar_t* reference_row(int64_t bqh, int64_t p) const {
+    return reference + ((bqh / heads) * reference_levels + reference_of_point[p]) * reference_size;
+  }
+
+  RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
+    const int64_t first = bqh * points;
+    acc_t largest = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t p = 0; p < points; ++p) largest = std::max(largest, static_cast<acc_t>(logits[first + p]));
+    acc_t total = 0;
+    for (int64_t p = 0; p < points; ++p) total += weight[p] = std::exp(static_cast<acc_t>(logits[first + p]) - largest);
+    for (int64_t p = 0; p < points; ++p) weight[p] /= total;
+    for (int64_t p = 0; p < points; ++p) {
+      const scalar_t* ref = reference_row(bqh, p);
+      for (int axis = 0; axis < 2; ++axis) {
+        acc_t step = static_cast<acc_t>(offsets[2 * (first + p) + axis]) * offset_factor[2 * p + axis];
+        if (reference_size == 4) step *= static_cast<acc_t>(ref[2 + axis]);
+        loc[2 * p + axis] = static_cast<acc_t>(ref[axis]) + step;
+      }
+    }
+  }
+
+  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t* weight, const acc_t* grad_loc,
+                                       const acc_t* grad_weight) const {
+    const int64_t first = bqh * points;
+    acc_t expected = 0;  // softmax backward: grad_logit = w * (grad_w - sum_j w_j grad_w_j)
+    for (int64_t p = 0; p < points; ++p) expected += weight[p] * grad_weight[p];
+    for (int64_t p = 0; p < points; ++p) grad_logits[first + p] = static_cast<scalar_t>(weight[p] * (grad_weight[p] - expected));
+    acc_t* grad_ref_bqh = grad_reference + bqh * reference_levels * reference_size;
+    std::fill(grad_ref_bqh, grad_ref_bqh + reference_levels * reference_size, acc_t(0));
+    for (int64_t p = 0; p < points; ++p) {
+      const scalar_t* ref = reference_row(bqh, p);
+      acc_t* grad_ref = grad_ref_bqh + reference_of_point[p] * reference_size;
+      for (int axis = 0; axis < 2; ++axis) {
+        const acc_t g = grad_loc[2 * p + axis], factor = offset_factor[2 * p + axis];
+        const acc_t offset = static_cast<acc_t>(offsets[2 * (first + p) + axis]);
+        grad_ref[axis] += g;
+        if (reference_size == 4) {
+          grad_offsets[2 * (first + p) + axis] = static_cast<scalar_t>(g * factor * static_cast<acc_t>(ref[2 + axis]));
+          grad_ref[2 + axis] += g * factor * offset;
+        } else {
+          grad_offsets[2 * (first + p) + axis] = static_cast<scalar_t>(g * factor);
+        }
+      }
+    }
+  }
+};
+
+// Everything a kernel reads, with value's strides in elements: row (b, s, h) of C contiguous channels
+// starts at value + b*batch_stride + s*row_stride + h*head_stride. Points supplies the per-point inputs.
+template <typename scalar_t, typename Points>
 struct Problem {
   using acc_t = at::opmath_type<scalar_t>;
   const LevelTable& levels;
+  const Points& source;
   int64_t batch, rows, queries, heads, channels, points;
   int64_t batch_stride, row_stride, head_stride;
   const scalar_t* value;
-  const scalar_t* locations;  // contiguous (B, Q, H, P, 2)
-  const scalar_t* weights;    // contiguous (B, Q, H, P)
 
-  Problem(const LevelTable& table, const at::Tensor& value_t, const at::Tensor& locations_t, const at::Tensor& weights_t)
-      : levels(table),
-        batch(value_t.size(0)), rows(value_t.size(1)), queries(locations_t.size(1)), heads(value_t.size(2)),
-        channels(value_t.size(3)), points(locations_t.size(3)),
+  Problem(const LevelTable& table, const Points& points_source, const at::Tensor& value_t, int64_t queries_)
+      : levels(table), source(points_source),
+        batch(value_t.size(0)), rows(value_t.size(1)), queries(queries_), heads(value_t.size(2)),
+        channels(value_t.size(3)), points(points_source.points),
         batch_stride(value_t.stride(0)), row_stride(value_t.stride(1)), head_stride(value_t.stride(2)),
-        value(value_t.const_data_ptr<scalar_t>()), locations(locations_t.const_data_ptr<scalar_t>()),
-        weights(weights_t.const_data_ptr<scalar_t>()) {}
+        value(value_t.const_data_ptr<scalar_t>()) {}
 
-  // Calls f(level, point, weight, loc_x, loc_y, level_rows) for every point of (batch, query, head) bqh.
+  // Fills loc[2P] and weight[P] for (batch, query, head) bqh, then calls
+  // f(level, point, weight, loc_x, loc_y, level_rows) for each of its points.
   template <typename F>
-  RTDETRV2_INLINE void visit_points(int64_t bqh, const F& f) const {
+  RTDETRV2_INLINE void visit_points(int64_t bqh, acc_t* loc, acc_t* weight, const F& f) const {
+    source.load(bqh, loc, weight);
     const int64_t b = bqh / (queries * heads), h = bqh % heads;
     const scalar_t* value_bh = value + b * batch_stride + h * head_stride;
-    const int64_t first = bqh * points;
     for_each_point(levels, [&](int64_t l, int64_t p) {
-      f(l, p, static_cast<acc_t>(weights[first + p]), static_cast<acc_t>(locations[2 * (first + p)]),
-        static_cast<acc_t>(locations[2 * (first + p) + 1]), value_bh + levels.start[l] * row_stride);
+      f(l, p, weight[p], loc[2 * p], loc[2 * p + 1], value_bh + levels.start[l] * row_stride);
     });
   }
 };
@@ -149,18 +253,20 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
 
 // output[bqh] for bqh in [begin, end): each (batch, query, head) first lists the rows its points read with
 // their weights (times the attention weight), then sums them channel block by channel block.
-template <typename scalar_t, bool kDiscrete>
-RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t>& problem, int64_t begin, int64_t end,
+template <typename scalar_t, bool kDiscrete, typename Points>
+RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& problem, int64_t begin, int64_t end,
                                              scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = problem.channels;
   const int64_t num_taps = problem.points * kTapsPerPoint<kDiscrete>;
   std::vector<const scalar_t*> tap_rows(num_taps);
   std::vector<acc_t> tap_weights(num_taps);
+  std::vector<acc_t> loc(2 * problem.points), weight(problem.points);
   // Taps outside the level read this row, so the summation has no branches.
   const std::vector<scalar_t> zero_row(C, scalar_t(0));
   for (int64_t bqh = begin; bqh < end; ++bqh) {
-    problem.visit_points(bqh, [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y, const scalar_t* level_rows) {
+    problem.visit_points(bqh, loc.data(), weight.data(), [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y,
+                                                             const scalar_t* level_rows) {
       const int32_t height = problem.levels.height[l], width = problem.levels.width[l];
       const scalar_t** rows = &tap_rows[p * kTapsPerPoint<kDiscrete>];
       acc_t* weights = &tap_weights[p * kTapsPerPoint<kDiscrete>];
@@ -206,34 +312,30 @@ RTDETRV2_INLINE acc_t dot_and_scatter(const acc_t* grad_out, const scalar_t* row
 
 // Gradients for the (batch, head) pairs in [begin, end). grad_value is contiguous (B, S, H, C) in acc_t
 // (fp32 for half inputs); the pairs' rows in it are disjoint, so no two tasks ever write the same element.
-template <typename scalar_t, bool kDiscrete>
-RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t>& problem, const scalar_t* grad_output,
-                                              int64_t begin, int64_t end,
-                                              at::opmath_type<scalar_t>* grad_value, scalar_t* grad_locations,
-                                              scalar_t* grad_weights) {
+// The gradients of each (batch, query, head)'s locations and weights go to problem.source.
+template <typename scalar_t, bool kDiscrete, typename Points>
+RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& problem, const scalar_t* grad_output,
+                                              int64_t begin, int64_t end, at::opmath_type<scalar_t>* grad_value) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = problem.channels, H = problem.heads, Q = problem.queries;
+  const int64_t C = problem.channels, H = problem.heads, Q = problem.queries, P = problem.points;
   const int64_t grad_row_stride = H * C;
-  std::vector<acc_t> grad_out(C);
+  std::vector<acc_t> grad_out(C), loc(2 * P), weight(P), grad_loc(2 * P), grad_weight(P);
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / H, h = bh % H;
     acc_t* grad_value_bh = grad_value + (b * problem.rows * H + h) * C;
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t bqh = (b * Q + q) * H + h;
       for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(grad_output[bqh * C + c]);
-      problem.visit_points(bqh, [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y, const scalar_t* level_rows) {
-        const int64_t point = bqh * problem.points + p;
+      problem.visit_points(bqh, loc.data(), weight.data(), [&](int64_t l, int64_t p, acc_t w, acc_t loc_x,
+                                                               acc_t loc_y, const scalar_t* level_rows) {
         const int32_t height = problem.levels.height[l], width = problem.levels.width[l];
         acc_t* grad_level_rows = grad_value_bh + problem.levels.start[l] * grad_row_stride;
         if constexpr (kDiscrete) {
           const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
-          const acc_t sampled_dot =
-              offset < 0 ? acc_t(0)
-                         : dot_and_scatter(grad_out.data(), level_rows + offset * problem.row_stride,
-                                           grad_level_rows + offset * grad_row_stride, w, C);
-          grad_weights[point] = static_cast<scalar_t>(sampled_dot);
-          grad_locations[2 * point] = scalar_t(0);
-          grad_locations[2 * point + 1] = scalar_t(0);
+          grad_weight[p] = offset < 0 ? acc_t(0)
+                                      : dot_and_scatter(grad_out.data(), level_rows + offset * problem.row_stride,
+                                                        grad_level_rows + offset * grad_row_stride, w, C);
+          grad_loc[2 * p] = grad_loc[2 * p + 1] = acc_t(0);
         } else {
           const auto corners = bilinear_corners(loc_x, loc_y, height, width);
           acc_t grad_w = 0, grad_x = 0, grad_y = 0;
@@ -246,25 +348,25 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t>& problem, 
             grad_x += corners.dweight_dx[k] * corner_dot;
             grad_y += corners.dweight_dy[k] * corner_dot;
           }
-          grad_weights[point] = static_cast<scalar_t>(grad_w);
+          grad_weight[p] = grad_w;
           // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
-          grad_locations[2 * point] = static_cast<scalar_t>(w * grad_x * width);
-          grad_locations[2 * point + 1] = static_cast<scalar_t>(w * grad_y * height);
+          grad_loc[2 * p] = w * grad_x * width;
+          grad_loc[2 * p + 1] = w * grad_y * height;
         }
       });
+      problem.source.store_gradients(bqh, loc.data(), weight.data(), grad_loc.data(), grad_weight.data());
     }
   }
 }
 
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
-                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                                      at::IntArrayRef num_points, c10::string_view method) {
-  const KernelInputs in =
-      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
-  at::Tensor output =
-      at::empty({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}, in.value.options());
+// Output (B, Q, H*C) of any point source: make_points(tag) builds the source for scalar type
+// decltype(*tag) once the dtype is dispatched.
+template <typename MakePoints>
+at::Tensor forward_cpu(const KernelInputs& in, int64_t queries, const MakePoints& make_points) {
+  at::Tensor output = at::empty({in.value.size(0), queries, in.value.size(2) * in.value.size(3)}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    const Problem<scalar_t> problem(in.levels, in.value, in.locations, in.weights);
+    const auto source = make_points(static_cast<scalar_t*>(nullptr));
+    const Problem<scalar_t, std::decay_t<decltype(source)>> problem(in.levels, source, in.value, queries);
     scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
     const int64_t work_per_head = std::max<int64_t>(1, problem.points * problem.channels * (in.discrete ? 1 : 4));
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / work_per_head);
@@ -279,39 +381,117 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef s
   return output;
 }
 
+// grad_value (B, S, H, C) of any point source, whose own gradient outputs make_points has set up.
+template <typename MakePoints>
+at::Tensor backward_cpu(const at::Tensor& grad_output_in, const KernelInputs& in, int64_t queries,
+                        const MakePoints& make_points) {
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({in.value.size(0), queries, in.value.size(2) * in.value.size(3)}),
+              "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
+              in.value.scalar_type(), ", got ", grad_output.scalar_type());
+  at::Tensor grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(at::toOpMathType(in.value.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    const auto source = make_points(static_cast<scalar_t*>(nullptr));
+    const Problem<scalar_t, std::decay_t<decltype(source)>> problem(in.levels, source, in.value, queries);
+    const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
+    auto* grad_value_data = grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>();
+    at::parallel_for(0, problem.batch * problem.heads, 1, [&](int64_t begin, int64_t end) {
+      if (in.discrete) {
+        backward_range<scalar_t, true>(problem, grad_output_data, begin, end, grad_value_data);
+      } else {
+        backward_range<scalar_t, false>(problem, grad_output_data, begin, end, grad_value_data);
+      }
+    });
+  });
+  return grad_value.to(in.value.scalar_type());
+}
+
+template <typename scalar_t>
+PlainPoints<scalar_t> plain_points(const KernelInputs& in) {
+  return {in.weights.size(3), in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>()};
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                      at::IntArrayRef num_points, c10::string_view method) {
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+  return forward_cpu(in, in.locations.size(1), [&](auto* tag) {
+    return plain_points<std::remove_pointer_t<decltype(tag)>>(in);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
     c10::string_view method) {
   const KernelInputs in =
       prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
-  const at::Tensor grad_output = grad_output_in.contiguous();
-  TORCH_CHECK(grad_output.sizes() ==
-                  at::IntArrayRef({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}),
-              "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
-              in.value.scalar_type(), ", got ", grad_output.scalar_type());
-  const auto acc_type = at::toOpMathType(in.value.scalar_type());
-  at::Tensor grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
   at::Tensor grad_locations = at::empty_like(in.locations);
   at::Tensor grad_weights = at::empty_like(in.weights);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    const Problem<scalar_t> problem(in.levels, in.value, in.locations, in.weights);
-    const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
-    auto* grad_value_data = grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>();
-    scalar_t* grad_location_data = grad_locations.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_weight_data = grad_weights.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, problem.batch * problem.heads, 1, [&](int64_t begin, int64_t end) {
-      if (in.discrete) {
-        backward_range<scalar_t, true>(problem, grad_output_data, begin, end, grad_value_data, grad_location_data,
-                                       grad_weight_data);
-      } else {
-        backward_range<scalar_t, false>(problem, grad_output_data, begin, end, grad_value_data, grad_location_data,
-                                        grad_weight_data);
-      }
-    });
+  at::Tensor grad_value = backward_cpu(grad_output, in, in.locations.size(1), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    auto source = plain_points<scalar_t>(in);
+    source.grad_locations = grad_locations.mutable_data_ptr<scalar_t>();
+    source.grad_weights = grad_weights.mutable_data_ptr<scalar_t>();
+    return source;
   });
-  return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value, grad_locations, grad_weights};
+}
+
+// The fused op: in.locations and in.weights hold the raw sampling_offsets and attention_logits.
+KernelInputs prepare_fused_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                  const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+                                  const at::Tensor& attention_logits, at::IntArrayRef num_points,
+                                  c10::string_view method) {
+  KernelInputs in = prepare_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method);
+  TORCH_CHECK(reference_points.dim() == 4 && reference_points.size(0) == value.size(0) &&
+                  reference_points.size(1) == sampling_offsets.size(1) &&
+                  (reference_points.size(2) == 1 || reference_points.size(2) == in.levels.num_levels()) &&
+                  (reference_points.size(3) == 2 || reference_points.size(3) == 4),
+              "rtdetrv2_kernels: reference_points must be (B, Q, 1 or L, 4 or 2), got ", reference_points.sizes());
+  TORCH_CHECK(reference_points.scalar_type() == value.scalar_type() && reference_points.device() == value.device(),
+              "rtdetrv2_kernels: reference_points must have value's dtype and device");
+  return in;
+}
+
+at::Tensor ms_deform_attn_fused_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                            const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+                                            const at::Tensor& attention_logits, at::IntArrayRef num_points,
+                                            double offset_scale, c10::string_view method) {
+  const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
+                                               attention_logits, num_points, method);
+  const at::Tensor reference = reference_points.contiguous();
+  return forward_cpu(in, in.locations.size(1), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    return FusedPoints<scalar_t>(in.levels, in.value.size(2), reference, in.locations, in.weights, offset_scale);
+  });
+}
+
+// Returns the gradients of value, reference_points, sampling_offsets and attention_logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& reference_points, const at::Tensor& sampling_offsets, const at::Tensor& attention_logits,
+    at::IntArrayRef num_points, double offset_scale, c10::string_view method) {
+  const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
+                                               attention_logits, num_points, method);
+  const at::Tensor reference = reference_points.contiguous();
+  const int64_t B = in.value.size(0), Q = in.locations.size(1), H = in.value.size(2);
+  // Each head's share of the reference gradient, summed over heads below: the backward's tasks own heads.
+  at::Tensor grad_reference_per_head = at::empty({B, Q, H, reference.size(2), reference.size(3)},
+                                                 reference.options().dtype(at::toOpMathType(reference.scalar_type())));
+  at::Tensor grad_offsets = at::empty_like(in.locations);
+  at::Tensor grad_logits = at::empty_like(in.weights);
+  at::Tensor grad_value = backward_cpu(grad_output, in, Q, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    FusedPoints<scalar_t> source(in.levels, H, reference, in.locations, in.weights, offset_scale);
+    source.grad_reference = grad_reference_per_head.mutable_data_ptr<at::opmath_type<scalar_t>>();
+    source.grad_offsets = grad_offsets.mutable_data_ptr<scalar_t>();
+    source.grad_logits = grad_logits.mutable_data_ptr<scalar_t>();
+    return source;
+  });
+  return {grad_value, grad_reference_per_head.sum(2).to(reference.scalar_type()), grad_offsets, grad_logits};
 }
 
 }  // namespace
@@ -319,6 +499,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 TORCH_LIBRARY_IMPL(rtdetrv2_kernels, CPU, m) {
   m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+  m.impl("ms_deform_attn_fused_forward", &ms_deform_attn_fused_forward_cpu);
+  m.impl("ms_deform_attn_fused_backward", &ms_deform_attn_fused_backward_cpu);
 }
 
 }  // namespace rtdetrv2_kernels
