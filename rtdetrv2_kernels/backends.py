@@ -117,21 +117,31 @@ def implementation(backend: str):
     return _IMPLEMENTATIONS[backend]
 
 
-def _fused_cpu(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
-               offset_scale, method):
-    flat_shapes = [size for shape in spatial_shapes for size in shape]
-    return torch.ops.rtdetrv2_kernels.ms_deform_attn_fused_forward(
-        value, flat_shapes, reference_points, sampling_offsets, attention_logits, list(num_points), offset_scale,
-        method
-    )
+def _fused_custom_op(name: str):
+    """Calls torch.ops.rtdetrv2_kernels.<name>, the fused op's kernel, with the level shapes flattened."""
+
+    def run(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale,
+            method):
+        flat_shapes = [size for shape in spatial_shapes for size in shape]
+        op = getattr(torch.ops.rtdetrv2_kernels, name)
+        return op(value, flat_shapes, reference_points, sampling_offsets, attention_logits, list(num_points),
+                  offset_scale, method)
+
+    return run
+
+
+_FUSED_KERNELS = {
+    "cpu": _fused_custom_op("ms_deform_attn_fused_forward"),
+    "triton": _fused_custom_op("triton_ms_deform_attn_fused_forward"),
+}
 
 
 def fused_implementation(backend: str):
     """The function running ms_deform_attn_fused on `backend`: (value, level shapes, reference_points,
-    sampling_offsets, attention_logits, points, offset_scale, method) -> output. The CPU kernel computes the
-    softmax and the locations itself; the other backends get them from PyTorch ops first."""
-    if backend == "cpu":
-        return _fused_cpu
+    sampling_offsets, attention_logits, points, offset_scale, method) -> output. The CPU and Triton kernels
+    compute the softmax and the locations themselves; the others get them from PyTorch ops first."""
+    if backend in _FUSED_KERNELS:
+        return _FUSED_KERNELS[backend]
     plain = _IMPLEMENTATIONS[backend]
 
     def prologue_then_plain(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validation import check_inputs
+from ._validation import check_fused_inputs, check_inputs
 
 
 def interpreting() -> bool:
@@ -95,6 +95,47 @@ def _load_point(loc_ptr, weight_ptr, point, q_mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _softmax_stats(logit_ptr, bqh, q_mask, P: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Fused op: the largest of each query's P logits and the sum of exp(logit - largest)."""
+    largest = tl.full([BLOCK_Q], float("-inf"), ACC)
+    for p in tl.static_range(P):
+        largest = tl.maximum(largest, tl.load(logit_ptr + bqh * P + p, mask=q_mask, other=0.0).to(ACC))
+    total = tl.zeros([BLOCK_Q], ACC)
+    for p in tl.static_range(P):
+        total += tl.exp(tl.load(logit_ptr + bqh * P + p, mask=q_mask, other=0.0).to(ACC) - largest)
+    return largest, total
+
+
+@triton.jit
+def _offset_factors(offset_scale, count, height, width, K: tl.constexpr):
+    """Fused op: d loc / d offset per axis on a level, less the box size for boxes (docs/semantics.md)."""
+    if K == 4:
+        return offset_scale / count, offset_scale / count
+    return 1.0 / width, 1.0 / height
+
+
+@triton.jit
+def _fused_point(ref_row, offset_ptr, logit_ptr, point, q_mask, largest, total, factor_x, factor_y,
+                 K: tl.constexpr, ACC: tl.constexpr):
+    """Fused op: weight (softmax) and (x, y) location of one point for every query of the tile, and the
+    reference box size (ones for points) that scales its offsets."""
+    w = tl.exp(tl.load(logit_ptr + point, mask=q_mask, other=0.0).to(ACC) - largest) / total
+    offset_x = tl.load(offset_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
+    offset_y = tl.load(offset_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+    ref_x = tl.load(ref_row, mask=q_mask, other=0.0).to(ACC)
+    ref_y = tl.load(ref_row + 1, mask=q_mask, other=0.0).to(ACC)
+    if K == 4:
+        size_x = tl.load(ref_row + 2, mask=q_mask, other=0.0).to(ACC)
+        size_y = tl.load(ref_row + 3, mask=q_mask, other=0.0).to(ACC)
+    else:
+        size_x = tl.full(w.shape, 1.0, ACC)
+        size_y = tl.full(w.shape, 1.0, ACC)
+    loc_x = ref_x + offset_x * factor_x * size_x
+    loc_y = ref_y + offset_y * factor_y * size_y
+    return w, loc_x, loc_y, offset_x, offset_y, size_x, size_y
+
+
+@triton.jit
 def _gather(rows_ptr, offset, inside, c, tile_mask, stride, ACC: tl.constexpr):
     """[BLOCK_Q, BLOCK_C] tile of the rows at `offset` (zeros where not `inside`)."""
     row = offset.to(tl.int64)[:, None]
@@ -105,20 +146,34 @@ def _gather(rows_ptr, offset, inside, c, tile_mask, stride, ACC: tl.constexpr):
 def _forward_kernel(
     value_ptr, loc_ptr, weight_ptr, out_ptr,
     Q, stride_vb, stride_vs, stride_vh,
+    ref_ptr, offset_scale,
     H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
     SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
+    FUSED: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Plain op: loc_ptr and weight_ptr are the locations and weights. FUSED: they are the raw offsets and
+    logits, and ref_ptr the (B, Q, R, K) reference points; ref_ptr and offset_scale are unused otherwise."""
     b, h, bqh, q_mask, c, tile_mask = _program_tile(Q, H, C, BLOCK_Q, BLOCK_C)
     value_bh = value_ptr + b * stride_vb + h * stride_vh
+    if FUSED:
+        largest, total = _softmax_stats(weight_ptr, bqh, q_mask, P, ACC, BLOCK_Q)
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
     for level in tl.static_range(NUM_LEVELS):
         height = SHAPES[2 * level]
         width = SHAPES[2 * level + 1]
         rows = value_bh + STARTS[level] * stride_vs
+        if FUSED:
+            factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K)
+            ref_row = ref_ptr + ((bqh // H) * R + (level if R > 1 else 0)) * K
         for i in tl.static_range(POINTS[level]):
-            w, loc_x, loc_y = _load_point(loc_ptr, weight_ptr, bqh * P + FIRST_POINT[level] + i, q_mask, ACC)
+            point = bqh * P + FIRST_POINT[level] + i
+            if FUSED:
+                w, loc_x, loc_y, _, _, _, _ = _fused_point(ref_row, loc_ptr, weight_ptr, point, q_mask, largest,
+                                                           total, factor_x, factor_y, K, ACC)
+            else:
+                w, loc_x, loc_y = _load_point(loc_ptr, weight_ptr, point, q_mask, ACC)
             if DISCRETE:
                 offset, valid = _discrete_offset(loc_x, loc_y, height, width)
                 acc += w[:, None] * _gather(rows, offset, valid, c, tile_mask, stride_vs, ACC)
@@ -150,29 +205,58 @@ def _scatter_corner(grad_out, value_rows, grad_rows, offset, inside, scale, c, t
 
 
 @triton.jit
+def _store_reference_grads(grad_ref_ptr, bqh, r, q_mask, g_x, g_y, g_w, g_h, R: tl.constexpr, K: tl.constexpr):
+    """Fused op: one head's gradient of reference row r, into the (B, Q, H, R, K) buffer."""
+    row = grad_ref_ptr + (bqh * R + r) * K
+    tl.store(row, g_x, mask=q_mask)
+    tl.store(row + 1, g_y, mask=q_mask)
+    if K == 4:
+        tl.store(row + 2, g_w, mask=q_mask)
+        tl.store(row + 3, g_h, mask=q_mask)
+
+
+@triton.jit
 def _backward_kernel(
     grad_out_ptr, value_ptr, loc_ptr, weight_ptr, grad_value_ptr, grad_loc_ptr, grad_weight_ptr,
     Q, stride_vb, stride_vs, stride_vh,
+    ref_ptr, offset_scale, grad_ref_ptr,
     H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
     SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
+    FUSED: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """As _forward_kernel for the arguments. FUSED: grad_loc_ptr and grad_weight_ptr receive the gradients
+    of the offsets and (an ACC buffer) of the logits, grad_ref_ptr each head's reference gradient."""
     b, h, bqh, q_mask, c, tile_mask = _program_tile(Q, H, C, BLOCK_Q, BLOCK_C)
     grad_out = tl.load(grad_out_ptr + bqh[:, None] * C + c[None, :], mask=tile_mask, other=0.0).to(ACC)
     value_bh = value_ptr + b * stride_vb + h * stride_vh
     # grad_value is a contiguous (B, S, H, C) buffer; STARTS[NUM_LEVELS] is S.
     stride_gs = H * C
     grad_bh = grad_value_ptr + (b * STARTS[NUM_LEVELS] * H + h) * C
-    out_ty = grad_weight_ptr.dtype.element_ty
+    out_ty = grad_loc_ptr.dtype.element_ty
+    if FUSED:
+        largest, total = _softmax_stats(weight_ptr, bqh, q_mask, P, ACC, BLOCK_Q)
+        expected = tl.zeros([BLOCK_Q], ACC)  # sum over points of weight * grad_weight, for the softmax
+        g_ref_x = tl.zeros([BLOCK_Q], ACC)
+        g_ref_y = tl.zeros([BLOCK_Q], ACC)
+        g_ref_w = tl.zeros([BLOCK_Q], ACC)
+        g_ref_h = tl.zeros([BLOCK_Q], ACC)
     for level in tl.static_range(NUM_LEVELS):
         height = SHAPES[2 * level]
         width = SHAPES[2 * level + 1]
         value_rows = value_bh + STARTS[level] * stride_vs
         grad_rows = grad_bh + STARTS[level] * stride_gs
+        if FUSED:
+            factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K)
+            ref_row = ref_ptr + ((bqh // H) * R + (level if R > 1 else 0)) * K
         for i in tl.static_range(POINTS[level]):
             point = bqh * P + FIRST_POINT[level] + i
-            w, loc_x, loc_y = _load_point(loc_ptr, weight_ptr, point, q_mask, ACC)
+            if FUSED:
+                w, loc_x, loc_y, offset_x, offset_y, size_x, size_y = _fused_point(
+                    ref_row, loc_ptr, weight_ptr, point, q_mask, largest, total, factor_x, factor_y, K, ACC)
+            else:
+                w, loc_x, loc_y = _load_point(loc_ptr, weight_ptr, point, q_mask, ACC)
             if DISCRETE:
                 offset, valid = _discrete_offset(loc_x, loc_y, height, width)
                 grad_w = _scatter_corner(grad_out, value_rows, grad_rows, offset, valid, w, c, tile_mask,
@@ -197,18 +281,46 @@ def _backward_kernel(
                 # Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
                 grad_x = w * (dx00 * d00 + dx01 * d01 + dx10 * d10 + dx11 * d11) * width
                 grad_y = w * (dy00 * d00 + dy01 * d01 + dy10 * d10 + dy11 * d11) * height
-            tl.store(grad_weight_ptr + point, grad_w.to(out_ty), mask=q_mask)
-            tl.store(grad_loc_ptr + 2 * point, grad_x.to(out_ty), mask=q_mask)
-            tl.store(grad_loc_ptr + 2 * point + 1, grad_y.to(out_ty), mask=q_mask)
+            if FUSED:
+                # The raw weight gradient waits in the (ACC) logits buffer for the softmax pass below.
+                tl.store(grad_weight_ptr + point, grad_w, mask=q_mask)
+                expected += w * grad_w
+                tl.store(grad_loc_ptr + 2 * point, (grad_x * factor_x * size_x).to(out_ty), mask=q_mask)
+                tl.store(grad_loc_ptr + 2 * point + 1, (grad_y * factor_y * size_y).to(out_ty), mask=q_mask)
+                g_ref_x += grad_x
+                g_ref_y += grad_y
+                if K == 4:
+                    g_ref_w += grad_x * factor_x * offset_x
+                    g_ref_h += grad_y * factor_y * offset_y
+            else:
+                tl.store(grad_weight_ptr + point, grad_w.to(out_ty), mask=q_mask)
+                tl.store(grad_loc_ptr + 2 * point, grad_x.to(out_ty), mask=q_mask)
+                tl.store(grad_loc_ptr + 2 * point + 1, grad_y.to(out_ty), mask=q_mask)
+        if FUSED and R > 1:  # one reference row per level: this level's is complete
+            _store_reference_grads(grad_ref_ptr, bqh, level, q_mask, g_ref_x, g_ref_y, g_ref_w, g_ref_h, R, K)
+            g_ref_x = tl.zeros([BLOCK_Q], ACC)
+            g_ref_y = tl.zeros([BLOCK_Q], ACC)
+            g_ref_w = tl.zeros([BLOCK_Q], ACC)
+            g_ref_h = tl.zeros([BLOCK_Q], ACC)
+    if FUSED:
+        if R == 1:
+            _store_reference_grads(grad_ref_ptr, bqh, 0, q_mask, g_ref_x, g_ref_y, g_ref_w, g_ref_h, R, K)
+        # Softmax backward: grad_logit = w * (grad_w - sum_j w_j grad_w_j).
+        tl.debug_barrier()
+        for p in tl.static_range(P):
+            point = bqh * P + p
+            w = tl.exp(tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC) - largest) / total
+            grad_w = tl.load(grad_weight_ptr + point, mask=q_mask, other=0.0)
+            tl.store(grad_weight_ptr + point, w * (grad_w - expected), mask=q_mask)
 
 
 _TUNING = [
     triton.Config({"BLOCK_Q": block_q}, num_warps=warps)
     for block_q, warps in ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8))
 ]
-_forward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE"])(_forward_kernel)
+_forward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE", "FUSED"])(_forward_kernel)
 # Autotuning reruns the kernel; the atomically accumulated buffer must start from zero each time.
-_backward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE"], reset_to_zero=["grad_value_ptr"])(
+_backward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE", "FUSED"], reset_to_zero=["grad_value_ptr"])(
     _backward_kernel
 )
 _INTERPRETER_BLOCK_Q = 16  # the interpreter runs one fixed configuration: tuning it would only cost time
@@ -221,7 +333,7 @@ def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
         tuned[lambda meta: (triton.cdiv(grid_q, meta["BLOCK_Q"]), batch_heads)](*args, **constants)
 
 
-def _level_constants(value, spatial_shapes, num_points, method):
+def _level_constants(value, spatial_shapes, num_points, method, reference_points=None):
     shapes = tuple(int(s) for s in spatial_shapes)
     points = tuple(int(p) for p in num_points)
     starts, first_point = [0], [0]
@@ -233,6 +345,9 @@ def _level_constants(value, spatial_shapes, num_points, method):
         POINTS=points, FIRST_POINT=tuple(first_point), NUM_LEVELS=len(points), DISCRETE=method == "discrete",
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
         BLOCK_C=triton.next_power_of_2(max(1, value.shape[3])),
+        FUSED=reference_points is not None,
+        R=1 if reference_points is None else reference_points.shape[2],
+        K=2 if reference_points is None else reference_points.shape[3],
     )
 
 
@@ -262,7 +377,7 @@ def triton_ms_deform_attn_forward(
     if output.numel():
         _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
                 value, locations, weights, output, queries, value.stride(0), value.stride(1), value.stride(2),
-                **_level_constants(value, spatial_shapes, num_points, method))
+                value, 0.0, **_level_constants(value, spatial_shapes, num_points, method))
     return output
 
 
@@ -292,7 +407,7 @@ def triton_ms_deform_attn_backward(
     if grad_weights.numel() and channels:
         _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
                 grad_output.contiguous(), value, locations, weights, grad_value, grad_locations, grad_weights,
-                queries, value.stride(0), value.stride(1), value.stride(2),
+                queries, value.stride(0), value.stride(1), value.stride(2), value, 0.0, grad_value,
                 **_level_constants(value, spatial_shapes, num_points, method))
     else:
         grad_locations.zero_()
@@ -322,3 +437,101 @@ def _backward(ctx, grad_output):
 
 
 triton_ms_deform_attn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ the fused op
+def _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+                   offset_scale, method):
+    pairs = [spatial_shapes[i : i + 2] for i in range(0, len(spatial_shapes), 2)]
+    check_fused_inputs(value, pairs, reference_points, sampling_offsets, attention_logits, list(num_points),
+                       offset_scale, method)
+    if value.stride(3) != 1:
+        value = value.contiguous()
+    return value, reference_points.contiguous(), sampling_offsets.contiguous(), attention_logits.contiguous()
+
+
+@torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_fused_forward", mutates_args=())
+def triton_ms_deform_attn_fused_forward(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+    num_points: list[int],
+    offset_scale: float,
+    method: str,
+) -> torch.Tensor:
+    value, reference, offsets, logits = _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets,
+                                                       attention_logits, num_points, offset_scale, method)
+    batch, _, heads, channels = value.shape
+    queries = offsets.shape[1]
+    output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
+    if output.numel():
+        _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
+                value, offsets, logits, output, queries, value.stride(0), value.stride(1), value.stride(2),
+                reference, offset_scale, **_level_constants(value, spatial_shapes, num_points, method, reference))
+    return output
+
+
+@triton_ms_deform_attn_fused_forward.register_fake
+def _(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method):
+    return value.new_empty(value.shape[0], sampling_offsets.shape[1], value.shape[2] * value.shape[3])
+
+
+@torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_fused_backward", mutates_args=())
+def triton_ms_deform_attn_fused_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+    num_points: list[int],
+    offset_scale: float,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    value, reference, offsets, logits = _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets,
+                                                       attention_logits, num_points, offset_scale, method)
+    batch, _, heads, channels = value.shape
+    queries = offsets.shape[1]
+    accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, device=value.device, dtype=accumulate_dtype)
+    # Each head's share of the reference gradient (summed over heads below), and the logits' gradient in
+    # the accumulation dtype: the kernel keeps the raw weight gradient there until its softmax pass.
+    grad_reference = torch.zeros(batch, queries, heads, *reference.shape[2:], device=value.device,
+                                 dtype=accumulate_dtype)
+    grad_offsets = torch.zeros_like(offsets)
+    grad_logits = torch.zeros(logits.shape, device=value.device, dtype=accumulate_dtype)
+    if grad_logits.numel() and channels:
+        _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
+                grad_output.contiguous(), value, offsets, logits, grad_value, grad_offsets, grad_logits,
+                queries, value.stride(0), value.stride(1), value.stride(2), reference, offset_scale, grad_reference,
+                **_level_constants(value, spatial_shapes, num_points, method, reference))
+    return (grad_value.to(value.dtype), grad_reference.sum(2).to(value.dtype), grad_offsets,
+            grad_logits.to(value.dtype))
+
+
+@triton_ms_deform_attn_fused_backward.register_fake
+def _(grad_output, value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+      offset_scale, method):
+    return (value.new_empty(value.shape), reference_points.new_empty(reference_points.shape),
+            sampling_offsets.new_empty(sampling_offsets.shape), attention_logits.new_empty(attention_logits.shape))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method = inputs
+    ctx.save_for_backward(value, reference_points, sampling_offsets, attention_logits)
+    ctx.arguments = (spatial_shapes, num_points, offset_scale, method)
+
+
+def _fused_backward(ctx, grad_output):
+    value, reference_points, sampling_offsets, attention_logits = ctx.saved_tensors
+    spatial_shapes, num_points, offset_scale, method = ctx.arguments
+    grad_value, grad_reference, grad_offsets, grad_logits = triton_ms_deform_attn_fused_backward(
+        grad_output, value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
+        offset_scale, method
+    )
+    return grad_value, None, grad_reference, grad_offsets, grad_logits, None, None, None
+
+
+triton_ms_deform_attn_fused_forward.register_autograd(_fused_backward, setup_context=_fused_setup_context)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SHAPES, assert_close, backend_params
+from conftest import SHAPES, assert_close, backend_params, backends_for
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
 
@@ -125,11 +125,12 @@ def test_matches_transformers_rtdetrv2_cross_attention():
                                            msg=lambda m: f"{method}/{backend}: {m}")
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_compiles_without_graph_breaks(backend):
     value, ref, offsets, logits = fused_inputs(dtype=torch.float32)
 
     def layer(v, r, o, a):
-        return ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, backend="cpu") * 2
+        return ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, backend=backend) * 2
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(value, ref, offsets, logits), layer(value, ref, offsets, logits))
@@ -155,22 +156,24 @@ def test_bad_input_names_the_argument(change, message):
         ms_deform_attn_fused(**change(arguments))
 
 
+FUSED_OPS = {"cpu": "ms_deform_attn_fused", "triton": "triton_ms_deform_attn_fused"}
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED_OPS if b in backends_for("cpu")])
 @pytest.mark.parametrize("reference,method", [("boxes", "default"), ("points", "discrete")])
-def test_opcheck_cpu_fused_ops(reference, method):
-    rtdetrv2_kernels = pytest.importorskip("rtdetrv2_kernels")
-    if "cpu" not in rtdetrv2_kernels.available_backends():
-        pytest.skip("the C++ kernels are not built")
+def test_opcheck_fused_ops(backend, reference, method):
+    dtype = torch.float32 if backend == "triton" else torch.float64
     value, ref, offsets, logits = fused_inputs(batch=2, queries=3, heads=2, channels=5, reference=reference,
-                                               per_level=reference == "points")
+                                               per_level=reference == "points", dtype=dtype)
     flat = [size for shape in SHAPES for size in shape]
     ops = torch.ops.rtdetrv2_kernels
-    torch.library.opcheck(ops.ms_deform_attn_fused_forward.default,
-                          (value.requires_grad_(), flat, ref.requires_grad_(), offsets.requires_grad_(),
-                           logits.requires_grad_(), POINTS, 0.5, method))
-    grad_output = torch.randn(2, 3, 10, dtype=torch.float64)
-    torch.library.opcheck(ops.ms_deform_attn_fused_backward.default,
-                          (grad_output, value.detach(), flat, ref.detach(), offsets.detach(), logits.detach(),
-                           POINTS, 0.5, method))
+    forward = getattr(ops, FUSED_OPS[backend] + "_forward").default
+    backward = getattr(ops, FUSED_OPS[backend] + "_backward").default
+    torch.library.opcheck(forward, (value.requires_grad_(), flat, ref.requires_grad_(), offsets.requires_grad_(),
+                                    logits.requires_grad_(), POINTS, 0.5, method))
+    grad_output = torch.randn(2, 3, 10, dtype=dtype)
+    torch.library.opcheck(backward, (grad_output, value.detach(), flat, ref.detach(), offsets.detach(),
+                                     logits.detach(), POINTS, 0.5, method))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
