@@ -66,7 +66,8 @@ fi
 
 if want sanitizer; then
 echo "== compute-sanitizer"
-SUBSET=(-q -x "$REPO/tests/test_kernels.py" -k "cuda and (matches_reference or nonfinite or shapes) and not torch-")
+SUBSET=(-q -x "$REPO/tests/test_kernels.py" "$REPO/tests/test_fused.py"
+        -k "cuda and (matches_reference or nonfinite or shapes or backends_match) and not torch-")
 : >"$OUT_DIR/sanitizer.log"
 for tool in memcheck racecheck; do
   (cd /tmp && timeout "$STEP_TIMEOUT" compute-sanitizer --tool "$tool" --error-exitcode 9 \

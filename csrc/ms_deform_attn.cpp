@@ -14,8 +14,7 @@ TORCH_LIBRARY(rtdetrv2_kernels, m) {
       "Tensor sampling_locations, Tensor attention_weights, int[] num_points, str method) "
       "-> (Tensor, Tensor, Tensor)");
   // The fused op (docs/semantics.md): reference_points (B, Q, 1 or L, 4 or 2), raw sampling_offsets
-  // (B, Q, H, P, 2) and attention_logits (B, Q, H, P) in place of locations and weights. Only the CPU
-  // kernel implements it here; on CUDA tensors the Python package uses Triton's, or the prologue in PyTorch.
+  // (B, Q, H, P, 2) and attention_logits (B, Q, H, P) in place of locations and weights.
   m.def(
       "ms_deform_attn_fused_forward(Tensor value, int[] spatial_shapes, Tensor reference_points, "
       "Tensor sampling_offsets, Tensor attention_logits, int[] num_points, float offset_scale, str method) "

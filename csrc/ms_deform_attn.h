@@ -98,4 +98,20 @@ inline KernelInputs prepare_inputs(const at::Tensor& value, at::IntArrayRef spat
           sampling_locations.contiguous(), attention_weights.contiguous()};
 }
 
+// The fused op: in.locations and in.weights hold the raw sampling_offsets and attention_logits.
+inline KernelInputs prepare_fused_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                         const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+                                         const at::Tensor& attention_logits, at::IntArrayRef num_points,
+                                         c10::string_view method) {
+  KernelInputs in = prepare_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method);
+  TORCH_CHECK(reference_points.dim() == 4 && reference_points.size(0) == value.size(0) &&
+                  reference_points.size(1) == sampling_offsets.size(1) &&
+                  (reference_points.size(2) == 1 || reference_points.size(2) == in.levels.num_levels()) &&
+                  (reference_points.size(3) == 2 || reference_points.size(3) == 4),
+              "rtdetrv2_kernels: reference_points must be (B, Q, 1 or L, 4 or 2), got ", reference_points.sizes());
+  TORCH_CHECK(reference_points.scalar_type() == value.scalar_type() && reference_points.device() == value.device(),
+              "rtdetrv2_kernels: reference_points must have value's dtype and device");
+  return in;
+}
+
 }  // namespace rtdetrv2_kernels

@@ -82,8 +82,8 @@ def ms_deform_attn_fused(
         (B, Q, H*C) in value's dtype. Gradients reach value, sampling_offsets, attention_logits and
         reference_points (discrete: none through the locations, so offsets and references get zeros).
 
-    The "cpu" and "triton" backends compute the softmax and the locations inside their kernels; "cuda" and
-    "torch" still run them as PyTorch ops before their sampling kernel (docs/semantics.md, "The fused op").
+    The "cpu", "cuda" and "triton" backends compute the softmax and the locations inside their kernels;
+    "torch" runs them as PyTorch ops before its sampling (docs/semantics.md, "The fused op").
     """
     shapes, points = check_fused_inputs(
         value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from . import _extension
-from .reference import fused_prologue_reference, ms_deform_attn_reference
+from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
@@ -130,25 +130,17 @@ def _fused_custom_op(name: str):
     return run
 
 
-_FUSED_KERNELS = {
-    "cpu": _fused_custom_op("ms_deform_attn_fused_forward"),
+# As for the plain op, "cpu" and "cuda" are one C++ op whose kernel the dispatcher picks by device. The C++
+# and Triton kernels compute the softmax and the locations themselves; the reference uses PyTorch ops.
+_FUSED_IMPLEMENTATIONS = {
+    "cuda": _fused_custom_op("ms_deform_attn_fused_forward"),
     "triton": _fused_custom_op("triton_ms_deform_attn_fused_forward"),
+    "cpu": _fused_custom_op("ms_deform_attn_fused_forward"),
+    "torch": ms_deform_attn_fused_reference,
 }
 
 
 def fused_implementation(backend: str):
     """The function running ms_deform_attn_fused on `backend`: (value, level shapes, reference_points,
-    sampling_offsets, attention_logits, points, offset_scale, method) -> output. The CPU and Triton kernels
-    compute the softmax and the locations themselves; the others get them from PyTorch ops first."""
-    if backend in _FUSED_KERNELS:
-        return _FUSED_KERNELS[backend]
-    plain = _IMPLEMENTATIONS[backend]
-
-    def prologue_then_plain(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
-                            offset_scale, method):
-        locations, weights = fused_prologue_reference(
-            spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale
-        )
-        return plain(value, spatial_shapes, locations, weights, num_points, method)
-
-    return prologue_then_plain
+    sampling_offsets, attention_logits, points, offset_scale, method) -> output."""
+    return _FUSED_IMPLEMENTATIONS[backend]

@@ -10,13 +10,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "../fused_prologue.h"
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -110,81 +109,34 @@ struct PlainPoints {
   }
 };
 
-// The fused op's prologue (docs/semantics.md, "The fused op"): weight = softmax of the head's P logits;
-// boxes: loc = ref_xy + offset * (offset_scale / n_l) * ref_wh; points: loc = ref_xy + offset / (W_l, H_l).
+// The fused op: locations and weights from reference points, raw offsets and raw logits (fused_prologue.h).
 template <typename scalar_t>
 struct FusedPoints {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t heads, points;
-  int64_t reference_levels, reference_size;  // reference_points is contiguous (B, Q, R, K): R = 1 or L, K = 4 or 2
-  const scalar_t* reference;
-  const scalar_t* offsets;  // contiguous (B, Q, H, P, 2)
-  const scalar_t* logits;   // contiguous (B, Q, H, P)
-  std::vector<int64_t> reference_of_point;  // the row of reference_points (0 .. R-1) each point uses
-  std::vector<acc_t> offset_factor;         // 2P: d loc / d offset per axis, less the box size for boxes
-  acc_t* grad_reference = nullptr;          // (B, Q, H, R, K): per head, summed over heads by the caller
+  FusedPrologue<scalar_t, acc_t, LevelTable> prologue;
+  int64_t points;
+  acc_t* grad_reference = nullptr;  // (B, Q, H, R, K): per head, summed over heads by the caller
   scalar_t* grad_offsets = nullptr;
   scalar_t* grad_logits = nullptr;
 
-  FusedPoints(const LevelTable& levels, int64_t heads_, const at::Tensor& reference_t, const at::Tensor& offsets_t,
-              const at::Tensor& logits_t, double offset_scale)
-      : heads(heads_), points(logits_t.size(3)), reference_levels(reference_t.size(2)),
-        reference_size(reference_t.size(3)), reference(reference_t.const_data_ptr<scalar_t>()),
-        offsets(offsets_t.const_data_ptr<scalar_t>()), logits(logits_t.const_data_ptr<scalar_t>()) {
-    for (int64_t level = 0; level < levels.num_levels(); ++level) {
-      for (int64_t i = 0; i < levels.points[level]; ++i) {
-        reference_of_point.push_back(reference_levels > 1 ? level : 0);
-        const bool boxes = reference_size == 4;
-        offset_factor.push_back(boxes ? static_cast<acc_t>(offset_scale / levels.points[level]) : acc_t(1) / levels.width[level]);
-        offset_factor.push_back(boxes ? static_cast<acc_t>(offset_scale / levels.points[level]) : acc_t(1) / levels.height[level]);
-      }
-    }
-  }
-
-  RTDETRV2_INLINE const scalar_t* reference_row(int64_t bqh, int64_t p) const {
-    return reference + ((bqh / heads) * reference_levels + reference_of_point[p]) * reference_size;
-  }
+  FusedPoints(const LevelTable& levels, int64_t heads, const at::Tensor& reference, const at::Tensor& offsets,
+              const at::Tensor& logits, double offset_scale)
+      : prologue{reference.const_data_ptr<scalar_t>(), offsets.const_data_ptr<scalar_t>(),
+                 logits.const_data_ptr<scalar_t>(), heads, logits.size(3), reference.size(2), reference.size(3),
+                 static_cast<acc_t>(offset_scale), levels.num_levels(), levels},
+        points(logits.size(3)) {}
 
   RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
-    const int64_t first = bqh * points;
-    acc_t largest = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t p = 0; p < points; ++p) largest = std::max(largest, static_cast<acc_t>(logits[first + p]));
-    acc_t total = 0;
-    for (int64_t p = 0; p < points; ++p) total += weight[p] = std::exp(static_cast<acc_t>(logits[first + p]) - largest);
-    for (int64_t p = 0; p < points; ++p) weight[p] /= total;
-    for (int64_t p = 0; p < points; ++p) {
-      const scalar_t* ref = reference_row(bqh, p);
-      for (int axis = 0; axis < 2; ++axis) {
-        acc_t step = static_cast<acc_t>(offsets[2 * (first + p) + axis]) * offset_factor[2 * p + axis];
-        if (reference_size == 4) step *= static_cast<acc_t>(ref[2 + axis]);
-        loc[2 * p + axis] = static_cast<acc_t>(ref[axis]) + step;
-      }
-    }
+    prologue.visit(bqh, [&](int64_t, int64_t p, acc_t w, acc_t x, acc_t y) {
+      weight[p] = w;
+      loc[2 * p] = x;
+      loc[2 * p + 1] = y;
+    });
   }
-
-  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t* weight, const acc_t* grad_loc,
+  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t*, const acc_t* grad_loc,
                                        const acc_t* grad_weight) const {
-    const int64_t first = bqh * points;
-    acc_t expected = 0;  // softmax backward: grad_logit = w * (grad_w - sum_j w_j grad_w_j)
-    for (int64_t p = 0; p < points; ++p) expected += weight[p] * grad_weight[p];
-    for (int64_t p = 0; p < points; ++p) grad_logits[first + p] = static_cast<scalar_t>(weight[p] * (grad_weight[p] - expected));
-    acc_t* grad_ref_bqh = grad_reference + bqh * reference_levels * reference_size;
-    std::fill(grad_ref_bqh, grad_ref_bqh + reference_levels * reference_size, acc_t(0));
-    for (int64_t p = 0; p < points; ++p) {
-      const scalar_t* ref = reference_row(bqh, p);
-      acc_t* grad_ref = grad_ref_bqh + reference_of_point[p] * reference_size;
-      for (int axis = 0; axis < 2; ++axis) {
-        const acc_t g = grad_loc[2 * p + axis], factor = offset_factor[2 * p + axis];
-        const acc_t offset = static_cast<acc_t>(offsets[2 * (first + p) + axis]);
-        grad_ref[axis] += g;
-        if (reference_size == 4) {
-          grad_offsets[2 * (first + p) + axis] = static_cast<scalar_t>(g * factor * static_cast<acc_t>(ref[2 + axis]));
-          grad_ref[2 + axis] += g * factor * offset;
-        } else {
-          grad_offsets[2 * (first + p) + axis] = static_cast<scalar_t>(g * factor);
-        }
-      }
-    }
+    prologue.backpropagate(bqh, grad_weight, grad_loc, grad_logits, grad_offsets,
+                           grad_reference + bqh * prologue.reference_rows * prologue.reference_size);
   }
 };
 
@@ -438,22 +390,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     return source;
   });
   return {grad_value, grad_locations, grad_weights};
-}
-
-// The fused op: in.locations and in.weights hold the raw sampling_offsets and attention_logits.
-KernelInputs prepare_fused_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
-                                  const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
-                                  const at::Tensor& attention_logits, at::IntArrayRef num_points,
-                                  c10::string_view method) {
-  KernelInputs in = prepare_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method);
-  TORCH_CHECK(reference_points.dim() == 4 && reference_points.size(0) == value.size(0) &&
-                  reference_points.size(1) == sampling_offsets.size(1) &&
-                  (reference_points.size(2) == 1 || reference_points.size(2) == in.levels.num_levels()) &&
-                  (reference_points.size(3) == 2 || reference_points.size(3) == 4),
-              "rtdetrv2_kernels: reference_points must be (B, Q, 1 or L, 4 or 2), got ", reference_points.sizes());
-  TORCH_CHECK(reference_points.scalar_type() == value.scalar_type() && reference_points.device() == value.device(),
-              "rtdetrv2_kernels: reference_points must have value's dtype and device");
-  return in;
 }
 
 at::Tensor ms_deform_attn_fused_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,

@@ -14,7 +14,9 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
+#include "../fused_prologue.h"
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -70,11 +72,52 @@ __device__ __forceinline__ Vec<scalar_t, VEC> load_row(const scalar_t* rows, int
   return out;
 }
 
-template <typename scalar_t, int VEC, bool kDiscrete>
+// Where the kernels' per-point inputs come from. Each calls f(level, point, weight, loc_x, loc_y) for the
+// points of one (batch, query, head), levels in order. PlainPoints reads the plain op's locations and
+// weights; FusedPoints computes them from the fused op's inputs (fused_prologue.h).
+template <typename scalar_t>
+struct PlainPoints {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* locations;
+  const scalar_t* weights;
+  int64_t points;
+
+  template <typename F>
+  __device__ __forceinline__ void visit(int64_t bqh, const LevelParams& levels, const F& f) const {
+    int64_t p = 0;
+    for (int l = 0; l < levels.num_levels; ++l) {
+      for (int i = 0; i < levels.points[l]; ++i, ++p) {
+        const int64_t point = bqh * points + p;
+        f(l, p, static_cast<acc_t>(weights[point]), static_cast<acc_t>(locations[2 * point]),
+          static_cast<acc_t>(locations[2 * point + 1]));
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+struct FusedPoints {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* reference;  // contiguous (B, Q, R, K)
+  const scalar_t* offsets;    // contiguous (B, Q, H, P, 2)
+  const scalar_t* logits;     // contiguous (B, Q, H, P)
+  int64_t heads, points, reference_rows, reference_size;
+  acc_t offset_scale;
+
+  __device__ __forceinline__ FusedPrologue<scalar_t, acc_t, LevelParams> prologue(const LevelParams& levels) const {
+    return {reference, offsets, logits, heads, points, reference_rows, reference_size, offset_scale,
+            levels.num_levels, levels};
+  }
+  template <typename F>
+  __device__ __forceinline__ void visit(int64_t bqh, const LevelParams& levels, const F& f) const {
+    prologue(levels).visit(bqh, f);
+  }
+};
+
+template <typename scalar_t, int VEC, bool kDiscrete, typename Points>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ locations,
-                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ output, Geometry g,
-                   LevelParams levels, int64_t total_lanes) {
+    forward_kernel(const scalar_t* __restrict__ value, const Points points, scalar_t* __restrict__ output,
+                   Geometry g, LevelParams levels, int64_t total_lanes) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (tid >= total_lanes) return;
@@ -86,34 +129,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   acc_t acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
-  int64_t point = bqh * g.points;
-  for (int l = 0; l < levels.num_levels; ++l) {
+  points.visit(bqh, levels, [&](int64_t l, int64_t, acc_t w, acc_t loc_x, acc_t loc_y) {
     const int32_t height = levels.height[l], width = levels.width[l];
     const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
-    for (int i = 0; i < levels.points[l]; ++i, ++point) {
-      const acc_t w = static_cast<acc_t>(weights[point]);
-      const acc_t loc_x = static_cast<acc_t>(locations[2 * point]);
-      const acc_t loc_y = static_cast<acc_t>(locations[2 * point + 1]);
-      if constexpr (kDiscrete) {
-        const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
-        const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, offset >= 0);
+    if constexpr (kDiscrete) {
+      const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
+      const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, offset >= 0);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[j] += w * static_cast<acc_t>(v.v[j]);
-      } else {
-        const auto corners = bilinear_corners(loc_x, loc_y, height, width);
-        Vec<scalar_t, VEC> v[4];
+      for (int j = 0; j < VEC; ++j) acc[j] += w * static_cast<acc_t>(v.v[j]);
+    } else {
+      const auto corners = bilinear_corners(loc_x, loc_y, height, width);
+      Vec<scalar_t, VEC> v[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) v[k] = load_row<scalar_t, VEC>(rows, corners.offset[k], g.stride_s, corners.inside[k]);
+      for (int k = 0; k < 4; ++k) v[k] = load_row<scalar_t, VEC>(rows, corners.offset[k], g.stride_s, corners.inside[k]);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          acc[j] += w * (corners.weight[0] * static_cast<acc_t>(v[0].v[j]) +
-                         corners.weight[1] * static_cast<acc_t>(v[1].v[j]) +
-                         corners.weight[2] * static_cast<acc_t>(v[2].v[j]) +
-                         corners.weight[3] * static_cast<acc_t>(v[3].v[j]));
-        }
+      for (int j = 0; j < VEC; ++j) {
+        acc[j] += w * (corners.weight[0] * static_cast<acc_t>(v[0].v[j]) +
+                       corners.weight[1] * static_cast<acc_t>(v[1].v[j]) +
+                       corners.weight[2] * static_cast<acc_t>(v[2].v[j]) +
+                       corners.weight[3] * static_cast<acc_t>(v[3].v[j]));
       }
     }
-  }
+  });
   Vec<scalar_t, VEC> out;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(acc[j]);
@@ -143,11 +180,10 @@ __device__ __forceinline__ void add_group_partial(acc_t* target, acc_t partial, 
 // grad_value, grad_locations and grad_weights are in acc_t; grad_value is contiguous (B, S, H, C) and
 // zeroed, and so are the other two when kShuffle is false. With kShuffle every lane of a warp runs the whole
 // loop (inactive lanes on zeros) so that the shuffles see full warps.
-template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle>
+template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle, typename Points>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
-                    const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
-                    at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    const Points points, at::opmath_type<scalar_t>* __restrict__ grad_value,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g, LevelParams levels,
                     int64_t total_lanes) {
@@ -173,56 +209,68 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
   const int lanes = static_cast<int>(g.lanes);
   const bool first_lane = lane == 0;
-  int64_t point = bqh * g.points;
-  for (int l = 0; l < levels.num_levels; ++l) {
+  points.visit(bqh, levels, [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y) {
     const int32_t height = levels.height[l], width = levels.width[l];
     const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
     acc_t* grad_rows = grad_bh + levels.start[l] * grad_stride_s;
-    for (int i = 0; i < levels.points[l]; ++i, ++point) {
-      const acc_t w = static_cast<acc_t>(weights[point]);
-      const acc_t loc_x = static_cast<acc_t>(locations[2 * point]);
-      const acc_t loc_y = static_cast<acc_t>(locations[2 * point + 1]);
-      acc_t grad_w = 0, grad_x = 0, grad_y = 0;
-      if constexpr (kDiscrete) {
-        const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
-        if (active && offset >= 0) {
-          const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, true);
+    const int64_t point = bqh * g.points + p;
+    acc_t grad_w = 0, grad_x = 0, grad_y = 0;
+    if constexpr (kDiscrete) {
+      const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
+      if (active && offset >= 0) {
+        const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, true);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            grad_w += grad_out[j] * static_cast<acc_t>(v.v[j]);
-            atomicAdd(grad_rows + offset * grad_stride_s + j, w * grad_out[j]);
-          }
+        for (int j = 0; j < VEC; ++j) {
+          grad_w += grad_out[j] * static_cast<acc_t>(v.v[j]);
+          atomicAdd(grad_rows + offset * grad_stride_s + j, w * grad_out[j]);
         }
-      } else {
-        const auto corners = bilinear_corners(loc_x, loc_y, height, width);
-        Vec<scalar_t, VEC> v[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          v[k] = load_row<scalar_t, VEC>(rows, corners.offset[k], g.stride_s, active && corners.inside[k]);
-        }
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          acc_t dot = 0;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) dot += grad_out[j] * static_cast<acc_t>(v[k].v[j]);
-          grad_w += corners.weight[k] * dot;
-          grad_x += corners.dweight_dx[k] * dot;
-          grad_y += corners.dweight_dy[k] * dot;
-          if (active && corners.inside[k]) {
-            const acc_t scale = w * corners.weight[k];
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) atomicAdd(grad_rows + corners.offset[k] * grad_stride_s + j, scale * grad_out[j]);
-          }
-        }
-        // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
-        grad_x *= w * width;
-        grad_y *= w * height;
       }
-      add_group_partial<kShuffle>(grad_weights + point, grad_w, lanes, first_lane, active);
-      add_group_partial<kShuffle>(grad_locations + 2 * point, grad_x, lanes, first_lane, active);
-      add_group_partial<kShuffle>(grad_locations + 2 * point + 1, grad_y, lanes, first_lane, active);
+    } else {
+      const auto corners = bilinear_corners(loc_x, loc_y, height, width);
+      Vec<scalar_t, VEC> v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        v[k] = load_row<scalar_t, VEC>(rows, corners.offset[k], g.stride_s, active && corners.inside[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        acc_t dot = 0;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) dot += grad_out[j] * static_cast<acc_t>(v[k].v[j]);
+        grad_w += corners.weight[k] * dot;
+        grad_x += corners.dweight_dx[k] * dot;
+        grad_y += corners.dweight_dy[k] * dot;
+        if (active && corners.inside[k]) {
+          const acc_t scale = w * corners.weight[k];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) atomicAdd(grad_rows + corners.offset[k] * grad_stride_s + j, scale * grad_out[j]);
+        }
+      }
+      // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
+      grad_x *= w * width;
+      grad_y *= w * height;
     }
-  }
+    add_group_partial<kShuffle>(grad_weights + point, grad_w, lanes, first_lane, active);
+    add_group_partial<kShuffle>(grad_locations + 2 * point, grad_x, lanes, first_lane, active);
+    add_group_partial<kShuffle>(grad_locations + 2 * point + 1, grad_y, lanes, first_lane, active);
+  });
+}
+
+// The fused op's backward, after backward_kernel has left the gradients of the (computed) weights and
+// locations in grad_weights and grad_locations: one thread per (batch, query, head) applies the softmax and
+// location chain rules (fused_prologue.h).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    fused_backpropagate_kernel(const FusedPoints<scalar_t> points, LevelParams levels,
+                               const at::opmath_type<scalar_t>* __restrict__ grad_weights,
+                               const at::opmath_type<scalar_t>* __restrict__ grad_locations,
+                               scalar_t* __restrict__ grad_logits, scalar_t* __restrict__ grad_offsets,
+                               at::opmath_type<scalar_t>* __restrict__ grad_reference, int64_t total_bqh) {
+  const int64_t bqh = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (bqh >= total_bqh) return;
+  points.prologue(levels).backpropagate(bqh, grad_weights + bqh * points.points,
+                                        grad_locations + 2 * bqh * points.points, grad_logits, grad_offsets,
+                                        grad_reference + bqh * points.reference_rows * points.reference_size);
 }
 
 // Channels per lane: 16 bytes when the channel count, value's strides and both pointers allow it, else 1.
@@ -262,38 +310,32 @@ void dispatch_width_and_method(int vec, bool discrete, const F& f) {
   }
 }
 
-at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
-                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                                       at::IntArrayRef num_points, c10::string_view method) {
-  const c10::cuda::OptionalCUDAGuard guard(value.device());
-  const KernelInputs in =
-      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+// Output (B, Q, H*C) for any point source: make_points(tag) builds it for scalar type decltype(*tag).
+template <typename MakePoints>
+at::Tensor forward_cuda(const KernelInputs& in, const MakePoints& make_points) {
   const LevelParams levels = make_level_params(in.levels);
   at::Tensor output =
       at::empty({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}, in.value.options());
   if (output.numel() == 0) return output;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+    const auto points = make_points(static_cast<scalar_t*>(nullptr));
     const int vec = vector_width<scalar_t>(in.value, output);
     const Geometry g = make_geometry(in, vec);
     const int64_t total = output.numel() / vec;
     dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-      forward_kernel<scalar_t, VEC, kDiscrete><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-          in.value.const_data_ptr<scalar_t>(), in.locations.const_data_ptr<scalar_t>(),
-          in.weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, levels, total);
+      forward_kernel<scalar_t, VEC, kDiscrete, std::decay_t<decltype(points)>><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+          in.value.const_data_ptr<scalar_t>(), points, output.mutable_data_ptr<scalar_t>(), g, levels, total);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& grad_output_in, const at::Tensor& value, at::IntArrayRef spatial_shapes,
-    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
-    c10::string_view method) {
-  const c10::cuda::OptionalCUDAGuard guard(value.device());
-  const KernelInputs in =
-      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+// grad_value, and the gradients of the per-point weights and locations in acc_t, for any point source.
+template <typename MakePoints>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_in, const KernelInputs& in,
+                                                             const MakePoints& make_points) {
   const LevelParams levels = make_level_params(in.levels);
   const at::Tensor grad_output = grad_output_in.contiguous();
   TORCH_CHECK(grad_output.sizes() ==
@@ -309,6 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const auto points = make_points(static_cast<scalar_t*>(nullptr));
       const int vec = vector_width<scalar_t>(in.value, grad_output);
       const Geometry g = make_geometry(in, vec);
       const int64_t total = grad_output.numel() / vec;
@@ -317,22 +360,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
         // Shuffles need whole warps: launch a multiple of 32 lanes.
         const auto launch = [&](auto kernel, int64_t threads) {
           kernel<<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(),
-              in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
+              grad_output.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(), points,
               grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
               grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
+        using Points = std::decay_t<decltype(points)>;
         if (shuffle) {
-          launch(backward_kernel<scalar_t, VEC, kDiscrete, true>, blocks_for(total) * kThreadsPerBlock);
+          launch(backward_kernel<scalar_t, VEC, kDiscrete, true, Points>, blocks_for(total) * kThreadsPerBlock);
         } else {
-          launch(backward_kernel<scalar_t, VEC, kDiscrete, false>, total);
+          launch(backward_kernel<scalar_t, VEC, kDiscrete, false, Points>, total);
         }
       });
     });
   }
+  return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
+}
+
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                       at::IntArrayRef num_points, c10::string_view method) {
+  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+  return forward_cuda(in, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    return PlainPoints<scalar_t>{in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
+                                 in.weights.size(3)};
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
+    c10::string_view method) {
+  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+  auto [grad_value, grad_locations, grad_weights] = backward_cuda(grad_output, in, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    return PlainPoints<scalar_t>{in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
+                                 in.weights.size(3)};
+  });
   const auto dtype = in.value.scalar_type();
-  return {grad_value.to(dtype), grad_locations.to(dtype), grad_weights.to(dtype)};
+  return {grad_value, grad_locations.to(dtype), grad_weights.to(dtype)};
+}
+
+template <typename scalar_t>
+FusedPoints<scalar_t> fused_points(const KernelInputs& in, const at::Tensor& reference, double offset_scale) {
+  return {reference.const_data_ptr<scalar_t>(), in.locations.const_data_ptr<scalar_t>(),
+          in.weights.const_data_ptr<scalar_t>(), in.value.size(2), in.weights.size(3), reference.size(2),
+          reference.size(3), static_cast<at::opmath_type<scalar_t>>(offset_scale)};
+}
+
+at::Tensor ms_deform_attn_fused_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                             const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+                                             const at::Tensor& attention_logits, at::IntArrayRef num_points,
+                                             double offset_scale, c10::string_view method) {
+  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
+                                               attention_logits, num_points, method);
+  const at::Tensor reference = reference_points.contiguous();
+  return forward_cuda(in, [&](auto* tag) {
+    return fused_points<std::remove_pointer_t<decltype(tag)>>(in, reference, offset_scale);
+  });
+}
+
+// Returns the gradients of value, reference_points, sampling_offsets and attention_logits: backward_kernel
+// with the computed weights and locations, then fused_backpropagate_kernel through the prologue.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& reference_points, const at::Tensor& sampling_offsets, const at::Tensor& attention_logits,
+    at::IntArrayRef num_points, double offset_scale, c10::string_view method) {
+  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
+                                               attention_logits, num_points, method);
+  const at::Tensor reference = reference_points.contiguous();
+  auto [grad_value, grad_locations, grad_weights] = backward_cuda(grad_output, in, [&](auto* tag) {
+    return fused_points<std::remove_pointer_t<decltype(tag)>>(in, reference, offset_scale);
+  });
+  const int64_t B = in.value.size(0), Q = in.locations.size(1), H = in.value.size(2);
+  // Each head's share of the reference gradient, summed over heads below.
+  at::Tensor grad_reference_per_head =
+      at::empty({B, Q, H, reference.size(2), reference.size(3)}, grad_weights.options());
+  at::Tensor grad_offsets = at::empty_like(in.locations);
+  at::Tensor grad_logits = at::empty_like(in.weights);
+  const int64_t total_bqh = B * Q * H;
+  if (total_bqh > 0) {
+    const LevelParams levels = make_level_params(in.levels);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_fused_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      fused_backpropagate_kernel<scalar_t><<<blocks_for(total_bqh), kThreadsPerBlock, 0, stream>>>(
+          fused_points<scalar_t>(in, reference, offset_scale), levels, grad_weights.const_data_ptr<acc_t>(),
+          grad_locations.const_data_ptr<acc_t>(), grad_logits.mutable_data_ptr<scalar_t>(),
+          grad_offsets.mutable_data_ptr<scalar_t>(), grad_reference_per_head.mutable_data_ptr<acc_t>(), total_bqh);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_value, grad_reference_per_head.sum(2).to(reference.scalar_type()), grad_offsets, grad_logits};
 }
 
 }  // namespace
@@ -340,6 +466,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 TORCH_LIBRARY_IMPL(rtdetrv2_kernels, CUDA, m) {
   m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+  m.impl("ms_deform_attn_fused_forward", &ms_deform_attn_fused_forward_cuda);
+  m.impl("ms_deform_attn_fused_backward", &ms_deform_attn_fused_backward_cuda);
 }
 
 }  // namespace rtdetrv2_kernels

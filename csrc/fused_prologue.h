@@ -1,0 +1,132 @@
+#pragma once
+// The fused op's prologue and its chain rule (docs/semantics.md, "The fused op"), per (batch, query, head):
+// the softmax of the head's P attention logits, and each point's location from its reference row and raw
+// offset. Like sampling.h, the single home of this math: the CPU and CUDA kernels both include it.
+#include <cmath>
+#include <cstdint>
+
+#include "sampling.h"
+
+namespace rtdetrv2_kernels {
+
+template <typename acc_t>
+RTDETRV2_HOST_DEVICE acc_t exponential(acc_t x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(acc_t) == 4) {
+    return ::expf(x);
+  } else {
+    return ::exp(x);
+  }
+#else
+  return std::exp(x);
+#endif
+}
+
+// The fused op's inputs, all contiguous: reference_points (B, Q, R, K) with R = 1 or L rows and K = 4
+// (boxes cx, cy, w, h) or 2 (points x, y), sampling_offsets (B, Q, H, P, 2), attention_logits (B, Q, H, P).
+// Levels is the caller's level table: anything with indexable points, height and width per level.
+template <typename scalar_t, typename acc_t, typename Levels>
+struct FusedPrologue {
+  const scalar_t* reference;
+  const scalar_t* offsets;
+  const scalar_t* logits;
+  int64_t heads, points, reference_rows, reference_size;
+  acc_t offset_scale;
+  int64_t num_levels;
+  const Levels& levels;
+
+  RTDETRV2_HOST_DEVICE const scalar_t* reference_row(int64_t bqh, int64_t level) const {
+    return reference + ((bqh / heads) * reference_rows + (reference_rows > 1 ? level : 0)) * reference_size;
+  }
+
+  // d loc / d offset along x and y on a level, less the reference box size for boxes.
+  RTDETRV2_HOST_DEVICE void offset_factors(int64_t level, acc_t& factor_x, acc_t& factor_y) const {
+    if (reference_size == 4) {
+      factor_x = factor_y = offset_scale / static_cast<acc_t>(levels.points[level]);
+    } else {
+      factor_x = acc_t(1) / static_cast<acc_t>(levels.width[level]);
+      factor_y = acc_t(1) / static_cast<acc_t>(levels.height[level]);
+    }
+  }
+
+  // The softmax's shift (the largest logit) and normalizer (the sum of exp(logit - shift)) of bqh.
+  RTDETRV2_HOST_DEVICE void softmax_stats(int64_t bqh, acc_t& largest, acc_t& total) const {
+    const scalar_t* row = logits + bqh * points;
+    largest = static_cast<acc_t>(row[0]);
+    for (int64_t p = 1; p < points; ++p) {
+      const acc_t logit = static_cast<acc_t>(row[p]);
+      largest = logit > largest ? logit : largest;
+    }
+    total = 0;
+    for (int64_t p = 0; p < points; ++p) total += exponential(static_cast<acc_t>(row[p]) - largest);
+  }
+
+  // Calls f(level, point, weight, loc_x, loc_y) for each point of bqh, levels in order.
+  template <typename F>
+  RTDETRV2_HOST_DEVICE void visit(int64_t bqh, const F& f) const {
+    acc_t largest, total;
+    softmax_stats(bqh, largest, total);
+    const scalar_t* logit_row = logits + bqh * points;
+    const scalar_t* offset_row = offsets + 2 * bqh * points;
+    int32_t p = 0;
+    for (int32_t level = 0; level < static_cast<int32_t>(num_levels); ++level) {
+      acc_t factor_x, factor_y;
+      offset_factors(level, factor_x, factor_y);
+      const scalar_t* ref = reference_row(bqh, level);
+      const acc_t ref_x = static_cast<acc_t>(ref[0]), ref_y = static_cast<acc_t>(ref[1]);
+      if (reference_size == 4) {  // boxes: offsets scale with the box size
+        factor_x *= static_cast<acc_t>(ref[2]);
+        factor_y *= static_cast<acc_t>(ref[3]);
+      }
+      const int32_t count = static_cast<int32_t>(levels.points[level]);
+      for (int32_t i = 0; i < count; ++i, ++p) {
+        const acc_t weight = exponential(static_cast<acc_t>(logit_row[p]) - largest) / total;
+        const acc_t loc_x = ref_x + static_cast<acc_t>(offset_row[2 * p]) * factor_x;
+        const acc_t loc_y = ref_y + static_cast<acc_t>(offset_row[2 * p + 1]) * factor_y;
+        f(level, p, weight, loc_x, loc_y);
+      }
+    }
+  }
+
+  // From the gradients of bqh's weights (grad_weight[P]) and locations (grad_location[2P], (x, y) pairs),
+  // writes those of its logits and offsets, and its head's share of the reference gradient into
+  // grad_reference, the (R, K) block of a (B, Q, H, R, K) buffer.
+  RTDETRV2_HOST_DEVICE void backpropagate(int64_t bqh, const acc_t* grad_weight, const acc_t* grad_location,
+                                          scalar_t* grad_logits, scalar_t* grad_offsets,
+                                          acc_t* grad_reference) const {
+    acc_t largest, total;
+    softmax_stats(bqh, largest, total);
+    const int64_t first = bqh * points;
+    acc_t expected = 0;  // softmax backward: grad_logit = w * (grad_w - sum_j w_j grad_w_j)
+    for (int64_t p = 0; p < points; ++p) {
+      expected += exponential(static_cast<acc_t>(logits[first + p]) - largest) / total * grad_weight[p];
+    }
+    for (int64_t p = 0; p < points; ++p) {
+      const acc_t weight = exponential(static_cast<acc_t>(logits[first + p]) - largest) / total;
+      grad_logits[first + p] = static_cast<scalar_t>(weight * (grad_weight[p] - expected));
+    }
+    for (int64_t i = 0; i < reference_rows * reference_size; ++i) grad_reference[i] = acc_t(0);
+    int64_t p = 0;
+    for (int64_t level = 0; level < num_levels; ++level) {
+      acc_t factor[2];
+      offset_factors(level, factor[0], factor[1]);
+      const scalar_t* ref = reference_row(bqh, level);
+      acc_t* grad_ref = grad_reference + (reference_rows > 1 ? level : 0) * reference_size;
+      for (int64_t i = 0; i < static_cast<int64_t>(levels.points[level]); ++i, ++p) {
+        for (int axis = 0; axis < 2; ++axis) {
+          const acc_t g = grad_location[2 * p + axis];
+          const acc_t offset = static_cast<acc_t>(offsets[2 * (first + p) + axis]);
+          grad_ref[axis] += g;
+          if (reference_size == 4) {
+            grad_offsets[2 * (first + p) + axis] = static_cast<scalar_t>(g * factor[axis] * static_cast<acc_t>(ref[2 + axis]));
+            grad_ref[2 + axis] += g * factor[axis] * offset;
+          } else {
+            grad_offsets[2 * (first + p) + axis] = static_cast<scalar_t>(g * factor[axis]);
+          }
+        }
+      }
+    }
+  }
+};
+
+}  // namespace rtdetrv2_kernels
