@@ -21,12 +21,12 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 def _custom_op(name: str):
-    """Calls torch.ops.rtdetrv2_kernels.<name>, whose schema takes the level shapes flattened."""
+    """Calls torch.ops.rtdetrv2_kernels.<name>, whose schema takes the level shapes flattened; the other
+    arguments (the plain op's or the fused op's) pass as given."""
 
-    def run(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
+    def run(value, spatial_shapes, *arguments):
         flat_shapes = [size for shape in spatial_shapes for size in shape]
-        op = getattr(torch.ops.rtdetrv2_kernels, name)
-        return op(value, flat_shapes, sampling_locations, attention_weights, list(num_points), method)
+        return getattr(torch.ops.rtdetrv2_kernels, name)(value, flat_shapes, *arguments)
 
     return run
 
@@ -117,25 +117,12 @@ def implementation(backend: str):
     return _IMPLEMENTATIONS[backend]
 
 
-def _fused_custom_op(name: str):
-    """Calls torch.ops.rtdetrv2_kernels.<name>, the fused op's kernel, with the level shapes flattened."""
-
-    def run(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale,
-            method):
-        flat_shapes = [size for shape in spatial_shapes for size in shape]
-        op = getattr(torch.ops.rtdetrv2_kernels, name)
-        return op(value, flat_shapes, reference_points, sampling_offsets, attention_logits, list(num_points),
-                  offset_scale, method)
-
-    return run
-
-
 # As for the plain op, "cpu" and "cuda" are one C++ op whose kernel the dispatcher picks by device. The C++
 # and Triton kernels compute the softmax and the locations themselves; the reference uses PyTorch ops.
 _FUSED_IMPLEMENTATIONS = {
-    "cuda": _fused_custom_op("ms_deform_attn_fused_forward"),
-    "triton": _fused_custom_op("triton_ms_deform_attn_fused_forward"),
-    "cpu": _fused_custom_op("ms_deform_attn_fused_forward"),
+    "cuda": _custom_op("ms_deform_attn_fused_forward"),
+    "triton": _custom_op("triton_ms_deform_attn_fused_forward"),
+    "cpu": _custom_op("ms_deform_attn_fused_forward"),
     "torch": ms_deform_attn_fused_reference,
 }
 

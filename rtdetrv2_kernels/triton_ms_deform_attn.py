@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._op_formulas import backward_fake, forward_fake, register_autograd
 from ._validation import check_fused_inputs, check_inputs
 
 
@@ -381,9 +382,7 @@ def triton_ms_deform_attn_forward(
     return output
 
 
-@triton_ms_deform_attn_forward.register_fake
-def _(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
-    return value.new_empty(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3])
+triton_ms_deform_attn_forward.register_fake(forward_fake)
 
 
 @torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_backward", mutates_args=())
@@ -415,28 +414,8 @@ def triton_ms_deform_attn_backward(
     return grad_value.to(value.dtype), grad_locations, grad_weights
 
 
-@triton_ms_deform_attn_backward.register_fake
-def _(grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
-    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
-            attention_weights.new_empty(attention_weights.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, sampling_locations, attention_weights, num_points, method = inputs
-    ctx.save_for_backward(value, sampling_locations, attention_weights)
-    ctx.arguments = (spatial_shapes, num_points, method)
-
-
-def _backward(ctx, grad_output):
-    value, sampling_locations, attention_weights = ctx.saved_tensors
-    spatial_shapes, num_points, method = ctx.arguments
-    grad_value, grad_locations, grad_weights = triton_ms_deform_attn_backward(
-        grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points, method
-    )
-    return grad_value, None, grad_locations, grad_weights, None, None
-
-
-triton_ms_deform_attn_forward.register_autograd(_backward, setup_context=_setup_context)
+triton_ms_deform_attn_backward.register_fake(backward_fake)
+register_autograd(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward)
 
 
 # ------------------------------------------------------------------------------------------ the fused op
@@ -473,9 +452,7 @@ def triton_ms_deform_attn_fused_forward(
     return output
 
 
-@triton_ms_deform_attn_fused_forward.register_fake
-def _(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method):
-    return value.new_empty(value.shape[0], sampling_offsets.shape[1], value.shape[2] * value.shape[3])
+triton_ms_deform_attn_fused_forward.register_fake(forward_fake)
 
 
 @torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_fused_backward", mutates_args=())
@@ -511,27 +488,5 @@ def triton_ms_deform_attn_fused_backward(
             grad_logits.to(value.dtype))
 
 
-@triton_ms_deform_attn_fused_backward.register_fake
-def _(grad_output, value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
-      offset_scale, method):
-    return (value.new_empty(value.shape), reference_points.new_empty(reference_points.shape),
-            sampling_offsets.new_empty(sampling_offsets.shape), attention_logits.new_empty(attention_logits.shape))
-
-
-def _fused_setup_context(ctx, inputs, output):
-    value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method = inputs
-    ctx.save_for_backward(value, reference_points, sampling_offsets, attention_logits)
-    ctx.arguments = (spatial_shapes, num_points, offset_scale, method)
-
-
-def _fused_backward(ctx, grad_output):
-    value, reference_points, sampling_offsets, attention_logits = ctx.saved_tensors
-    spatial_shapes, num_points, offset_scale, method = ctx.arguments
-    grad_value, grad_reference, grad_offsets, grad_logits = triton_ms_deform_attn_fused_backward(
-        grad_output, value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
-        offset_scale, method
-    )
-    return grad_value, None, grad_reference, grad_offsets, grad_logits, None, None, None
-
-
-triton_ms_deform_attn_fused_forward.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+triton_ms_deform_attn_fused_backward.register_fake(backward_fake)
+register_autograd(triton_ms_deform_attn_fused_forward, triton_ms_deform_attn_fused_backward)
