@@ -83,7 +83,7 @@ SOURCE_PACKAGES = ["rtdetrv2_kernels.csrc"] + sorted(
 )
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["rtdetrv2_kernels", *SOURCE_PACKAGES],
+    packages=["rtdetrv2_kernels", *SOURCE_PACKAGES, "python_model"],
     package_dir={"rtdetrv2_kernels.csrc": "csrc"},
     package_data={name: ["*.h", "*.cuh", "*.cpp", "*.cu"] for name in SOURCE_PACKAGES},
     ext_modules=ext_modules,
