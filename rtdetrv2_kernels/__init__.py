@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._validation import check_fused_inputs, check_inputs
+from ._validation import check_fused_inputs, check_inputs, widen_under_autocast
 from .backends import BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
@@ -49,8 +49,10 @@ def ms_deform_attn(
             device (the RTDETRV2_KERNELS_BACKEND environment variable overrides that default).
 
     Returns:
-        (B, Q, H*C) in value's dtype; channel index h*C + c.
+        (B, Q, H*C) in value's dtype; channel index h*C + c. Under torch.autocast, inputs of mixed float dtypes
+        are first cast to the widest, which is then the output's dtype (docs/integrations.md, "Autocast").
     """
+    value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations, attention_weights)
     shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method)
     run = implementation(resolve_backend(backend, value.device.type))
     return run(value, shapes, sampling_locations, attention_weights, points, method)
@@ -79,12 +81,16 @@ def ms_deform_attn_fused(
             Points: loc = ref_xy + offset / (W_l, H_l) (Deformable DETR).
 
     Returns:
-        (B, Q, H*C) in value's dtype. Gradients reach value, sampling_offsets, attention_logits and
+        (B, Q, H*C) in value's dtype (under torch.autocast with mixed float dtypes: the widest, as for
+        :func:`ms_deform_attn`). Gradients reach value, sampling_offsets, attention_logits and
         reference_points (discrete: none through the locations, so offsets and references get zeros).
 
     The "cpu", "cuda" and "triton" backends compute the softmax and the locations inside their kernels;
     "torch" runs them as PyTorch ops before its sampling (docs/semantics.md, "The fused op").
     """
+    value, reference_points, sampling_offsets, attention_logits = widen_under_autocast(
+        value, reference_points, sampling_offsets, attention_logits
+    )
     shapes, points = check_fused_inputs(
         value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method
     )

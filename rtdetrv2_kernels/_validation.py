@@ -118,6 +118,24 @@ def check_inputs(value, spatial_shapes, sampling_locations, attention_weights, n
     return shapes, points
 
 
+def widen_under_autocast(*tensors):
+    """The autocast policy (docs/integrations.md): under torch.autocast enabled for the first tensor's (value's)
+    device type, float tensors of mixed dtypes are all cast to the widest (PyTorch's promotion: fp16 with
+    bf16 gives fp32). Anything else comes back as given, for the checks to judge: outside autocast mixed
+    dtypes stay an error."""
+    if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES for t in tensors):
+        return tensors
+    widest = tensors[0].dtype
+    for tensor in tensors[1:]:
+        widest = torch.promote_types(widest, tensor.dtype)
+    device_type = tensors[0].device.type
+    if all(t.dtype == widest for t in tensors) or not (
+        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    ):
+        return tensors
+    return tuple(t.to(widest) for t in tensors)
+
+
 def _check_like_value(name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
     if tensor.dtype != value.dtype:
         raise TypeError(f"{name} has dtype {tensor.dtype} but value has {value.dtype}; they must match")

@@ -112,9 +112,16 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
     raise AssertionError("the torch backend is always available")
 
 
+def _backend_to_run(backend: str) -> str:
+    # torch.onnx.export (either exporter) cannot translate the custom ops: while it traces, the reference,
+    # made of standard operators, runs in their place. torch.compile folds the check to False.
+    return "torch" if torch.onnx.is_in_onnx_export() else backend
+
+
 def implementation(backend: str):
-    """The function running `backend`: (value, level shapes, locations, weights, points, method) -> output."""
-    return _IMPLEMENTATIONS[backend]
+    """The function running `backend`: (value, level shapes, locations, weights, points, method) -> output.
+    The reference while torch.onnx.export traces."""
+    return _IMPLEMENTATIONS[_backend_to_run(backend)]
 
 
 # As for the plain op, "cpu" and "cuda" are one C++ op whose kernel the dispatcher picks by device. The C++
@@ -129,5 +136,6 @@ _FUSED_IMPLEMENTATIONS = {
 
 def fused_implementation(backend: str):
     """The function running ms_deform_attn_fused on `backend`: (value, level shapes, reference_points,
-    sampling_offsets, attention_logits, points, offset_scale, method) -> output."""
-    return _FUSED_IMPLEMENTATIONS[backend]
+    sampling_offsets, attention_logits, points, offset_scale, method) -> output. The reference while
+    torch.onnx.export traces."""
+    return _FUSED_IMPLEMENTATIONS[_backend_to_run(backend)]

@@ -57,6 +57,40 @@ def test_compile_fullgraph_without_graph_breaks(backend, method):
         torch.testing.assert_close(a.grad, e.grad)
 
 
+FUSED_OPS = {"cpu": "ms_deform_attn_fused_forward", "triton": "triton_ms_deform_attn_fused_forward"}
+
+
+class _Attention(torch.nn.Module):
+    """The plain op, or the fused one reading the locations as offsets and the weights as logits."""
+
+    def __init__(self, backend, fused):
+        super().__init__()
+        self.backend, self.fused = backend, fused
+
+    def forward(self, value, locations, weights):
+        if self.fused:
+            boxes = torch.sigmoid(weights[:, :, :1, :4])  # (B, Q, 1, 4), from the inputs so it is not a constant
+            return rtdetrv2_kernels.ms_deform_attn_fused(value, SHAPES, boxes, locations, weights, POINTS,
+                                                         backend=self.backend)
+        return ms_deform_attn(value, SHAPES, locations, weights.softmax(-1), POINTS, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in OPS if b in backends_for("cpu")])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_torch_export_keeps_the_kernel_with_a_dynamic_batch(backend, fused):
+    """torch.export.export (unlike torch.onnx.export) keeps the custom op in the graph; the program runs on
+    another batch size."""
+    module = _Attention(backend, fused)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, make_inputs(dtype=torch.float32, borders=False),
+                                  dynamic_shapes=({0: batch},) * 3)
+    forward = FUSED_OPS[backend] if fused else OPS[backend][0]
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert f"rtdetrv2_kernels.{forward}.default" in targets, targets
+    other = make_inputs(batch=3, dtype=torch.float32, borders=False, seed=2)
+    torch.testing.assert_close(program.module()(*other), module(*other))
+
+
 def test_available_backends():
     available = rtdetrv2_kernels.available_backends()
     assert "torch" in available

@@ -1,0 +1,269 @@
+"""Drop-in adapters: the calling conventions of other multi-scale deformable attention code, run on this
+package's op (see docs/integrations.md).
+
+- ``MSDeformAttnFunction.apply`` / ``ms_deform_attn_v1``: Deformable DETR's (and mmcv's) layout, with
+  ``level_start_index`` and locations of shape (B, Q, H, L, P, 2).
+- ``deformable_attention_core_func_v2``: the attention core of the original RT-DETRv2, D-FINE and DEIM code,
+  including D-FINE's value given as one tensor per level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+import rtdetrv2_kernels as _package  # the op is looked up per call, so a test can watch it
+
+from ._validation import _as_int, level_shapes
+
+__all__ = [
+    "MSDeformAttnFunction",
+    "MultiScaleDeformableAttnFunction",
+    "ms_deform_attn_v1",
+    "deformable_attention_core_func_v2",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deformable DETR / mmcv: value (B, S, H, C), spatial_shapes (L, 2), level_start_index (L,),
+# sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_start_index(level_start_index, num_levels: int) -> None:
+    if isinstance(level_start_index, torch.Tensor):
+        if level_start_index.dim() != 1:
+            raise ValueError(f"level_start_index must have shape (L,), got {tuple(level_start_index.shape)}")
+        if level_start_index.dtype.is_floating_point or level_start_index.dtype.is_complex \
+                or level_start_index.dtype == torch.bool:
+            raise TypeError(f"level_start_index must be an integer tensor, got {level_start_index.dtype}")
+        length = level_start_index.shape[0]
+    elif isinstance(level_start_index, Sequence) and not isinstance(level_start_index, str):
+        length = len(level_start_index)
+    else:
+        raise TypeError(
+            f"level_start_index must be an integer tensor of shape (L,) or a sequence of ints, "
+            f"got {type(level_start_index).__name__}"
+        )
+    if length != num_levels:
+        raise ValueError(f"level_start_index has {length} entries but spatial_shapes has {num_levels} levels")
+
+
+def _read_layout(spatial_shapes, level_start_index):
+    """(level shapes as Python ints, level starts as Python ints, or the starts tensor where reading it
+    would cost a host-device sync that reading the shapes does not already pay)."""
+    if isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.device.type != "cpu":
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
+        _check_start_index(level_start_index, spatial_shapes.shape[0])
+        if isinstance(level_start_index, torch.Tensor):
+            # The shapes must come to the host anyway: bring the starts in the same copy (one sync for both).
+            both = torch.cat((spatial_shapes.reshape(-1), level_start_index.to(spatial_shapes)))
+            both = both.tolist()
+            num_levels = spatial_shapes.shape[0]
+            pairs = [both[2 * i : 2 * i + 2] for i in range(num_levels)]
+            return level_shapes(pairs), [int(s) for s in both[2 * num_levels :]]
+    shapes = level_shapes(spatial_shapes)
+    _check_start_index(level_start_index, len(shapes))
+    if isinstance(level_start_index, torch.Tensor):
+        if level_start_index.device.type == "cpu":
+            return shapes, level_start_index.tolist()
+        return shapes, level_start_index  # stays on the device: see _gather_levels_on_device
+    return shapes, [_as_int(s, f"level_start_index[{i}]") for i, s in enumerate(level_start_index)]
+
+
+def _levels_in_order(value: torch.Tensor, shapes, starts: list[int]) -> torch.Tensor:
+    """value with level l's rows moved to the cumulative position the op expects, from starts on the host.
+    In order (the usual case) this is value itself, or a view of its first sum(H_l * W_l) rows: no copy."""
+    sizes = [h * w for h, w in shapes]
+    rows = value.shape[1]
+    for level, (start, size) in enumerate(zip(starts, sizes)):
+        if start < 0 or start + size > rows:
+            raise ValueError(
+                f"level_start_index[{level}] = {start} puts level {level} ({size} rows) outside value's "
+                f"{rows} rows"
+            )
+    cumulative = [sum(sizes[:level]) for level in range(len(sizes))]
+    if starts == cumulative:
+        return value if rows == sum(sizes) else value.narrow(1, 0, sum(sizes))
+    # One copy of value; slicing (rather than index_select) keeps the backward deterministic.
+    return torch.cat([value.narrow(1, start, size) for start, size in zip(starts, sizes)], dim=1)
+
+
+def _gather_levels_on_device(value: torch.Tensor, shapes, starts: torch.Tensor) -> torch.Tensor:
+    """As _levels_in_order, with the starts left on the device: always one gather (a copy of value) and
+    no host sync. The starts are not range-checked here (that would need their values); an out-of-range
+    start fails inside index_select."""
+    sizes = [h * w for h, w in shapes]
+    level_of_row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    first_row = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))])
+    offset_in_level = torch.arange(sum(sizes)) - first_row[level_of_row]
+    device = value.device
+    rows = starts.to(device=device, dtype=torch.long)[level_of_row.to(device)] + offset_in_level.to(device)
+    return value.index_select(1, rows)
+
+
+def _check_v1_tensors(value, sampling_locations, attention_weights, num_levels: int) -> None:
+    for name, tensor, dims in (
+        ("value", value, "(B, S, H, C)"),
+        ("sampling_locations", sampling_locations, "(B, Q, H, L, P, 2)"),
+        ("attention_weights", attention_weights, "(B, Q, H, L, P)"),
+    ):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(tensor).__name__}")
+        if tensor.dim() != dims.count(",") + 1:
+            raise ValueError(f"{name} must have shape {dims}, got {tuple(tensor.shape)}")
+    batch, _, heads, _ = value.shape
+    queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
+    expected = (batch, queries, heads, num_levels, points, 2)
+    if tuple(sampling_locations.shape) != expected:
+        raise ValueError(
+            f"sampling_locations must have shape (B, Q, H, L, P, 2) = {expected} for value of shape "
+            f"{tuple(value.shape)} and {num_levels} levels, got {tuple(sampling_locations.shape)}"
+        )
+    if tuple(attention_weights.shape) != expected[:5]:
+        raise ValueError(
+            f"attention_weights must have shape (B, Q, H, L, P) = {expected[:5]}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+
+
+def ms_deform_attn_v1(
+    value: torch.Tensor,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-scale deformable attention in Deformable DETR's layout; returns (B, Q, H*C).
+
+    Args:
+        value: (B, S, H, C). Level l occupies rows level_start_index[l] .. + H_l*W_l - 1 (row-major); levels
+            may sit in any order, and rows outside every level are ignored.
+        spatial_shapes: (L, 2) integer tensor or L (height, width) pairs.
+        level_start_index: (L,) integer tensor or L ints.
+        sampling_locations: (B, Q, H, L, P, 2), (x, y) normalized to each level.
+        attention_weights: (B, Q, H, L, P), used as given.
+        backend: as for :func:`rtdetrv2_kernels.ms_deform_attn`.
+
+    Cost of level_start_index: when it is on the host, or when spatial_shapes is a device tensor (which the
+    op must read anyway; both come over in one copy), the starts are checked on the host and levels already
+    in order cost nothing. Only device starts with host shapes are used without reading them: value is then
+    gathered into order on the device (one copy of value, no sync), in order or not.
+    """
+    shapes, starts = _read_layout(spatial_shapes, level_start_index)
+    _check_v1_tensors(value, sampling_locations, attention_weights, len(shapes))
+    if isinstance(starts, torch.Tensor):
+        value = _gather_levels_on_device(value, shapes, starts)
+    else:
+        value = _levels_in_order(value, shapes, starts)
+    points = sampling_locations.shape[4]
+    # (B, Q, H, L, P, ...) -> (B, Q, H, L*P, ...): level-major, which is the op's point order.
+    return _package.ms_deform_attn(
+        value, shapes, sampling_locations.flatten(3, 4), attention_weights.flatten(3, 4), points, backend=backend
+    )
+
+
+class MSDeformAttnFunction:
+    """Stands in for Deformable DETR's ``MSDeformAttnFunction`` (and mmcv's
+    ``MultiScaleDeformableAttnFunction``): ``apply(value, spatial_shapes, level_start_index,
+    sampling_locations, attention_weights, im2col_step)``. Differentiable through the op's own autograd;
+    im2col_step (the original CUDA kernel's batch chunking) is accepted and ignored."""
+
+    @staticmethod
+    def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+              im2col_step=64):
+        return ms_deform_attn_v1(
+            value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights
+        )
+
+
+MultiScaleDeformableAttnFunction = MSDeformAttnFunction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RT-DETRv2 / D-FINE / DEIM: deformable_attention_core_func_v2(value, value_spatial_shapes,
+# sampling_locations (B, Q, H, P, 2), attention_weights (B, Q, H, P), num_points_list, method)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _join_levels(value_levels, shapes) -> torch.Tensor:
+    """D-FINE's per-level value, (B, H, C, H_l*W_l) each, as one (B, S, H, C) tensor (one copy)."""
+    if len(value_levels) != len(shapes):
+        raise ValueError(f"value has {len(value_levels)} levels but value_spatial_shapes has {len(shapes)}")
+    first = value_levels[0]
+    for level, (tensor, (height, width)) in enumerate(zip(value_levels, shapes)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"value[{level}] must be a torch.Tensor, got {type(tensor).__name__}")
+        expected = (*first.shape[:3], height * width) if first.dim() == 4 else None
+        if tensor.dim() != 4 or tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"value[{level}] must have shape (B, H, C, H_l*W_l) = {expected} (level {level} is "
+                f"{height}x{width}), got {tuple(tensor.shape)}"
+            )
+    return torch.cat([tensor.permute(0, 3, 1, 2) for tensor in value_levels], dim=1)
+
+
+def _clamp_like_original(locations: torch.Tensor, shapes, num_points) -> torch.Tensor:
+    """The original discrete sampling clamps the x pixel to H_l - 1 too (not W_l - 1). On a level wider
+    than tall that caps x below the right-hand columns; capping the location reproduces it. (Taller than
+    wide, the original indexes past the row and fails, so there is nothing to reproduce.)"""
+    if all(width <= height for height, width in shapes):
+        return locations
+    # floor(x * W_l + 0.5) == H_l - 1 at x = (H_l - 0.75) / W_l, a quarter pixel from either rounding edge.
+    limits = [(height - 0.75) / width if width > height else math.inf
+              for (height, width), count in zip(shapes, num_points) for _ in range(count)]
+    limit = torch.tensor(limits, dtype=locations.dtype, device=locations.device)
+    return torch.stack((torch.minimum(locations[..., 0], limit), locations[..., 1]), dim=-1)
+
+
+def deformable_attention_core_func_v2(
+    value,
+    value_spatial_shapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points_list,
+    method: str = "default",
+    *,
+    original_discrete_clamp: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The attention core of the original RT-DETRv2, D-FINE and DEIM code on this package's op.
+
+    Args:
+        value: (B, S, H, C) as RT-DETRv2 passes it, or D-FINE's sequence of per-level tensors of shape
+            (B, H, C, H_l*W_l) (joined into one tensor first: one copy of value per call).
+        value_spatial_shapes: L (height, width) pairs (a list avoids a host sync; a tensor works too).
+        sampling_locations: (B, Q, H, sum(num_points_list), 2), attention_weights (B, Q, H, sum(...)).
+        num_points_list: points per level.
+        method: "default" (bilinear) or "discrete".
+        original_discrete_clamp: discrete only. True (default) reproduces the original code on levels wider
+            than tall, which clamps the x pixel to H_l - 1; False clamps each axis into its own size, as
+            transformers and :func:`rtdetrv2_kernels.ms_deform_attn` do. Square levels agree either way.
+        backend: as for :func:`rtdetrv2_kernels.ms_deform_attn`.
+
+    Returns:
+        (B, Q, H*C), the values of the original (which returns a transposed view; this is contiguous).
+    """
+    shapes = level_shapes(value_spatial_shapes)
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError("value must hold at least one level")
+        value = _join_levels(value, shapes)
+    elif not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"value must be a (B, S, H, C) tensor or a sequence of (B, H, C, H_l*W_l) tensors, "
+            f"got {type(value).__name__}"
+        )
+    if method == "discrete" and original_discrete_clamp and isinstance(sampling_locations, torch.Tensor) \
+            and sampling_locations.dim() == 5 and isinstance(num_points_list, Sequence):
+        if len(num_points_list) == len(shapes) and sampling_locations.shape[3] == sum(num_points_list):
+            # (otherwise the op reports the mismatch)
+            sampling_locations = _clamp_like_original(sampling_locations, shapes, num_points_list)
+    return _package.ms_deform_attn(
+        value, shapes, sampling_locations, attention_weights, num_points_list, method=method, backend=backend
+    )

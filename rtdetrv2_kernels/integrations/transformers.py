@@ -1,0 +1,180 @@
+"""Run Hugging Face transformers' deformable-attention models on rtdetrv2_kernels.ms_deform_attn.
+
+    from rtdetrv2_kernels.integrations import transformers as rk_transformers
+    rk_transformers.patch()            # every supported model, built before or after, uses the op
+    rk_transformers.unpatch()          # exactly as before
+    with rk_transformers.patched():    # or for a block only
+        outputs = model(pixel_values)
+
+How each family calls its attention core in transformers 5.x, and what is swapped:
+
+- RT-DETRv2: ``modeling_rt_detr_v2.multi_scale_deformable_attention_v2``, a module function looked up per
+  call: the function is replaced.
+- D-FINE, DEIMv2: each attention module stores that function as ``self.ms_deformable_attn_core`` when it is
+  built. A descriptor on the class makes instances that hold transformers' function
+  (built before or while patched) call the op instead; an instance given another core keeps it.
+- Deformable DETR, RT-DETR (v1), Grounding DINO, MM Grounding DINO, OmDet-Turbo, LW-DETR, RF-DETR and
+  PP-DocLayout v2-v4: a ``MultiScaleDeformableAttention`` layer (Deformable DETR's layout): its class's
+  ``forward`` is replaced.
+- Mask2Former, OneFormer: the module function ``multi_scale_deformable_attention`` is replaced.
+
+A family missing from the installed transformers is skipped. patch() is idempotent and unpatch() restores
+every attribute it changed; neither is thread-safe (do not patch while another thread runs a model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import rtdetrv2_kernels as _package  # the op is looked up per call, so a test can watch it
+
+__all__ = ["patch", "unpatch", "patched", "is_patched", "patched_targets"]
+
+_MISSING = object()
+_V2_FUNCTION_MODULES = ("rt_detr_v2",)
+_V2_CORE_CLASSES = (("d_fine", "DFineMultiscaleDeformableAttention"), ("deimv2", "Deimv2MultiscaleDeformableAttention"))
+_V2_CORE_ATTRIBUTE = "ms_deformable_attn_core"
+_LAYER_MODULES = ("deformable_detr", "rt_detr", "grounding_dino", "mm_grounding_dino", "omdet_turbo", "lw_detr",
+                  "rf_detr", "pp_doclayout_v2", "pp_doclayout_v3", "pp_doclayout_v4")
+_V1_FUNCTION_MODULES = ("mask2former", "oneformer")
+
+# (owner, attribute name, what was there or _MISSING, description) for every change in force.
+_applied: list[tuple[object, str, object, str]] = []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The replacements: transformers' calling conventions on the op.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def multi_scale_deformable_attention_v2(value, value_spatial_shapes, sampling_locations, attention_weights,
+                                        num_points_list, method="default"):
+    """transformers' RT-DETRv2 / D-FINE core: locations (B, Q, H, P, 2) with per-level point counts."""
+    return _package.ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights,
+                                   num_points_list, method)
+
+
+def multi_scale_deformable_attention(value, value_spatial_shapes, sampling_locations, attention_weights):
+    """transformers' Mask2Former / OneFormer core: locations (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
+    return _package.ms_deform_attn(value, value_spatial_shapes, sampling_locations.flatten(3, 4),
+                                   attention_weights.flatten(3, 4), sampling_locations.shape[4])
+
+
+def _layer_forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
+                   sampling_locations, attention_weights, im2col_step):
+    # transformers builds level_start_index as the running sum of the level sizes (levels in order), and its
+    # own forward ignores it too; the host-side shapes list spares a device sync.
+    return multi_scale_deformable_attention(value, value_spatial_shapes_list, sampling_locations, attention_weights)
+
+
+class _CoreWhileOriginal:
+    """Class attribute (a data descriptor, so it is consulted before the instance's __dict__) standing in for
+    ``ms_deformable_attn_core``: an instance holding transformers' own function reads the replacement; any
+    other value reads as stored. Writes store into the instance as before, so removing the descriptor leaves
+    every instance exactly as transformers built it."""
+
+    def __init__(self, name: str, original, replacement):
+        self.name, self.original, self.replacement = name, original, replacement
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        try:
+            stored = instance.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+        return self.replacement if stored is self.original else stored
+
+    def __set__(self, instance, value):
+        instance.__dict__[self.name] = value
+
+    def __delete__(self, instance):
+        del instance.__dict__[self.name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patching.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _module(family: str):
+    try:
+        return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError:
+        return None
+
+
+def _set(owner, name: str, replacement, description: str) -> None:
+    _applied.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type)
+                     else getattr(owner, name, _MISSING), description))
+    setattr(owner, name, replacement)
+
+
+def _targets():
+    """(owner, attribute, replacement, description) for every swap the installed transformers supports."""
+    for family in _V2_FUNCTION_MODULES:
+        module = _module(family)
+        if module is not None and callable(getattr(module, "multi_scale_deformable_attention_v2", None)):
+            yield module, "multi_scale_deformable_attention_v2", multi_scale_deformable_attention_v2, \
+                f"{module.__name__}.multi_scale_deformable_attention_v2"
+    for family, class_name in _V2_CORE_CLASSES:
+        module = _module(family)
+        cls = getattr(module, class_name, None)
+        original = getattr(module, "multi_scale_deformable_attention_v2", None)
+        if cls is not None and callable(original):
+            descriptor = _CoreWhileOriginal(_V2_CORE_ATTRIBUTE, original, multi_scale_deformable_attention_v2)
+            yield cls, _V2_CORE_ATTRIBUTE, descriptor, f"{module.__name__}.{class_name}.{_V2_CORE_ATTRIBUTE}"
+    for family in _LAYER_MODULES:
+        module = _module(family)
+        cls = getattr(module, "MultiScaleDeformableAttention", None)
+        if cls is not None and "forward" in cls.__dict__:
+            yield cls, "forward", _layer_forward, f"{module.__name__}.MultiScaleDeformableAttention.forward"
+    for family in _V1_FUNCTION_MODULES:
+        module = _module(family)
+        if module is not None and callable(getattr(module, "multi_scale_deformable_attention", None)):
+            yield module, "multi_scale_deformable_attention", multi_scale_deformable_attention, \
+                f"{module.__name__}.multi_scale_deformable_attention"
+
+
+def patch() -> list[str]:
+    """Makes the supported transformers models call rtdetrv2_kernels.ms_deform_attn; returns what was
+    swapped (dotted names). Calling it again while patched changes nothing."""
+    if not _applied:
+        try:
+            for owner, name, replacement, description in _targets():
+                _set(owner, name, replacement, description)
+        except BaseException:
+            unpatch()
+            raise
+    return patched_targets()
+
+
+def unpatch() -> None:
+    """Restores every attribute patch() changed, in reverse order; a no-op when not patched."""
+    while _applied:
+        owner, name, original, _ = _applied.pop()
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+
+def is_patched() -> bool:
+    return bool(_applied)
+
+
+def patched_targets() -> list[str]:
+    return [description for *_, description in _applied]
+
+
+@contextlib.contextmanager
+def patched():
+    """patch() for the duration of a block; only unpatches on exit if it was the one that patched."""
+    already = is_patched()
+    patch()
+    try:
+        yield patched_targets()
+    finally:
+        if not already:
+            unpatch()

@@ -1,0 +1,280 @@
+"""The drop-in adapters of rtdetrv2_kernels.compat against independent implementations of each layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, backend_params, make_inputs
+
+import rtdetrv2_kernels
+from rtdetrv2_kernels import compat
+
+SHAPES = [(4, 8), (8, 2), (3, 5)]  # W > H, H > W, odd sizes
+SIZES = [h * w for h, w in SHAPES]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Independent oracles, written from the published algorithms.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def v1_oracle(value, shapes, starts, locations, weights):
+    """Deformable DETR's layout by grid_sample: level l is value[:, starts[l] : starts[l] + H_l*W_l]."""
+    batch, _, heads, channels = value.shape
+    queries, points = locations.shape[1], locations.shape[4]
+    total = 0
+    for level, ((height, width), start) in enumerate(zip(shapes, starts)):
+        image = value[:, start : start + height * width]  # (B, hw, H, C)
+        image = image.permute(0, 2, 3, 1).reshape(batch * heads, channels, height, width)
+        grid = 2 * locations[:, :, :, level] - 1  # (B, Q, H, P, 2)
+        grid = grid.permute(0, 2, 1, 3, 4).reshape(batch * heads, queries, points, 2)
+        sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        weight = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(batch * heads, 1, queries, points)
+        total = total + (sampled * weight).sum(-1)  # (B*H, C, Q)
+    return total.reshape(batch, heads * channels, queries).transpose(1, 2)
+
+
+def original_v2(value_levels, shapes, locations, weights, num_points, method):
+    """The original RT-DETRv2 / D-FINE core: value as per-level (B*H, C, H_l, W_l) images; "discrete" rounds
+    x * W + 0.5 toward zero to int64 and clamps both coordinates to H_l - 1."""
+    batch, queries, heads = locations.shape[:3]
+    per_level_locations = locations.transpose(1, 2).reshape(batch * heads, queries, -1, 2).split(num_points, 2)
+    outputs = []
+    for (height, width), image, loc, count in zip(shapes, value_levels, per_level_locations, num_points):
+        if method == "default":
+            outputs.append(F.grid_sample(image, 2 * loc - 1, mode="bilinear", padding_mode="zeros",
+                                         align_corners=False))
+            continue
+        pixel = (loc * torch.tensor([width, height], dtype=loc.dtype) + 0.5).to(torch.int64).clamp(0, height - 1)
+        pixel = pixel.reshape(batch * heads, queries * count, 2)
+        rows = torch.arange(batch * heads)[:, None].expand(-1, queries * count)
+        picked = image[rows, :, pixel[..., 1], pixel[..., 0]]  # (B*H, Q*count, C)
+        outputs.append(picked.transpose(1, 2).reshape(batch * heads, -1, queries, count))
+    weight = weights.transpose(1, 2).reshape(batch * heads, 1, queries, -1)
+    output = (torch.cat(outputs, -1) * weight).sum(-1)
+    return output.reshape(batch, -1, queries).transpose(1, 2)
+
+
+def rtdetrv2_levels(value, shapes):
+    """RT-DETRv2's per-level images from (B, S, H, C)."""
+    batch, _, heads, channels = value.shape
+    flat = value.permute(0, 2, 3, 1).reshape(batch * heads, channels, -1)
+    return [x.reshape(batch * heads, channels, h, w) for x, (h, w) in zip(flat.split([h * w for h, w in shapes], -1), shapes)]
+
+
+def dfine_value(memory, heads, shapes):
+    """D-FINE's decoder input: memory (B, S, D) as per-level (B, H, C, H_l*W_l) views."""
+    value = memory.reshape(memory.shape[0], memory.shape[1], heads, -1).permute(0, 2, 3, 1)
+    return value.split([h * w for h, w in shapes], dim=-1)
+
+
+def v1_inputs(batch=2, queries=5, heads=3, channels=4, points=2, shapes=SHAPES, padding=0, seed=0,
+              dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    rows = sum(h * w for h, w in shapes) + padding
+    value = torch.randn(batch, rows, heads, channels, generator=generator, dtype=dtype)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator, dtype=dtype)
+    locations = locations * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator, dtype=dtype)
+    return value, locations, weights
+
+
+def grads_of(fn, *tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    output = fn(*tensors)
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(3), dtype=output.dtype)
+    return [output, *torch.autograd.grad(output, tensors, grad_output, allow_unused=True)]
+
+
+def cumulative(sizes):
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deformable DETR / mmcv layout
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_v1_matches_grid_sample_oracle(backend, device):
+    value, locations, weights = (t.to(device) for t in v1_inputs())
+    spatial_shapes = torch.tensor(SHAPES, device=device)
+    starts = torch.tensor(cumulative(SIZES), device=device)
+    expected = grads_of(lambda v, l, w: v1_oracle(v, SHAPES, cumulative(SIZES), l, w), value, locations, weights)
+    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, spatial_shapes, starts, l, w, backend=backend),
+                      value, locations, weights)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert_close(a, e, torch.float64, name)
+
+
+# Level 2 first, then level 0, three unused rows, then level 1; and two levels sharing the same rows.
+OUT_OF_ORDER = [SIZES[2], SIZES[2] + SIZES[0] + 3, 0]
+
+
+@pytest.mark.parametrize("as_type", ["tensor", "list"])
+@pytest.mark.parametrize("starts", [OUT_OF_ORDER, [0, 0, 0]], ids=["permuted-padded", "overlapping"])
+def test_v1_honours_level_start_index(as_type, starts):
+    value, locations, weights = v1_inputs(padding=max(SIZES) + 3)
+    starts_arg = torch.tensor(starts) if as_type == "tensor" else list(starts)
+    expected = grads_of(lambda v, l, w: v1_oracle(v, SHAPES, starts, l, w), value, locations, weights)
+    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, SHAPES, starts_arg, l, w), value, locations, weights)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert_close(a, e, torch.float64, name)
+    # The same call with the starts ignored (levels taken in cumulative order) must differ, or the test
+    # could not tell.
+    ignored = compat.ms_deform_attn_v1(value, SHAPES, cumulative(SIZES), locations, weights)
+    assert not torch.allclose(ignored, expected[0])
+
+
+def test_v1_device_gather_matches_host_reordering():
+    """The path for starts left on a GPU (no host sync) builds the same value as the host path. On a
+    CPU-only machine it is exercised directly, with CPU tensors."""
+    value, _, _ = v1_inputs(padding=max(SIZES) + 3)
+    for starts in (OUT_OF_ORDER, [0, 0, 0], cumulative(SIZES)):
+        host = compat._levels_in_order(value, SHAPES, starts)
+        device = compat._gather_levels_on_device(value, SHAPES, torch.tensor(starts))
+        assert torch.equal(host, device)
+
+
+def test_v1_in_order_levels_are_not_copied():
+    value, _, _ = v1_inputs(padding=5)
+    ordered = compat._levels_in_order(value, SHAPES, cumulative(SIZES))
+    assert ordered.data_ptr() == value.data_ptr() and ordered.shape[1] == sum(SIZES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("shapes_on", ["cuda", "cpu"])
+def test_v1_device_starts(shapes_on):
+    value, locations, weights = (t.cuda() for t in v1_inputs(padding=max(SIZES) + 3))
+    expected = v1_oracle(value, SHAPES, OUT_OF_ORDER, locations, weights)
+    actual = compat.ms_deform_attn_v1(value, torch.tensor(SHAPES, device=shapes_on),
+                                      torch.tensor(OUT_OF_ORDER, device="cuda"), locations, weights)
+    assert_close(actual, expected, torch.float64, "output")
+
+
+@pytest.mark.parametrize("starts", [None, OUT_OF_ORDER], ids=["in-order", "permuted-padded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_v1_matches_torch_ms_deform_attn(starts, dtype):
+    peer = pytest.importorskip("torch_ms_deform_attn")
+    padding = 0 if starts is None else max(SIZES) + 3
+    starts = torch.tensor(cumulative(SIZES) if starts is None else starts)
+    spatial_shapes = torch.tensor(SHAPES)
+    inputs = v1_inputs(padding=padding, dtype=dtype, seed=4)
+    expected = grads_of(lambda v, l, w: peer.ms_deform_attn(v, spatial_shapes, starts, l, w), *inputs)
+    actual = grads_of(lambda v, l, w: compat.MSDeformAttnFunction.apply(v, spatial_shapes, starts, l, w, 64), *inputs)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert_close(a, e, dtype, name)
+
+
+def test_v1_aliases_and_im2col_step():
+    value, locations, weights = v1_inputs()
+    starts = torch.tensor(cumulative(SIZES))
+    a = compat.MSDeformAttnFunction.apply(value, torch.tensor(SHAPES), starts, locations, weights, 1)
+    b = compat.MultiScaleDeformableAttnFunction.apply(value, torch.tensor(SHAPES), starts, locations, weights, 128)
+    assert torch.equal(a, b)
+    assert_close(a, v1_oracle(value, SHAPES, cumulative(SIZES), locations, weights), torch.float64, "output")
+
+
+def test_v1_rejects_bad_arguments():
+    value, locations, weights = v1_inputs()
+    starts = cumulative(SIZES)
+    with pytest.raises(ValueError, match="sampling_locations"):
+        compat.ms_deform_attn_v1(value, SHAPES, starts, locations.flatten(3, 4), weights)
+    with pytest.raises(ValueError, match="attention_weights"):
+        compat.ms_deform_attn_v1(value, SHAPES, starts, locations, weights[..., :1])
+    with pytest.raises(ValueError, match="sampling_locations"):  # L of the locations != number of levels
+        compat.ms_deform_attn_v1(value, SHAPES[:2], starts[:2], locations, weights)
+    with pytest.raises(ValueError, match="level_start_index has 2 entries"):
+        compat.ms_deform_attn_v1(value, SHAPES, starts[:2], locations, weights)
+    with pytest.raises(ValueError, match=r"level_start_index\[1\]"):
+        compat.ms_deform_attn_v1(value, SHAPES, [0, sum(SIZES), 0], locations, weights)
+    with pytest.raises(ValueError, match=r"level_start_index\[0\]"):
+        compat.ms_deform_attn_v1(value, SHAPES, [-1, 0, 0], locations, weights)
+    with pytest.raises(TypeError, match="level_start_index"):
+        compat.ms_deform_attn_v1(value, SHAPES, torch.tensor(starts, dtype=torch.float32), locations, weights)
+    with pytest.raises(TypeError, match="level_start_index"):
+        compat.ms_deform_attn_v1(value, SHAPES, 0, locations, weights)
+    with pytest.raises(TypeError, match="value"):
+        compat.ms_deform_attn_v1(value.numpy(), SHAPES, starts, locations, weights)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RT-DETRv2 / D-FINE / DEIM core
+# ---------------------------------------------------------------------------------------------------------
+
+# Levels no taller than wide: there the original discrete sampling is defined (it reads past the row of a
+# taller one). (4, 8) is wider than tall, where its clamp of x to H_l - 1 matters.
+V2_SHAPES = [(4, 8), (3, 5), (2, 2)]
+V2_POINTS = [3, 6, 3]
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_core_v2_matches_original_rtdetrv2(method, seed):
+    inputs = make_inputs(batch=2, queries=6, heads=2, channels=4, shapes=V2_SHAPES, points=V2_POINTS, seed=seed)
+    expected = grads_of(
+        lambda v, l, w: original_v2(rtdetrv2_levels(v, V2_SHAPES), V2_SHAPES, l, w, V2_POINTS, method), *inputs
+    )
+    actual = grads_of(
+        lambda v, l, w: compat.deformable_attention_core_func_v2(v, V2_SHAPES, l, w, V2_POINTS, method), *inputs
+    )
+    names = ("output", "grad_value", "grad_locations", "grad_weights")
+    for name, a, e in zip(names, actual, expected):
+        if method == "discrete" and name == "grad_locations":
+            assert torch.equal(a, torch.zeros_like(a))  # the op's contract; the original has no gradient here
+            continue
+        assert_close(a, e, torch.float64, name)
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_core_v2_matches_original_dfine_per_level_value(method):
+    heads, channels = 2, 4
+    _, locations, weights = make_inputs(batch=2, queries=6, heads=heads, channels=channels, shapes=V2_SHAPES,
+                                        points=V2_POINTS, seed=2)
+    memory = torch.randn(2, sum(h * w for h, w in V2_SHAPES), heads * channels, dtype=torch.float64)
+
+    def original(memory, locations, weights):
+        levels = [x.reshape(-1, channels, h, w) for x, (h, w) in zip(dfine_value(memory, heads, V2_SHAPES), V2_SHAPES)]
+        return original_v2(levels, V2_SHAPES, locations, weights, V2_POINTS, method)
+
+    def ours(memory, locations, weights):
+        value = dfine_value(memory, heads, V2_SHAPES)
+        return compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS, method=method)
+
+    expected = grads_of(original, memory, locations, weights)
+    actual = grads_of(ours, memory, locations, weights)
+    for name, a, e in zip(("output", "grad_memory", "grad_locations", "grad_weights"), actual, expected):
+        if not (method == "discrete" and name == "grad_locations"):
+            assert_close(a, e, torch.float64, name)
+
+
+def test_core_v2_discrete_clamp_choice_matters_on_wide_levels():
+    """With x locations past H_l - 1 pixels on the wide level, the original's clamp and the per-axis clamp
+    read different pixels; original_discrete_clamp picks which."""
+    value, locations, weights = make_inputs(batch=1, queries=8, heads=2, channels=3, shapes=V2_SHAPES,
+                                            points=V2_POINTS, borders=False, seed=5)
+    locations[..., :3, 0] = torch.linspace(0.3, 1.2, 8, dtype=torch.float64)[None, :, None, None]
+    original = original_v2(rtdetrv2_levels(value, V2_SHAPES), V2_SHAPES, locations, weights, V2_POINTS, "discrete")
+    faithful = compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS, "discrete")
+    per_axis = compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS, "discrete",
+                                                        original_discrete_clamp=False)
+    assert_close(faithful, original, torch.float64, "original clamp")
+    assert_close(per_axis, rtdetrv2_kernels.ms_deform_attn(value, V2_SHAPES, locations, weights, V2_POINTS,
+                                                           "discrete"), torch.float64, "per-axis clamp")
+    assert not torch.allclose(per_axis, original)
+
+
+def test_core_v2_rejects_bad_value():
+    _, locations, weights = make_inputs(batch=1, queries=2, heads=2, channels=3, shapes=V2_SHAPES, points=V2_POINTS)
+    memory = torch.randn(1, sum(h * w for h, w in V2_SHAPES), 6, dtype=torch.float64)
+    levels = list(dfine_value(memory, 2, V2_SHAPES))
+    with pytest.raises(ValueError, match="value has 2 levels"):
+        compat.deformable_attention_core_func_v2(levels[:2], V2_SHAPES, locations, weights, V2_POINTS)
+    with pytest.raises(ValueError, match=r"value\[1\]"):
+        compat.deformable_attention_core_func_v2([levels[0], levels[0], levels[2]], V2_SHAPES, locations, weights,
+                                                 V2_POINTS)
+    with pytest.raises(TypeError, match="value"):
+        compat.deformable_attention_core_func_v2(memory.numpy(), V2_SHAPES, locations, weights, V2_POINTS)
+    with pytest.raises(ValueError, match="method"):
+        compat.deformable_attention_core_func_v2(levels, V2_SHAPES, locations, weights, V2_POINTS, "nearest")

@@ -1,0 +1,103 @@
+"""DistributedDataParallel: two CPU processes (gloo), each with half the batch, end with the gradients of a
+single process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import rtdetrv2_kernels
+
+SHAPES = [(4, 6), (2, 3), (1, 2)]
+POINTS = [3, 6, 3]
+DIM, HEADS = 8, 2
+WORLD = 2
+
+
+class TinyAttention(torch.nn.Module):
+    """Projections around the op, as in a deformable-attention layer."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+        self.value_proj = torch.nn.Linear(DIM, DIM)
+        self.offsets = torch.nn.Linear(DIM, HEADS * sum(POINTS) * 2)
+        self.logits = torch.nn.Linear(DIM, HEADS * sum(POINTS))
+        self.output_proj = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, memory, queries, reference):
+        batch, rows, _ = memory.shape
+        value = self.value_proj(memory).view(batch, rows, HEADS, DIM // HEADS)
+        offsets = self.offsets(queries).view(batch, queries.shape[1], HEADS, sum(POINTS), 2)
+        locations = reference[:, :, None, None, :] + 0.1 * offsets
+        weights = self.logits(queries).view(batch, queries.shape[1], HEADS, sum(POINTS)).softmax(-1)
+        return self.output_proj(rtdetrv2_kernels.ms_deform_attn(value, SHAPES, locations, weights, POINTS, self.method))
+
+
+def make_batch(batch=4):
+    generator = torch.Generator().manual_seed(0)
+    memory = torch.randn(batch, sum(h * w for h, w in SHAPES), DIM, generator=generator, dtype=torch.float64)
+    queries = torch.randn(batch, 5, DIM, generator=generator, dtype=torch.float64)
+    reference = torch.rand(batch, 5, 2, generator=generator, dtype=torch.float64)
+    return memory, queries, reference
+
+
+def make_model(method):
+    torch.manual_seed(0)
+    return TinyAttention(method).double()
+
+
+def loss_of(model, batch):
+    return model(*batch).square().mean()
+
+
+def gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+METHODS = ("default", "discrete")
+
+
+def _worker(rank, port, steps, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for method in METHODS:  # one spawn for both: starting the processes is most of the cost
+            model = torch.nn.parallel.DistributedDataParallel(make_model(method))
+            shard = [t.chunk(WORLD)[rank] for t in make_batch()]
+            for _ in range(steps):  # a second step fails if a parameter got no gradient in the first
+                model.zero_grad()
+                loss_of(model, shard).backward()
+            torch.save(gradients(model.module), os.path.join(out_dir, f"{method}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_gradients_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), 2, str(tmp_path)), nprocs=WORLD, join=True)
+    for method in METHODS:
+        model = make_model(method)
+        loss_of(model, make_batch()).backward()
+        expected = gradients(model)
+        # Bilinear sampling passes gradients to the offsets; discrete sampling passes zeros (still a gradient,
+        # which DDP's second step needs).
+        assert (expected["offsets.weight"].abs().sum() > 0) == (method == "default")
+        for rank in range(WORLD):
+            actual = torch.load(tmp_path / f"{method}-rank{rank}.pt")
+            assert actual.keys() == expected.keys()
+            for name in expected:
+                torch.testing.assert_close(actual[name], expected[name], rtol=1e-10, atol=1e-12,
+                                           msg=f"{method}, rank {rank}: {name}")

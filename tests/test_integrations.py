@@ -1,0 +1,248 @@
+"""rtdetrv2_kernels.integrations.transformers: tiny random-weight transformers models give the same outputs
+and parameter gradients patched as unpatched, actually call the op while patched, and are restored exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import rtdetrv2_kernels  # noqa: E402
+from rtdetrv2_kernels.integrations import transformers as integration  # noqa: E402
+
+IMAGE = (2, 3, 64, 96)  # strides 8, 16, 32: levels 8x12, 4x6, 2x3 (non-square)
+COMMON = dict(
+    d_model=16, encoder_hidden_dim=16, encoder_in_channels=[16, 16, 16], decoder_in_channels=[16, 16, 16],
+    encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+    decoder_layers=2, num_queries=10, num_denoising=0, num_labels=3,
+)
+STAGES = ["stage2", "stage3", "stage4"]
+
+
+@pytest.fixture(autouse=True)
+def _always_unpatched():
+    integration.unpatch()
+    yield
+    integration.unpatch()
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of rtdetrv2_kernels.ms_deform_attn (every adapter looks it up per call)."""
+    calls = []
+    real = rtdetrv2_kernels.ms_deform_attn
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rtdetrv2_kernels, "ms_deform_attn", spy)
+    return calls
+
+
+def _resnet_backbone():
+    return transformers.RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                           layer_type="basic", out_features=STAGES)
+
+
+def _hgnet_backbone():
+    return transformers.HGNetV2Config(
+        embedding_size=8, stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 16, 16],
+        stage_mid_channels=[8, 8, 8, 8], stage_out_channels=[16, 16, 16, 16], stage_num_blocks=[1, 1, 1, 1],
+        stage_numb_of_layers=[1, 1, 1, 1], hidden_sizes=[16, 16, 16, 16], depths=[1, 1, 1, 1], out_features=STAGES,
+    )
+
+
+def rt_detr_v2(method):
+    config = transformers.RTDetrV2Config(backbone_config=_resnet_backbone(), decoder_method=method, **COMMON)
+    return transformers.RTDetrV2ForObjectDetection(config), 2  # one op call per decoder layer
+
+
+def d_fine(method):
+    config = transformers.DFineConfig(backbone_config=_hgnet_backbone(), decoder_n_points=[3, 6, 3],
+                                      decoder_method=method, **COMMON)
+    return transformers.DFineForObjectDetection(config), 2
+
+
+def deimv2(method):
+    config = transformers.Deimv2Config(backbone_config=_hgnet_backbone(), decoder_n_points=[3, 6, 3],
+                                       decoder_method=method, **COMMON)
+    return transformers.Deimv2ForObjectDetection(config), 2
+
+
+def deformable_detr(method):
+    config = transformers.DeformableDetrConfig(
+        backbone_config=transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16],
+                                                  depths=[1, 1, 1, 1], layer_type="basic", out_features=STAGES),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, num_feature_levels=3,
+        encoder_n_points=2, decoder_n_points=3, num_labels=3, dropout=0.0,
+    )
+    return transformers.DeformableDetrForObjectDetection(config), 3  # encoder layer + decoder layers
+
+
+MODELS = [
+    pytest.param(rt_detr_v2, "default", id="rt_detr_v2"),
+    pytest.param(rt_detr_v2, "discrete", id="rt_detr_v2-discrete"),
+    pytest.param(d_fine, "default", id="d_fine"),
+    pytest.param(d_fine, "discrete", id="d_fine-discrete"),
+    pytest.param(deimv2, "default", id="deimv2"),
+    pytest.param(deformable_detr, "default", id="deformable_detr"),
+]
+
+
+def run(model, pixel_values):
+    """Logits, boxes and every parameter's gradient for a fixed random projection of the outputs."""
+    model.zero_grad(set_to_none=True)
+    outputs = model(pixel_values=pixel_values)
+    generator = torch.Generator().manual_seed(7)
+    loss = (outputs.logits * torch.randn(outputs.logits.shape, generator=generator, dtype=torch.float64)).sum()
+    loss = loss + (outputs.pred_boxes * torch.randn(outputs.pred_boxes.shape, generator=generator,
+                                                     dtype=torch.float64)).sum()
+    loss.backward()
+    # transformers' discrete sampling drops the locations from the graph (no gradient); the op gives zeros.
+    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    return outputs.logits.detach(), outputs.pred_boxes.detach(), grads
+
+
+def off_pixel_centres(model):
+    """Deformable DETR's initial offsets are whole pixels from pixel-centre reference points: locations sit
+    exactly where the bilinear gradient jumps, and two correct implementations may round to either side.
+    Nudging the offset biases moves every location off those points."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("sampling_offsets.bias"):
+                parameter += torch.rand(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.2 + 0.1
+    return model
+
+
+@pytest.mark.parametrize("build,method", MODELS)
+def test_patched_model_matches_unpatched(build, method, op_calls):
+    torch.manual_seed(0)
+    model, calls_per_forward = build(method)
+    model = off_pixel_centres(model.double().eval())
+    pixel_values = torch.randn(IMAGE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    logits, boxes, grads = run(model, pixel_values)
+    assert op_calls == []
+    with integration.patched():
+        patched_logits, patched_boxes, patched_grads = run(model, pixel_values)
+    assert len(op_calls) == calls_per_forward, "the patched model did not run on rtdetrv2_kernels"
+    assert [tuple(shape) for shape in op_calls[0]] == [(8, 12), (4, 6), (2, 3)]
+
+    torch.testing.assert_close(patched_logits, logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(patched_boxes, boxes, rtol=1e-9, atol=1e-9)
+    assert patched_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(patched_grads[name], grads[name], rtol=1e-7, atol=1e-9, msg=name)
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "sampling_offsets" in name) == (method == "default")
+
+    op_calls.clear()
+    run(model, pixel_values)
+    assert op_calls == [], "unpatch() left the model on rtdetrv2_kernels"
+
+
+def test_dfine_modules_built_while_patched_are_restored(op_calls):
+    """D-FINE stores its core on each attention module at construction: a model built while patched uses the
+    op, and after unpatch() runs transformers' function like any other."""
+    pixel_values = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with integration.patched():
+        model, _ = d_fine("default")
+        model = model.double().eval()
+        model(pixel_values=pixel_values)
+    assert len(op_calls) == 2
+    op_calls.clear()
+    model(pixel_values=pixel_values)
+    assert op_calls == []
+    module = transformers.models.d_fine.modeling_d_fine
+    core = model.model.decoder.layers[0].encoder_attn.ms_deformable_attn_core
+    assert core is module.multi_scale_deformable_attention_v2
+
+
+def test_dfine_instance_with_its_own_core_keeps_it():
+    model, _ = d_fine("default")
+    attention = model.model.decoder.layers[0].encoder_attn
+
+    def custom(*args):
+        raise AssertionError("unused")
+
+    attention.ms_deformable_attn_core = custom
+    with integration.patched():
+        assert attention.ms_deformable_attn_core is custom
+        other = model.model.decoder.layers[1].encoder_attn
+        assert other.ms_deformable_attn_core is integration.multi_scale_deformable_attention_v2
+
+
+def _snapshot():
+    """What every target attribute is now (the object itself, or its absence from a class's own dict)."""
+    state = {}
+    for owner, name, _, description in integration._targets():
+        state[description] = owner.__dict__.get(name, "absent") if isinstance(owner, type) else getattr(owner, name)
+    return state
+
+
+def test_patch_is_idempotent_and_unpatch_restores_exactly():
+    before = _snapshot()
+    assert len(before) >= 4
+    targets = integration.patch()
+    assert integration.is_patched()
+    assert sorted(targets) == sorted(before)
+    during = _snapshot()
+    assert all(during[key] is not before[key] for key in before)
+    assert integration.patch() == targets  # a second patch changes nothing
+    assert all(_snapshot()[key] is during[key] for key in before)
+    integration.unpatch()
+    assert not integration.is_patched()
+    after = _snapshot()
+    assert all(after[key] is before[key] for key in before)
+    integration.unpatch()  # no-op
+    assert all(_snapshot()[key] is before[key] for key in before)
+
+
+def test_patched_context_nests():
+    with integration.patched():
+        with integration.patched():
+            pass
+        assert integration.is_patched()  # the inner block did not patch, so it does not unpatch
+    assert not integration.is_patched()
+    with pytest.raises(RuntimeError):
+        with integration.patched():
+            raise RuntimeError("boom")
+    assert not integration.is_patched()
+
+
+def _v1_layout_inputs():
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 2, 4, generator=generator, dtype=torch.float64)
+    locations = torch.rand(2, 5, 2, len(shapes), 3, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(2, 5, 2, len(shapes), 3, generator=generator, dtype=torch.float64)
+    return shapes, value, locations, weights
+
+
+def test_every_layer_and_function_target_computes_the_same(op_calls):
+    """Each swapped MultiScaleDeformableAttention.forward and module function, called directly, matches
+    what it replaced."""
+    shapes, value, locations, weights = _v1_layout_inputs()
+    spatial_shapes = torch.tensor(shapes)
+    starts = torch.tensor([0, 24, 30])
+    checked = 0
+    for owner, name, _, description in list(integration._targets()):
+        if name == "forward":  # Deformable DETR's layer layout
+            def call():
+                return owner()(value, spatial_shapes, shapes, starts, locations, weights, 64)
+        elif name == "multi_scale_deformable_attention":
+            def call():
+                return getattr(owner, name)(value, shapes, locations, weights)
+        else:
+            continue
+        expected = call()
+        with integration.patched():
+            calls = len(op_calls)
+            actual = call()
+            assert len(op_calls) == calls + 1, description
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=description)
+        checked += 1
+    assert checked >= 3
