@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------------
 
 _BACKBONE = r"model\.backbone\.model\."
-_ENCODER_LAYER = r"model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\."
+_ENCODER_LAYER = r"model\.encoder\.(?:encoder|aifi)\.(\d+)\.layers\.(\d+)\."  # files | modules of 5.x
 _DECODER_LAYER = r"model\.decoder\.layers\.(\d+)\."
 
 # (transformers name pattern, this model's name), applied to each key in order; the first match wins.
@@ -47,7 +47,8 @@ TRANSFORMERS_KEY_MAP: list[tuple[str, str]] = [
     (_ENCODER_LAYER + r"final_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm2."),
     (_ENCODER_LAYER + r"(?:mlp\.)?fc1\.", r"encoder.encoder.\1.layers.\2.linear1."),
     (_ENCODER_LAYER + r"(?:mlp\.)?fc2\.", r"encoder.encoder.\1.layers.\2.linear2."),
-    (r"model\.encoder\.", r"encoder."),  # lateral_convs, fpn_blocks, downsample_convs, pan_blocks, self_attn
+    (_ENCODER_LAYER, r"encoder.encoder.\1.layers.\2."),  # self_attn
+    (r"model\.encoder\.", r"encoder."),  # lateral_convs, fpn_blocks, downsample_convs, pan_blocks
     (r"model\.decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
     (r"model\.decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
     (_DECODER_LAYER + r"self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
@@ -67,6 +68,8 @@ TRANSFORMERS_KEY_MAP: list[tuple[str, str]] = [
 ]
 # The ResNet's own layer names, after the prefix is mapped.
 _BACKBONE_LEAVES = [(r"\.convolution\.", ".conv."), (r"\.normalization\.", ".norm.")]
+# Attention output projections: "out_proj" in files, "o_proj" in transformers 5.x modules.
+_ATTENTION_OUTPUT = (r"\.self_attn\.o_proj\.", ".self_attn.out_proj.")
 # transformers keeps separate q/k/v projections where this model (and the original) has nn.MultiheadAttention.
 _QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
 
@@ -81,8 +84,8 @@ def _skip_transformers_key(key: str, keys: set[str]) -> bool:
 
 
 def map_transformers_state_dict(state: dict) -> dict:
-    """A transformers RTDetrV2ForObjectDetection state dict under this model's names (raises on a key that no
-    rule maps)."""
+    """A transformers RTDetrV2ForObjectDetection state dict (as saved, or as its modules name them) under this
+    model's names; raises on a key that no rule maps."""
     mapped, unmapped, qkv = {}, [], {}
     keys = set(state)
     for key, tensor in state.items():
@@ -100,6 +103,7 @@ def map_transformers_state_dict(state: dict) -> dict:
         if new.startswith("backbone."):
             for pattern, replacement in _BACKBONE_LEAVES:
                 new = re.sub(pattern, replacement, new)
+        new = re.sub(*_ATTENTION_OUTPUT, new)
         match = _QKV.match(new)
         if match:
             qkv.setdefault((match[1], match[3]), {})[match[2]] = tensor
@@ -172,6 +176,38 @@ def config_from_transformers(values: dict, **overrides) -> RTDETRv2Config:
                               f"returned stages {[widths[i - 1] for i in out_indices]}")
     fields.update(overrides)
     return RTDETRv2Config(**fields)
+
+
+def transformers_config(config: RTDETRv2Config) -> dict:
+    """The transformers RTDetrV2Config arguments of the same architecture (the inverse of
+    config_from_transformers), e.g. to build transformers' model for a side-by-side comparison."""
+    last_layer = config.eval_idx % config.num_decoder_layers == config.num_decoder_layers - 1
+    for name, supported in (("eval_idx", last_layer), ("query_select_method", config.query_select_method == "default"),
+                            ("depth_mult", config.depth_mult == 1.0)):
+        if not supported:
+            raise ValueError(f"transformers' RT-DETRv2 has no equivalent of {name}={getattr(config, name)!r}")
+    if len(set(config.num_points)) != 1:
+        raise ValueError(f"transformers' RT-DETRv2 takes one point count for every level, not {config.num_points}")
+    backbone = dict(model_type="rt_detr_resnet", layer_type=config.backbone_block, depths=config.backbone_depths,
+                    embedding_size=config.backbone_stem_channels, hidden_sizes=config.backbone_channels,
+                    out_indices=[i + 1 for i in config.backbone_return_idx])
+    return dict(
+        backbone_config=backbone, feat_strides=config.feat_strides, encoder_hidden_dim=config.encoder_hidden_dim,
+        encoder_in_channels=config.encoder_in_channels, encode_proj_layers=config.use_encoder_idx,
+        encoder_layers=config.num_encoder_layers, encoder_attention_heads=config.encoder_heads,
+        encoder_ffn_dim=config.encoder_ffn_dim, encoder_activation_function=config.encoder_activation,
+        normalize_before=config.normalize_before, hidden_expansion=config.expansion,
+        activation_function=config.activation, positional_encoding_temperature=int(config.pe_temperature),
+        num_labels=config.num_classes, id2label=dict(enumerate(config.labels)), d_model=config.hidden_dim,
+        decoder_in_channels=config.decoder_in_channels, num_feature_levels=config.num_levels,
+        decoder_n_levels=config.num_levels, decoder_n_points=config.num_points[0],
+        decoder_attention_heads=config.decoder_heads, decoder_layers=config.num_decoder_layers,
+        decoder_ffn_dim=config.decoder_ffn_dim, decoder_activation_function=config.decoder_activation,
+        num_queries=config.num_queries, num_denoising=config.num_denoising,
+        label_noise_ratio=config.label_noise_ratio, box_noise_scale=config.box_noise_scale,
+        learn_initial_query=config.learn_query_content, decoder_offset_scale=config.offset_scale,
+        decoder_method=config.cross_attn_method, dropout=config.dropout,
+    )
 
 
 def load_transformers_model(directory: str, **overrides) -> RTDETRv2:

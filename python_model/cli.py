@@ -42,7 +42,7 @@ def predict(args) -> int:
 
     from .checkpoints import load_pretrained
 
-    model = load_pretrained(args.weights, preset=args.preset, attention_backend=args.backend).to(args.device)
+    model = load_pretrained(args.weights, preset=args.preset, attention_backend=args.backend).to(args.device).deploy()
     image = Image.open(args.image)
     detections = model.predict(image, threshold=args.threshold)[0]
     labels = model.config.labels

@@ -14,7 +14,7 @@ import rtdetrv2_kernels
 
 from .config import RTDETRv2Config
 from .denoising import contrastive_denoising_group
-from .layers import MLP, activation, inverse_sigmoid
+from .layers import MLP, ConvNormLayer, activation, inverse_sigmoid
 
 
 class MSDeformableAttention(nn.Module):
@@ -164,14 +164,10 @@ class RTDETRTransformerv2(nn.Module):
         self.num_levels = config.num_levels
         self.num_queries = config.num_queries
         self.num_classes = config.num_classes
-        self.input_proj = nn.ModuleList()
-        for ch in config.decoder_in_channels:
-            self.input_proj.append(nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(ch, dim, 1, bias=False)), ("norm", nn.BatchNorm2d(dim))])))
+        self.input_proj = nn.ModuleList(ConvNormLayer(ch, dim, 1) for ch in config.decoder_in_channels)
         ch = config.decoder_in_channels[-1]
         for _ in range(config.num_levels - len(config.decoder_in_channels)):
-            self.input_proj.append(nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(ch, dim, 3, 2, padding=1, bias=False)), ("norm", nn.BatchNorm2d(dim))])))
+            self.input_proj.append(ConvNormLayer(ch, dim, 3, 2))
             ch = dim
         self.decoder = TransformerDecoder(config)
         if config.num_denoising > 0:

@@ -3,8 +3,6 @@ cross-scale fusion (CCFM): a top-down pass and a bottom-up pass of CSP blocks bu
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +33,20 @@ class RepVggBlock(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv2 is None:  # merged by merge_branches
+            return self.act(self.conv1(x))
         return self.act(self.conv1(x) + self.conv2(x))
+
+    @torch.no_grad()
+    def merge_branches(self) -> None:
+        """Inference only (after the norms are folded): the 1x1 branch added into the 3x3 kernel's center."""
+        if self.conv2 is None:
+            return
+        self.conv1.fold_norm()
+        self.conv2.fold_norm()
+        self.conv1.conv.weight += F.pad(self.conv2.conv.weight, [1, 1, 1, 1])
+        self.conv1.conv.bias += self.conv2.conv.bias
+        self.conv2 = None
 
 
 class CSPRepLayer(nn.Module):
@@ -100,10 +111,7 @@ class HybridEncoder(nn.Module):
         self.hidden_dim = dim
         self.use_encoder_idx = list(config.use_encoder_idx)
         self.pe_temperature = config.pe_temperature
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(OrderedDict([("conv", nn.Conv2d(ch, dim, 1, bias=False)), ("norm", nn.BatchNorm2d(dim))]))
-            for ch in config.encoder_in_channels
-        )
+        self.input_proj = nn.ModuleList(ConvNormLayer(ch, dim, 1) for ch in config.encoder_in_channels)
         layer_args = dict(dim=dim, heads=config.encoder_heads, ffn_dim=config.encoder_ffn_dim,
                           dropout=config.dropout, act=config.encoder_activation,
                           normalize_before=config.normalize_before)

@@ -45,6 +45,25 @@ class ConvNormLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
 
+    @torch.no_grad()
+    def fold_norm(self) -> None:
+        """Inference only: the norm's fixed affine map (frozen, or BatchNorm's running statistics) moves into
+        the convolution's weight and bias, saving a pass over the activations."""
+        if isinstance(self.norm, nn.Identity):
+            return
+        norm, conv = self.norm, self.conv
+        scale = (norm.running_var.double() + norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight.double()
+        shift = -norm.running_mean.double() * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.double()
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+        folded.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        folded.bias.copy_(shift)
+        self.conv, self.norm = folded, nn.Identity()
+
 
 class MLP(nn.Module):
     """Linear layers with ReLU between them (the box, query-position and proposal heads)."""

@@ -11,8 +11,8 @@ from torch import nn
 from .backbone import PResNet
 from .config import RTDETRv2Config, preset
 from .decoder import MSDeformableAttention, RTDETRTransformerv2
-from .encoder import HybridEncoder
-from .layers import box_cxcywh_to_xyxy
+from .encoder import HybridEncoder, RepVggBlock
+from .layers import ConvNormLayer, box_cxcywh_to_xyxy
 
 
 class RTDETRv2(nn.Module):
@@ -54,6 +54,25 @@ class RTDETRv2(nn.Module):
         if fused is not None:
             self.config.fused_attention = fused
         return self
+
+    @torch.no_grad()
+    def deploy(self) -> "RTDETRv2":
+        """Inference only, irreversibly: every norm's fixed affine map folded into its convolution and each
+        RepVGG block's two branches merged into one 3x3 convolution (the same outputs to rounding, fewer
+        passes over memory and fewer launches). Load weights before deploying; a deployed model cannot train."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, RepVggBlock):
+                module.merge_branches()
+            elif isinstance(module, ConvNormLayer):
+                module.fold_norm()
+        self.deployed = True
+        return self
+
+    def train(self, mode: bool = True) -> "RTDETRv2":
+        if mode and getattr(self, "deployed", False):
+            raise RuntimeError("this model was deployed (norms folded into convolutions); load it again to train")
+        return super().train(mode)
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -44,7 +44,12 @@ def test_cli_quick_run_writes_every_report(tmp_path):
     fused_timed = {(r["backend"], r["pass"]) for r in report["fused"]}
     assert {(b, p) for b in ours if b != "torch" for p in ("forward", "forward+backward")} <= fused_timed
     assert all(r["fused ms"] > 0 and r["speedup"] > 0 for r in report["fused"])
+    # The end-to-end model comparison (quick: R18 at 320x320), after its own agreement check.
+    assert [(r["model"], r["image"]) for r in report["model"]] == [("r18vd", 320)]
+    assert all(r["python_model ms"] > 0 and r["transformers ms"] > 0 and r["speedup deployed"] > 0
+               for r in report["model"])
     markdown = (out / "benchmark.md").read_text()
+    assert "## End-to-end model" in markdown
     assert "| tiny | default | float32 | cpu | forward | cpu |" in markdown
     pytest.importorskip("matplotlib")
     for chart in ("speedup_forward.png", "speedup_forward_backward.png", "peak_memory.png", "scaling.png"):

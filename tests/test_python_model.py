@@ -26,6 +26,7 @@ from python_model import (  # noqa: E402
     preprocess,
 )
 from python_model.checkpoints import map_transformers_state_dict  # noqa: E402
+from python_model.layers import FrozenBatchNorm2d  # noqa: E402
 
 IMAGE = (2, 3, 64, 96)  # strides 8/16/32: non-square levels 8x12, 4x6, 2x3 (and 1x2 as a fourth level)
 
@@ -375,3 +376,26 @@ def test_cli_predict(tmp_path):
     missing = subprocess.run(command[:5] + [str(tmp_path / "nowhere.pth")] + command[6:8], capture_output=True,
                              text=True, cwd=tmp_path, timeout=300)
     assert missing.returncode == 2 and "nowhere.pth" in missing.stderr
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_deploy_folds_norms_and_keeps_the_outputs(method, images):
+    model = tiny_model(method).eval()
+    with torch.no_grad():
+        # Non-trivial running statistics and affine parameters, so that folding them is visible.
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+                module.running_mean.copy_(torch.randn_like(module.running_mean) * 0.2)
+                module.running_var.copy_(torch.rand_like(module.running_var) + 0.5)
+                module.weight.copy_(torch.rand_like(module.weight) + 0.5)
+                module.bias.copy_(torch.randn_like(module.bias) * 0.2)
+        expected = model(images)
+        convs_before = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        actual = model.deploy()(images)
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in model.modules())
+    # The 1x1 branches of the RepVGG blocks are gone: 2 top-down + 2 bottom-up CSP blocks of 3 each.
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == convs_before - 4 * 3
+    assert relative_error(actual["pred_logits"], expected["pred_logits"]) <= 1e-5
+    assert relative_error(actual["pred_boxes"], expected["pred_boxes"]) <= 1e-5
+    with pytest.raises(RuntimeError, match="deployed"):
+        model.train()
