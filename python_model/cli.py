@@ -38,7 +38,11 @@ def draw(image, detections, labels):
 
 
 def predict(args) -> int:
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        print("error: the CLI reads images with Pillow: pip install 'rtdetrv2-kernels[model]'", file=sys.stderr)
+        return 2
 
     from .checkpoints import load_pretrained
 

@@ -39,7 +39,7 @@ class RepVggBlock(nn.Module):
 
     @torch.no_grad()
     def merge_branches(self) -> None:
-        """Inference only (after the norms are folded): the 1x1 branch added into the 3x3 kernel's center."""
+        """Inference only: both branches' norms folded, then the 1x1 kernel added into the 3x3 kernel's center."""
         if self.conv2 is None:
             return
         self.conv1.fold_norm()
