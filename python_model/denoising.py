@@ -40,8 +40,10 @@ def contrastive_denoising_group(targets, num_classes: int, num_queries: int, cla
     negative = torch.zeros(batch, 2 * most, 1, device=device)
     negative[:, most:] = 1
     negative = negative.repeat(1, groups, 1)
-    positive = (1 - negative).squeeze(-1) * present
-    positive_index = torch.nonzero(positive)[:, 1].split([n * groups for n in counts])
+    # Each image's positive copies sit at g * 2 * most + j (group g, ground truth j): known from the counts
+    # alone, so no data-dependent op (torch.nonzero) is needed and torch.compile keeps one graph.
+    group_starts = torch.arange(groups, device=device)[:, None] * (2 * most)
+    positive_index = [(group_starts + torch.arange(n, device=device)).flatten() for n in counts]
     total = 2 * most * groups
 
     if label_noise_ratio > 0:

@@ -93,3 +93,44 @@ def run_with_grads(fn, value, locations, weights, grad_output=None):
         grad_output = torch.randn(output.shape, generator=generator, dtype=torch.float64)
     grads = torch.autograd.grad(output, (value, locations, weights), grad_output.to(output), allow_unused=True)
     return (output, *grads)
+
+
+def tiny_model(method="default", num_points=(3, 6, 3), **overrides):
+    """A python_model RTDETRv2 small enough for tests: 16 channels, 2 decoder layers, 12 queries, 3 classes."""
+    from python_model import RTDETRv2, preset
+
+    settings = dict(
+        backbone_depths=[1, 1, 1, 1], backbone_stem_channels=8, backbone_channels=[8, 16, 24, 32],
+        encoder_hidden_dim=16, encoder_heads=2, encoder_ffn_dim=32, hidden_dim=16, decoder_in_channels=[16] * 3,
+        decoder_heads=2, num_decoder_layers=2, decoder_ffn_dim=32, num_queries=12, num_classes=3,
+        labels=["a", "b", "c"], num_points=list(num_points), cross_attn_method=method, num_denoising=8,
+    )
+    torch.manual_seed(0)
+    return RTDETRv2(preset("r18vd", **{**settings, **overrides}))
+
+
+def randomize_(model):
+    """Random parameters and BatchNorm statistics, drawn from the global RNG. Models initialize many weights
+    to constants (zero offsets, logits and box deltas, unit norms); random values everywhere make every term
+    of the computation matter (and spread the query scores, so the top-k selection has no near-ties)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.copy_(torch.rand_like(buffer) + 0.5)
+            elif name.endswith("running_mean"):
+                buffer.copy_(torch.randn_like(buffer) * 0.1)
+    return model
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def training_loss(outputs):
+    """A stand-in for a detection criterion over every prediction of a training forward with targets (final,
+    auxiliary, encoder and denoising): it pushes every box towards the image center and every logit down.
+    Simple, and it reaches every trainable parameter of python_model."""
+    terms = [outputs, *outputs["aux_outputs"], *outputs["enc_aux_outputs"], *outputs["dn_aux_outputs"]]
+    return sum((o["pred_boxes"] - 0.5).abs().mean() + o["pred_logits"].sigmoid().mean() for o in terms)

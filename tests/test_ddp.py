@@ -3,20 +3,17 @@ single process on the whole batch."""
 
 from __future__ import annotations
 
+import functools
 import os
-import socket
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed import WORLD, assert_ranks_match, gradients, requires_gloo, save_ddp_gradients, spawn
 
 import rtdetrv2_kernels
 
 SHAPES = [(4, 6), (2, 3), (1, 2)]
 POINTS = [3, 6, 3]
 DIM, HEADS = 8, 2
-WORLD = 2
 
 
 class TinyAttention(torch.nn.Module):
@@ -56,48 +53,26 @@ def loss_of(model, batch):
     return model(*batch).square().mean()
 
 
-def gradients(model):
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 METHODS = ("default", "discrete")
 
 
-def _worker(rank, port, steps, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for method in METHODS:  # one spawn for both: starting the processes is most of the cost
-            model = torch.nn.parallel.DistributedDataParallel(make_model(method))
-            shard = [t.chunk(WORLD)[rank] for t in make_batch()]
-            for _ in range(steps):  # a second step fails if a parameter got no gradient in the first
-                model.zero_grad()
-                loss_of(model, shard).backward()
-            torch.save(gradients(model.module), os.path.join(out_dir, f"{method}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, steps, out_dir):
+    for method in METHODS:  # one spawn for both: starting the processes is most of the cost
+        shard = [t.chunk(WORLD)[rank] for t in make_batch()]
+        save_ddp_gradients(make_model(method), functools.partial(loss_of, batch=shard),
+                           os.path.join(out_dir, f"{method}-rank{rank}.pt"), steps)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@requires_gloo
 def test_ddp_gradients_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), 2, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, 2, str(tmp_path))
     for method in METHODS:
         model = make_model(method)
         loss_of(model, make_batch()).backward()
         expected = gradients(model)
+        assert expected.keys() == {name for name, _ in model.named_parameters()}
         # Bilinear sampling passes gradients to the offsets; discrete sampling passes zeros (still a gradient,
         # which DDP's second step needs).
         assert (expected["offsets.weight"].abs().sum() > 0) == (method == "default")
-        for rank in range(WORLD):
-            actual = torch.load(tmp_path / f"{method}-rank{rank}.pt")
-            assert actual.keys() == expected.keys()
-            for name in expected:
-                torch.testing.assert_close(actual[name], expected[name], rtol=1e-10, atol=1e-12,
-                                           msg=f"{method}, rank {rank}: {name}")
+        assert_ranks_match(expected, [tmp_path / f"{method}-rank{rank}.pt" for rank in range(WORLD)],
+                           rtol=1e-10, atol=1e-12)

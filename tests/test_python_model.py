@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize_, relative_error, tiny_model, training_loss
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -44,22 +45,7 @@ def transformers_model(block="basic", levels=3, layers=2, method="default", poin
         decoder_n_levels=levels, decoder_n_points=points, decoder_method=method,
     )
     torch.manual_seed(0)
-    model = transformers.RTDetrV2ForObjectDetection(config).eval()
-    # transformers initializes many weights to constants (zero offsets and logits, unit norms); random
-    # values everywhere make every term of the computation matter.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.3)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_var"):
-                buffer.copy_(torch.rand_like(buffer) + 0.5)
-            elif name.endswith("running_mean"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
-    return model
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+    return randomize_(transformers.RTDetrV2ForObjectDetection(config).eval())
 
 
 @pytest.fixture(scope="module")
@@ -253,17 +239,6 @@ def test_config_errors():
         preset("r200vd")
 
 
-def tiny_model(method="default", num_points=(3, 6, 3), **overrides):
-    settings = dict(
-        backbone_depths=[1, 1, 1, 1], backbone_stem_channels=8, backbone_channels=[8, 16, 24, 32],
-        encoder_hidden_dim=16, encoder_heads=2, encoder_ffn_dim=32, hidden_dim=16, decoder_in_channels=[16] * 3,
-        decoder_heads=2, num_decoder_layers=2, decoder_ffn_dim=32, num_queries=12, num_classes=3,
-        labels=["a", "b", "c"], num_points=list(num_points), cross_attn_method=method, num_denoising=8,
-    )
-    torch.manual_seed(0)
-    return RTDETRv2(preset("r18vd", **{**settings, **overrides}))
-
-
 @pytest.mark.parametrize("method", ["default", "discrete"])
 def test_one_training_step_lowers_the_loss(method, images):
     # As many queries as encoder positions (8x12 + 4x6 + 2x3): the top-k query selection then keeps all of
@@ -272,15 +247,10 @@ def test_one_training_step_lowers_the_loss(method, images):
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
 
-    def loss_of(outputs):
-        # Push every box towards the image center and every logit down: simple, and it reaches every head.
-        terms = [outputs, *outputs["aux_outputs"], *outputs["dn_aux_outputs"]]
-        return sum((o["pred_boxes"] - 0.5).abs().mean() + o["pred_logits"].sigmoid().mean() for o in terms)
-
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)  # the same denoising noise for both passes
-    loss = loss_of(model(images, targets))
+    loss = training_loss(model(images, targets))
     loss.backward()
     value_proj = model.decoder.decoder.layers[0].cross_attn.value_proj.weight
     assert value_proj.grad is not None and value_proj.grad.abs().sum() > 0, "no gradient through the kernel"
@@ -292,7 +262,7 @@ def test_one_training_step_lowers_the_loss(method, images):
     assert "encoder.input_proj.0.conv.weight" in changed and "decoder.dec_score_head.1.bias" in changed
     torch.manual_seed(1)
     with torch.no_grad():
-        assert loss_of(model(images, targets)).item() < loss.item()
+        assert training_loss(model(images, targets)).item() < loss.item()
 
 
 def test_training_outputs_follow_the_original_layout(images):
@@ -331,18 +301,6 @@ def test_learned_query_content(images):
         model.decoder.tgt_embed.weight.mul_(2)
         after = model(images)["pred_logits"]
     assert not torch.allclose(before, after)
-
-
-@pytest.mark.slow
-def test_decoder_compiles_without_graph_breaks(images):
-    model = tiny_model().eval()
-    with torch.no_grad():
-        features = model.encoder(model.backbone(images))
-        expected = model.decoder(features)
-        torch._dynamo.reset()
-        compiled = torch.compile(model.decoder, fullgraph=True)
-        actual = compiled(features)
-    torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-6)
 
 
 def test_preprocess():

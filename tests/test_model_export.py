@@ -1,0 +1,186 @@
+"""python_model under torch.compile, torch.export, ONNX export (run by onnxruntime) and DistributedDataParallel:
+the whole tiny model, as test_registration.py, test_onnx.py and test_ddp.py check the op alone."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from conftest import randomize_, relative_error, tiny_model, training_loss
+from distributed import WORLD, assert_ranks_match, gradients, requires_gloo, save_ddp_gradients, spawn
+
+from rtdetrv2_kernels.backends import unavailable_reason
+
+IMAGE_SIZE = (64, 96)
+ENCODER_POSITIONS = 8 * 12 + 4 * 6 + 2 * 3  # the levels at strides 8, 16 and 32
+# (cross_attn_method, fused attention): ms_deform_attn_fused, or the locations and softmax in PyTorch and then
+# ms_deform_attn.
+VARIANTS = [("default", True), ("default", False), ("discrete", True), ("discrete", False)]
+# Training variants, fewer for time: each method once and each attention path once.
+TRAINING_VARIANTS = [("default", True), ("discrete", False)]
+
+
+def variant_id(variant):
+    method, fused = variant
+    return f"{method}-{'fused' if fused else 'plain'}"
+
+
+def random_model(method, fused, **overrides):
+    return randomize_(tiny_model(method, **overrides)).set_attention(fused=fused)
+
+
+def make_images(batch, seed, dtype=torch.float32):
+    return torch.rand((batch, 3, *IMAGE_SIZE), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def make_targets(batch):
+    """Two ground-truth boxes per image: with equal counts, each image's denoising queries do not depend on the
+    rest of the batch (their number follows the largest count in it)."""
+    generator = torch.Generator().manual_seed(2)
+    return [{"labels": torch.randint(0, 3, (2,), generator=generator),
+             "boxes": torch.rand(2, 4, generator=generator) * 0.4 + 0.2} for _ in range(batch)]
+
+
+def assert_predictions_close(actual, expected, **tolerance):
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(actual[key], expected[key], **tolerance, msg=key)
+
+
+# Inductor compiles each variant in about 20 s on 2 CPU cores (the first in a process more).
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_eval_model_compiles_without_graph_breaks(variant):
+    model = random_model(*variant).eval()
+    images = make_images(2, seed=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    with torch.no_grad():
+        expected = model(images)
+        actual = compiled(images)
+    assert_predictions_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", TRAINING_VARIANTS, ids=variant_id)
+def test_training_step_compiles_without_graph_breaks(variant):
+    """The training forward with targets (denoising included) and the loss compiled as one graph, and its
+    backward. The aot_eager backend captures the same forward and backward graphs as inductor without its code
+    generation (minutes on 2 cores for the joint graph; inductor compiles the op's backward in
+    test_registration.py). It also runs the random ops as eager does, so with the same seed the denoising
+    noise, and so the gradients, are the same."""
+    model = random_model(*variant).train()
+    images, targets = make_images(2, seed=3), make_targets(2)
+
+    def loss():
+        return training_loss(model(images, targets))
+
+    def step(loss_function):
+        model.zero_grad()
+        torch.manual_seed(1)
+        value = loss_function()
+        value.backward()
+        return value.detach(), gradients(model)
+
+    expected_loss, expected = step(loss)
+    torch._dynamo.reset()
+    actual_loss, actual = step(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(actual_loss, expected_loss, rtol=1e-6, atol=0)
+    assert actual.keys() == expected.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="the C++ kernels are not built")
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_torch_export_keeps_the_kernel_with_a_dynamic_batch(variant):
+    """torch.export.export of the eval model (64x96 images, batch size dynamic): the program holds the C++
+    custom op once per decoder layer and reproduces eager at other batch sizes."""
+    method, fused = variant
+    model = random_model(method, fused).eval().set_attention(backend="cpu", fused=fused)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (make_images(2, seed=3),), dynamic_shapes=({0: batch},))
+    forward = "ms_deform_attn_fused_forward" if fused else "ms_deform_attn_forward"
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    kernel_calls = [target for target in targets if target.startswith("rtdetrv2_kernels.")]
+    assert kernel_calls == [f"rtdetrv2_kernels.{forward}.default"] * model.config.num_decoder_layers
+    for batch in (2, 3, 1):
+        images = make_images(batch, seed=batch)
+        actual = program.module()(images)
+        with torch.no_grad():
+            expected = model(images)
+        assert_predictions_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # about 25 s: two exports
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_onnx_export_is_standard_and_matches_onnxruntime(fused):
+    """torch.onnx.export of the eval model (batch size dynamic), query selection (TopK) included: standard
+    operators only, GridSample for bilinear sampling and none for discrete; onnxruntime on CPU reproduces
+    PyTorch's logits and boxes to 1e-4."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from onnx_helpers import export, operators, run_onnxruntime
+
+    gathers = {}
+    for method in ("default", "discrete"):
+        model = random_model(method, fused).eval()
+        proto = export(model, (make_images(2, seed=3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        onnx.checker.check_model(proto)
+        ops = operators(proto)
+        assert {domain for domain, _ in ops} == {"ai.onnx"}, f"non-standard operators: {sorted(ops)}"
+        assert (("ai.onnx", "GridSample") in ops) == (method == "default"), sorted(ops)
+        assert ("ai.onnx", "TopK") in ops
+        gathers[method] = sum(node.op_type in ("Gather", "GatherElements", "GatherND") for node in proto.graph.node)
+        for batch in (2, 3):
+            images = make_images(batch, seed=batch)
+            logits, boxes = run_onnxruntime(proto, [images])
+            with torch.no_grad():
+                expected = model(images)
+            assert relative_error(logits, expected["pred_logits"]) <= 1e-4
+            assert relative_error(boxes, expected["pred_boxes"]) <= 1e-4
+    # Both graphs gather the selected queries; discrete sampling gathers its pixels on top of that.
+    assert gathers["discrete"] > gathers["default"], gathers
+
+
+DDP_BATCH = 4
+
+
+def ddp_model(method, fused):
+    """The tiny model in float64 (for a tight comparison), in training mode except for BatchNorm: training-mode
+    BatchNorm normalizes with each process's own shard (SyncBatchNorm, which would not, needs GPUs). No
+    denoising noise (its draws follow the batch's layout), and as many queries as encoder positions: the top-k
+    selection then keeps all of them and a rounding-level difference cannot change which are kept."""
+    model = random_model(method, fused, num_queries=ENCODER_POSITIONS, label_noise_ratio=0.0, box_noise_scale=0.0)
+    model = model.double().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    return model
+
+
+def ddp_loss(model, images, targets):
+    return training_loss(model(images, targets))
+
+
+def _ddp_worker(rank, out_dir):
+    images, targets = make_images(DDP_BATCH, seed=5, dtype=torch.float64), make_targets(DDP_BATCH)
+    shard = slice(rank * DDP_BATCH // WORLD, (rank + 1) * DDP_BATCH // WORLD)
+    for variant in TRAINING_VARIANTS:  # one spawn for all: starting the processes is most of the cost
+        loss = functools.partial(ddp_loss, images=images[shard], targets=targets[shard])
+        save_ddp_gradients(ddp_model(*variant), loss, os.path.join(out_dir, f"{variant_id(variant)}-rank{rank}.pt"))
+
+
+@requires_gloo
+def test_ddp_gradients_match_single_process(tmp_path):
+    """Two gloo processes, each training on half the batch with denoising, end with the gradients of one
+    process on the whole batch."""
+    spawn(_ddp_worker, str(tmp_path))
+    for variant in TRAINING_VARIANTS:
+        model = ddp_model(*variant)
+        ddp_loss(model, make_images(DDP_BATCH, seed=5, dtype=torch.float64), make_targets(DDP_BATCH)).backward()
+        expected = gradients(model)
+        assert expected.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+        assert_ranks_match(expected, [tmp_path / f"{variant_id(variant)}-rank{rank}.pt" for rank in range(WORLD)],
+                           rtol=1e-9, atol=1e-15)
