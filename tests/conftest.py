@@ -134,3 +134,21 @@ def training_loss(outputs):
     Simple, and it reaches every trainable parameter of python_model."""
     terms = [outputs, *outputs["aux_outputs"], *outputs["enc_aux_outputs"], *outputs["dn_aux_outputs"]]
     return sum((o["pred_boxes"] - 0.5).abs().mean() + o["pred_logits"].sigmoid().mean() for o in terms)
+
+
+GPU_KERNELS = [b for b in backends_for("cuda") if b != "torch"] if torch.cuda.is_available() else []
+needs_gpu_kernels = pytest.mark.skipif(not GPU_KERNELS, reason="needs a GPU and a GPU kernel backend")
+
+
+def capture_cuda_graph(fn):
+    """(graph, fn's outputs as captured): fn runs once on a side stream first, so that lazy initialization
+    (and Triton's autotuning) happens outside the capture; graph.replay() then reruns it on the same buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    return graph, captured

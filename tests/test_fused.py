@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SHAPES, assert_close, backend_params, backends_for
+from conftest import GPU_KERNELS, SHAPES, assert_close, backend_params, backends_for, capture_cuda_graph, needs_gpu_kernels
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
 
@@ -201,3 +201,25 @@ def test_empty_and_nonfinite(backend, device):
     expected = ms_deform_attn_fused_reference(value.double(), SHAPES, ref.double(), offsets.double(),
                                               logits.double(), POINTS, 0.5)
     assert_close(out, expected, torch.float32, f"{backend} with non-finite offsets")
+
+
+@needs_gpu_kernels
+@pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
+    inputs = [t.float().requires_grad_() for t in fused_inputs(channels=32, device="cuda")]
+    value, reference, offsets, logits = inputs
+    grad_output = torch.randn(2, 5, 3 * 32, device="cuda")
+
+    def step():
+        output = ms_deform_attn_fused(value, SHAPES, reference, offsets, logits, POINTS, 0.5, method, backend=backend)
+        return (output, *torch.autograd.grad(output, inputs, grad_output))
+
+    graph, captured = capture_cuda_graph(step)
+    with torch.no_grad():
+        for target, source in zip(inputs, fused_inputs(channels=32, device="cuda", seed=7)):
+            target.copy_(source)
+    graph.replay()
+    names = ("output", "value", "reference_points", "sampling_offsets", "attention_logits")
+    for name, replayed, eager in zip(names, captured, step()):  # atomics may sum in another order
+        assert_close(replayed, eager, torch.float32, f"{name} replayed")

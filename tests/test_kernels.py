@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, assert_close, backend_params, backends_for, make_inputs, run_with_grads
+from conftest import (
+    GPU_KERNELS,
+    POINTS,
+    SHAPES,
+    assert_close,
+    backend_params,
+    backends_for,
+    capture_cuda_graph,
+    make_inputs,
+    needs_gpu_kernels,
+    run_with_grads,
+)
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_reference
 
@@ -167,10 +178,6 @@ def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
             assert torch.equal(a, b), name
 
 
-GPU_KERNELS = [b for b in backends_for("cuda") if b != "torch"] if torch.cuda.is_available() else []
-needs_gpu_kernels = pytest.mark.skipif(not GPU_KERNELS, reason="needs a GPU and a GPU kernel backend")
-
-
 @needs_gpu_kernels
 @pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
 @pytest.mark.parametrize("method", METHODS)
@@ -182,14 +189,7 @@ def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
         output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, method, backend=backend)
         return (output, *torch.autograd.grad(output, (value, locations, weights), grad_output))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and Triton's autotuning) outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     fresh = make_inputs(channels=32, device="cuda", seed=7)
     with torch.no_grad():
         for target, source in zip((value, locations, weights), fresh):

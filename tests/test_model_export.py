@@ -3,12 +3,21 @@ the whole tiny model, as test_registration.py, test_onnx.py and test_ddp.py chec
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
 import pytest
 import torch
-from conftest import randomize_, relative_error, tiny_model, training_loss
+from conftest import (
+    GPU_KERNELS,
+    capture_cuda_graph,
+    needs_gpu_kernels,
+    randomize_,
+    relative_error,
+    tiny_model,
+    training_loss,
+)
 from distributed import WORLD, assert_ranks_match, gradients, requires_gloo, save_ddp_gradients, spawn
 
 from rtdetrv2_kernels.backends import unavailable_reason
@@ -184,3 +193,29 @@ def test_ddp_gradients_match_single_process(tmp_path):
         assert expected.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
         assert_ranks_match(expected, [tmp_path / f"{variant_id(variant)}-rank{rank}.pt" for rank in range(WORLD)],
                            rtol=1e-9, atol=1e-15)
+
+
+@needs_gpu_kernels
+@pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
+def test_gpu_model_matches_cpu_compiles_and_replays_in_a_cuda_graph(backend, monkeypatch):
+    """On the GPU kernels: eager equals the CPU model, torch.compile(fullgraph=True) equals eager, and the
+    whole forward replays from a CUDA graph (no host synchronization inside it) on new images."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, to compare with the CPU
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cpu_model = random_model("default", True).eval()
+    model = copy.deepcopy(cpu_model).cuda().set_attention(backend=backend)
+    images = make_images(2, seed=3)
+    with torch.no_grad():
+        expected = cpu_model(images)
+        actual = model(images.cuda())
+        for key in ("pred_logits", "pred_boxes"):
+            assert relative_error(actual[key].cpu(), expected[key]) <= 1e-4, key
+        torch._dynamo.reset()
+        assert_predictions_close(torch.compile(model, fullgraph=True)(images.cuda()), actual, rtol=1e-4, atol=1e-5)
+
+        static_images = images.cuda()
+        graph, captured = capture_cuda_graph(lambda: model(static_images))
+        fresh = make_images(2, seed=4).cuda()
+        static_images.copy_(fresh)
+        graph.replay()
+        assert_predictions_close(captured, model(fresh), rtol=1e-5, atol=1e-6)
