@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -83,7 +83,7 @@ SOURCE_PACKAGES = ["rtdetrv2_kernels.csrc"] + sorted(
 )
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["rtdetrv2_kernels", *SOURCE_PACKAGES, "python_model"],
+    packages=[*find_packages(include=["rtdetrv2_kernels", "rtdetrv2_kernels.*", "python_model"]), *SOURCE_PACKAGES],
     package_dir={"rtdetrv2_kernels.csrc": "csrc"},
     package_data={name: ["*.h", "*.cuh", "*.cpp", "*.cu"] for name in SOURCE_PACKAGES},
     ext_modules=ext_modules,

@@ -17,7 +17,8 @@ echo "== installing torch 2.14.1"
 "$VENV/bin/python" -m pip install -q torch==2.14.1 numpy
 echo "== building rtdetrv2_kernels"
 "$VENV/bin/python" -m pip install -q --no-build-isolation ".[test]"
-"$VENV/bin/python" -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())"
+# From inside the venv, so that the installed package is imported rather than the checkout's sources.
+(cd "$VENV" && bin/python -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())")
 echo "== pytest"
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path and would test the
 # source tree instead of the installed package.

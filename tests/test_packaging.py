@@ -41,7 +41,8 @@ def test_isolated_wheel_ships_sources_and_compiles_at_first_use(tmp_path):
     (wheel,) = wheel_dir.glob("rtdetrv2_kernels-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for source in ("rtdetrv2_kernels/csrc/sampling.h", "rtdetrv2_kernels/csrc/cpu/ms_deform_attn_cpu.cpp",
-                   "python_model/__main__.py", "python_model/checkpoints.py"):
+                   "rtdetrv2_kernels/integrations/transformers.py", "python_model/__main__.py",
+                   "python_model/checkpoints.py"):
         assert source in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))], "an isolated build must not ship a binary"
 
