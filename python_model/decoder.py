@@ -7,7 +7,6 @@ import math
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import rtdetrv2_kernels
@@ -231,7 +230,7 @@ class RTDETRTransformerv2(nn.Module):
         anchors = torch.log(anchors / (1 - anchors))
         return torch.where(valid, anchors, torch.finfo(dtype).max), valid
 
-    def _select_queries(self, memory, scores):
+    def _select_queries(self, scores):
         method = self.config.query_select_method
         if method == "one2many":
             return torch.topk(scores.flatten(1), self.num_queries, dim=-1).indices // self.num_classes
@@ -254,7 +253,7 @@ class RTDETRTransformerv2(nn.Module):
         output_memory = self.enc_output(valid.to(memory.dtype) * memory)
         enc_logits = self.enc_score_head(output_memory)
         enc_coords_unact = self.enc_bbox_head(output_memory) + anchors
-        index = self._select_queries(output_memory, enc_logits)
+        index = self._select_queries(enc_logits)
 
         def pick(tensor):
             return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
