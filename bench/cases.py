@@ -51,6 +51,7 @@ class Shape:
 def _shapes() -> dict[str, Shape]:
     shapes = [
         Shape("rtdetrv2-infer-b1", 1, 300, feature_levels(640), (4, 4, 4)),
+        Shape("rtdetrv2-infer-b4", 4, 300, feature_levels(640), (4, 4, 4)),  # the CPU kernel's B=4 target
         Shape("rtdetrv2-infer-b8", 8, 300, feature_levels(640), (4, 4, 4)),
         *(Shape(f"rtdetrv2-train-b16-{size}", 16, 500, feature_levels(size), (4, 4, 4))
           for size in range(480, 801, 32)),  # RT-DETRv2's multi-scale training sizes
@@ -66,7 +67,7 @@ def _shapes() -> dict[str, Shape]:
 SHAPES = _shapes()
 # What a run times unless told otherwise. The CPU set keeps the main job to minutes on a laptop.
 DEFAULT_SHAPES = {
-    "cpu": ["rtdetrv2-infer-b1", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-640", "dfine-infer-b1",
+    "cpu": ["rtdetrv2-infer-b1", "rtdetrv2-infer-b4", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-640", "dfine-infer-b1",
             "detr-encoder-b2"],
     "cuda": ["rtdetrv2-infer-b1", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-480", "rtdetrv2-train-b16-640",
              "rtdetrv2-train-b16-800", "dfine-infer-b1", "dfine-train-b16", "detr-encoder-b2",

@@ -9,7 +9,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -76,6 +81,22 @@ struct Simd {
     return total;
   }
 };
+
+// A zero-filled tensor whose pages the kernel backs with 2 MiB pages where Linux allows it (transparent huge
+// pages in "madvise" mode). glibc maps every block over 32 MiB afresh and unmaps it on free, so each backward
+// pays one page fault per 4 KiB of grad_value; measured on a 2-core VM, zero-filling the 34 MiB grad_value of
+// B=4 (80x80/40x40/20x20, H=8, C=32) took 10.3 ms with 4 KiB pages and 2.7-3.5 ms with huge pages.
+at::Tensor zeros_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor tensor = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const uintptr_t end = begin + tensor.nbytes();
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  if (end > first + kHugePage) madvise(reinterpret_cast<void*>(first), (end - first) & ~(kHugePage - 1), MADV_HUGEPAGE);
+#endif
+  return tensor.zero_();
+}
 
 RTDETRV2_INLINE void prefetch(const void* address) {
 #if defined(__GNUC__)
@@ -233,10 +254,12 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
           weights[k] = w * corners.weight[k];
         }
       }
-      if constexpr (kDiscrete) {
-        // One row per point leaves the summation little to overlap its cache misses with; measured, the
-        // prefetch halves the discrete forward, while the four-corner bilinear sum runs best without it.
-        for (int64_t c = 0; c < C; c += 64 / sizeof(scalar_t)) prefetch(rows[0] + c);
+      // The rows of every point are requested as soon as they are known, so the misses of one point overlap
+      // the index math of the next ones instead of stalling the summation. Measured (2-core AMD EPYC VM,
+      // 80x80/40x40/20x20, Q=300, H=8, C=32, fp32): bilinear B=4 2.8-3.3 -> 1.9-2.4 ms, B=1 unchanged;
+      // the discrete forward (one row per point) was measured twice as fast with it on an Intel VM.
+      for (int64_t k = 0; k < kTapsPerPoint<kDiscrete>; ++k) {
+        for (int64_t c = 0; c < C; c += 64 / sizeof(scalar_t)) prefetch(rows[k] + c);
       }
     });
     weighted_sum(tap_rows.data(), tap_weights.data(), num_taps, C, output + bqh * C);
@@ -342,7 +365,8 @@ at::Tensor backward_cpu(const at::Tensor& grad_output_in, const KernelInputs& in
               "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
               in.value.scalar_type(), ", got ", grad_output.scalar_type());
-  at::Tensor grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(at::toOpMathType(in.value.scalar_type())));
+  at::Tensor grad_value =
+      zeros_on_huge_pages(in.value.sizes(), in.value.options().dtype(at::toOpMathType(in.value.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     const auto source = make_points(static_cast<scalar_t*>(nullptr));
     const Problem<scalar_t, std::decay_t<decltype(source)>> problem(in.levels, source, in.value, queries);
