@@ -13,7 +13,7 @@ import rtdetrv2_kernels
 
 from .config import RTDETRv2Config
 from .denoising import contrastive_denoising_group
-from .layers import MLP, ConvNormLayer, activation, inverse_sigmoid
+from .layers import MLP, ConvNormLayer, activation, cached_unless_compiling, inverse_sigmoid
 
 
 class MSDeformableAttention(nn.Module):
@@ -209,12 +209,8 @@ class RTDETRTransformerv2(nn.Module):
     def anchors(self, spatial_shapes, device, dtype, eps: float = 1e-2):
         """Per encoder position: a box anchor (inverse-sigmoid cxcywh: the pixel's center, size 0.05 * 2^level)
         and whether it lies safely inside the image; anchors outside get the dtype's largest value."""
-        if not torch.compiler.is_compiling():
-            key = (tuple(spatial_shapes), device, dtype)
-            if key not in self._anchor_cache:
-                self._anchor_cache[key] = self._make_anchors(spatial_shapes, device, dtype, eps)
-            return self._anchor_cache[key]
-        return self._make_anchors(spatial_shapes, device, dtype, eps)
+        return cached_unless_compiling(self._anchor_cache, (tuple(spatial_shapes), device, dtype, eps),
+                                       lambda: self._make_anchors(spatial_shapes, device, dtype, eps))
 
     @staticmethod
     def _make_anchors(spatial_shapes, device, dtype, eps):

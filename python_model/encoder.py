@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RTDETRv2Config
-from .layers import ConvNormLayer, activation
+from .layers import ConvNormLayer, activation, cached_unless_compiling
 
 
 def sincos_position_embedding(height: int, width: int, dim: int, temperature: float, device, dtype) -> torch.Tensor:
@@ -131,14 +131,10 @@ class HybridEncoder(nn.Module):
         self._pos_embed_cache: dict = {}
 
     def position_embedding(self, height: int, width: int, device, dtype) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # constant-folded by the compiler; a dict cache would guard on it
-            return sincos_position_embedding(height, width, self.hidden_dim, self.pe_temperature, device, dtype)
-        key = (height, width, device, dtype)
-        if key not in self._pos_embed_cache:
-            self._pos_embed_cache[key] = sincos_position_embedding(
-                height, width, self.hidden_dim, self.pe_temperature, device, dtype
-            )
-        return self._pos_embed_cache[key]
+        return cached_unless_compiling(
+            self._pos_embed_cache, (height, width, device, dtype),
+            lambda: sincos_position_embedding(height, width, self.hidden_dim, self.pe_temperature, device, dtype),
+        )
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(features) != len(self.input_proj):

@@ -81,6 +81,16 @@ class MLP(nn.Module):
         return x
 
 
+def cached_unless_compiling(cache: dict, key, make):
+    """make(), memoized in `cache` under `key` when running eagerly. While torch.compile or torch.export traces,
+    make() runs inside the graph instead: a lookup in the dict would make the graph guard on its contents."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
