@@ -16,7 +16,7 @@ import torch
 
 import rtdetrv2_kernels as _package  # the op is looked up per call, so a test can watch it
 
-from ._validation import _as_int, level_shapes
+from ._validation import _as_int, _check_tensor, level_shapes
 
 __all__ = [
     "MSDeformAttnFunction",
@@ -106,15 +106,9 @@ def _gather_levels_on_device(value: torch.Tensor, shapes, starts: torch.Tensor) 
 
 
 def _check_v1_tensors(value, sampling_locations, attention_weights, num_levels: int) -> None:
-    for name, tensor, dims in (
-        ("value", value, "(B, S, H, C)"),
-        ("sampling_locations", sampling_locations, "(B, Q, H, L, P, 2)"),
-        ("attention_weights", attention_weights, "(B, Q, H, L, P)"),
-    ):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(tensor).__name__}")
-        if tensor.dim() != dims.count(",") + 1:
-            raise ValueError(f"{name} must have shape {dims}, got {tuple(tensor.shape)}")
+    _check_tensor("value", value, "(B, S, H, C)")
+    _check_tensor("sampling_locations", sampling_locations, "(B, Q, H, L, P, 2)")
+    _check_tensor("attention_weights", attention_weights, "(B, Q, H, L, P)")
     batch, _, heads, _ = value.shape
     queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
     expected = (batch, queries, heads, num_levels, points, 2)

@@ -32,12 +32,10 @@ import rtdetrv2_kernels as _package  # the op is looked up per call, so a test c
 __all__ = ["patch", "unpatch", "patched", "is_patched", "patched_targets"]
 
 _MISSING = object()
-_V2_FUNCTION_MODULES = ("rt_detr_v2",)
 _V2_CORE_CLASSES = (("d_fine", "DFineMultiscaleDeformableAttention"), ("deimv2", "Deimv2MultiscaleDeformableAttention"))
 _V2_CORE_ATTRIBUTE = "ms_deformable_attn_core"
 _LAYER_MODULES = ("deformable_detr", "rt_detr", "grounding_dino", "mm_grounding_dino", "omdet_turbo", "lw_detr",
                   "rf_detr", "pp_doclayout_v2", "pp_doclayout_v3", "pp_doclayout_v4")
-_V1_FUNCTION_MODULES = ("mask2former", "oneformer")
 
 # (owner, attribute name, what was there or _MISSING, description) for every change in force.
 _applied: list[tuple[object, str, object, str]] = []
@@ -111,13 +109,20 @@ def _set(owner, name: str, replacement, description: str) -> None:
     setattr(owner, name, replacement)
 
 
+# (families, module-level function name, replacement): functions their modeling files look up per call.
+_FUNCTION_SWAPS = (
+    (("rt_detr_v2",), "multi_scale_deformable_attention_v2", multi_scale_deformable_attention_v2),
+    (("mask2former", "oneformer"), "multi_scale_deformable_attention", multi_scale_deformable_attention),
+)
+
+
 def _targets():
     """(owner, attribute, replacement, description) for every swap the installed transformers supports."""
-    for family in _V2_FUNCTION_MODULES:
-        module = _module(family)
-        if module is not None and callable(getattr(module, "multi_scale_deformable_attention_v2", None)):
-            yield module, "multi_scale_deformable_attention_v2", multi_scale_deformable_attention_v2, \
-                f"{module.__name__}.multi_scale_deformable_attention_v2"
+    for families, name, replacement in _FUNCTION_SWAPS:
+        for family in families:
+            module = _module(family)
+            if module is not None and callable(getattr(module, name, None)):
+                yield module, name, replacement, f"{module.__name__}.{name}"
     for family, class_name in _V2_CORE_CLASSES:
         module = _module(family)
         cls = getattr(module, class_name, None)
@@ -130,11 +135,6 @@ def _targets():
         cls = getattr(module, "MultiScaleDeformableAttention", None)
         if cls is not None and "forward" in cls.__dict__:
             yield cls, "forward", _layer_forward, f"{module.__name__}.MultiScaleDeformableAttention.forward"
-    for family in _V1_FUNCTION_MODULES:
-        module = _module(family)
-        if module is not None and callable(getattr(module, "multi_scale_deformable_attention", None)):
-            yield module, "multi_scale_deformable_attention", multi_scale_deformable_attention, \
-                f"{module.__name__}.multi_scale_deformable_attention"
 
 
 def patch() -> list[str]:
