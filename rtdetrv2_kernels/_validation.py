@@ -125,13 +125,13 @@ def widen_under_autocast(*tensors):
     dtypes stay an error."""
     if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES for t in tensors):
         return tensors
+    if all(t.dtype == tensors[0].dtype for t in tensors):
+        return tensors
     widest = tensors[0].dtype
     for tensor in tensors[1:]:
         widest = torch.promote_types(widest, tensor.dtype)
     device_type = tensors[0].device.type
-    if all(t.dtype == widest for t in tensors) or not (
-        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    ):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     return tuple(t.to(widest) for t in tensors)
 

@@ -82,13 +82,26 @@ def available_backends() -> list[str]:
 
 @functools.cache
 def _warn_fallback(device_type: str, skipped: str) -> None:
-    warnings.warn(f"rtdetrv2_kernels: falling back to the slow 'torch' backend on {device_type}: {skipped}", stacklevel=3)
+    warnings.warn(f"rtdetrv2_kernels: falling back to the slow 'torch' backend on {device_type}: {skipped}", stacklevel=4)
+
+
+# What each (backend argument, device type, environment variable) resolved to: availability does not change
+# within a process, and eager calls then skip the lookups (a few microseconds each call).
+_RESOLVED: dict[tuple[str | None, str, str | None], str] = {}
 
 
 # torch.compile runs this once per (backend, device type) while tracing and bakes in the answer, so the
 # environment lookup and the first-use library load stay out of the compiled graph.
 @torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device_type: str) -> str:
+    key = (backend, device_type, os.environ.get(ENV_VAR))
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve(backend, device_type)
+    return resolved
+
+
+def _resolve(backend: str | None, device_type: str) -> str:
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}={backend!r}"
