@@ -172,6 +172,7 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     info = report.environment(args.threads)
+    info["malloc"] = timing.pin_malloc_thresholds()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
     print("self-check against the fp64 reference:")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from bench import cases
+from bench import cases, timing
+
+
+def pytest_configure(config):
+    timing.pin_malloc_thresholds()  # as `python -m bench` does: timings must not depend on allocator history
 
 
 def pytest_addoption(parser):

@@ -16,6 +16,7 @@ breaks, also when Triton runs in interpreter mode (TRITON_INTERPRET=1) on CPU te
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -334,6 +335,19 @@ def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
         tuned[lambda meta: (triton.cdiv(grid_q, meta["BLOCK_Q"]), batch_heads)](*args, **constants)
 
 
+def _alert_not_deterministic(op: str) -> None:
+    """What PyTorch's own nondeterministic CUDA ops do under torch.use_deterministic_algorithms(True): raise,
+    or only warn with warn_only=True. grad_value's atomic adds land in a different order on each run."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"rtdetrv2_kernels: {op} (Triton) adds into grad_value with atomics and is not deterministic; "
+               "the 'cuda' backend has a deterministic mode (docs/semantics.md)")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
 def _level_constants(value, spatial_shapes, num_points, method, reference_points=None):
     shapes = tuple(int(s) for s in spatial_shapes)
     points = tuple(int(p) for p in num_points)
@@ -395,6 +409,7 @@ def triton_ms_deform_attn_backward(
     num_points: list[int],
     method: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _alert_not_deterministic("the backward of ms_deform_attn")
     value, locations, weights = _prepare(value, spatial_shapes, sampling_locations, attention_weights,
                                          num_points, method)
     batch, _, heads, channels = value.shape
@@ -467,6 +482,7 @@ def triton_ms_deform_attn_fused_backward(
     offset_scale: float,
     method: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _alert_not_deterministic("the backward of ms_deform_attn_fused")
     value, reference, offsets, logits = _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets,
                                                        attention_logits, num_points, offset_scale, method)
     batch, _, heads, channels = value.shape

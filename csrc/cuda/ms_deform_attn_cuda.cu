@@ -4,15 +4,18 @@
 // (16 bytes: 4 fp32 or 8 fp16/bf16 channels; VEC = 1 when C or the strides do not allow it). The lanes of a
 // group read the same location and weight, which the cache serves once; each lane gathers its channels of
 // the four corners with one vector load apiece, all four issued before use. The backward scatters into
-// grad_value with atomics on an fp32 (fp64 for fp64) buffer and reduces the location and weight gradients
-// over the group's lanes with warp shuffles when the group size is a power of two up to 32 (atomics
-// otherwise). Level shapes travel in the kernel arguments, so no launch needs a device table or a sync.
+// grad_value with atomics on an fp32 (fp64 for fp64) buffer, four floats per atomic on sm_90, and reduces
+// the location and weight gradients over the group's lanes with warp shuffles when the group size is a power
+// of two up to 32 (atomics otherwise). Under torch.use_deterministic_algorithms(True) grad_value accumulates
+// in 64-bit fixed point instead, whose integer additions give the same bits in any order (FixedPointSink).
+// Level shapes travel in the kernel arguments, so no launch needs a device table or a sync.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <tuple>
 #include <type_traits>
 
@@ -177,13 +180,84 @@ __device__ __forceinline__ void add_group_partial(acc_t* target, acc_t partial, 
   }
 }
 
-// grad_value, grad_locations and grad_weights are in acc_t; grad_value is contiguous (B, S, H, C) and
-// zeroed, and so are the other two when kShuffle is false. With kShuffle every lane of a warp runs the whole
+// Where the backward adds grad_value contributions. FloatSink: atomic adds on a zeroed acc_t buffer, fast but
+// rounded in whatever order the atomics land. FixedPointSink: each contribution becomes round(v * scale) and is
+// added as a 64-bit integer into a zeroed buffer, so the sum is the same in any order; scale is a power of two
+// chosen from a bound on any element's total (fixed_point_scale_kernel), which keeps every partial sum below
+// 2^62 and resolves contributions down to 2^-62 of that bound, finer than fp32 rounding of any element
+// larger than 2^-38 of it.
+template <typename acc_t>
+struct FloatSink {
+  acc_t* data;
+  __device__ __forceinline__ FloatSink ready() const { return *this; }
+  __device__ __forceinline__ void add(int64_t index, acc_t v) const { atomicAdd(data + index, v); }
+  // data[index + j] += scale * g[j] for j < VEC; index is a multiple of VEC.
+  template <int VEC>
+  __device__ __forceinline__ void add_scaled(int64_t index, acc_t scale, const acc_t (&g)[VEC]) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Hopper adds four floats in one atomic (16-byte aligned: the buffer is, and index is a multiple of 4).
+    if constexpr (std::is_same_v<acc_t, float> && VEC % 4 == 0) {
+#pragma unroll
+      for (int j = 0; j < VEC; j += 4) {
+        atomicAdd(reinterpret_cast<float4*>(data + index + j),
+                  make_float4(scale * g[j], scale * g[j + 1], scale * g[j + 2], scale * g[j + 3]));
+      }
+      return;
+    }
+#endif
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) add(index + j, scale * g[j]);
+  }
+};
+
+struct FixedPointSink {
+  unsigned long long* data;
+  const double* scale_pointer;  // a device scalar: the kernels read it, so choosing it needs no sync
+  double scale;
+  __device__ __forceinline__ FixedPointSink ready() const { return {data, scale_pointer, *scale_pointer}; }
+  template <typename acc_t>
+  __device__ __forceinline__ void add(int64_t index, acc_t v) const {
+    // Two's complement: adding the unsigned image of a negative integer subtracts it.
+    atomicAdd(data + index, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(v) * scale)));
+  }
+  template <int VEC, typename acc_t>
+  __device__ __forceinline__ void add_scaled(int64_t index, acc_t factor, const acc_t (&g)[VEC]) const {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) add(index + j, factor * g[j]);
+  }
+};
+
+// scale = 2^(62 - e) for the bound < 2^e; 0 when the bound is not finite (a NaN or infinite weight or
+// output gradient), which fixed_point_to_float_kernel turns into a grad_value that is NaN everywhere.
+__global__ void fixed_point_scale_kernel(const double* __restrict__ bound, double* __restrict__ scale) {
+  const double b = *bound;
+  if (!(b <= DBL_MAX)) {
+    *scale = 0.0;
+    return;
+  }
+  int exponent = 0;
+  frexp(b, &exponent);
+  *scale = ldexp(1.0, min(62 - exponent, 1000));
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    fixed_point_to_float_kernel(const long long* __restrict__ sums, const double* __restrict__ scale,
+                                scalar_t* __restrict__ out, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const double s = *scale;
+  const double quiet_nan = __longlong_as_double(0x7ff8000000000000LL);
+  out[i] = static_cast<scalar_t>(s == 0.0 ? quiet_nan : static_cast<double>(sums[i]) / s);
+}
+
+// grad_locations and grad_weights are in acc_t and zeroed when kShuffle is false; grad_value is contiguous
+// (B, S, H, C), added to through the sink. With kShuffle every lane of a warp runs the whole
 // loop (inactive lanes on zeros) so that the shuffles see full warps.
-template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle, typename Points>
+template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle, typename Points, typename Sink>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
-                    const Points points, at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    const Points points, const Sink grad_value_sink,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g, LevelParams levels,
                     int64_t total_lanes) {
@@ -199,7 +273,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t S = levels.start[levels.num_levels - 1] +
                     static_cast<int64_t>(levels.height[levels.num_levels - 1]) * levels.width[levels.num_levels - 1];
   const scalar_t* value_bh = value + b * g.stride_b + h * g.stride_h + lane * VEC;
-  acc_t* grad_bh = grad_value + (b * S * g.heads + h) * g.channels + lane * VEC;
+  const Sink grad_value = grad_value_sink.ready();
+  const int64_t grad_bh = (b * S * g.heads + h) * g.channels + lane * VEC;
   const int64_t grad_stride_s = g.heads * g.channels;
   acc_t grad_out[VEC];
   {
@@ -212,7 +287,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   points.visit(bqh, levels, [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y) {
     const int32_t height = levels.height[l], width = levels.width[l];
     const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
-    acc_t* grad_rows = grad_bh + levels.start[l] * grad_stride_s;
+    const int64_t grad_rows = grad_bh + levels.start[l] * grad_stride_s;
     const int64_t point = bqh * g.points + p;
     acc_t grad_w = 0, grad_x = 0, grad_y = 0;
     if constexpr (kDiscrete) {
@@ -220,10 +295,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       if (active && offset >= 0) {
         const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, true);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          grad_w += grad_out[j] * static_cast<acc_t>(v.v[j]);
-          atomicAdd(grad_rows + offset * grad_stride_s + j, w * grad_out[j]);
-        }
+        for (int j = 0; j < VEC; ++j) grad_w += grad_out[j] * static_cast<acc_t>(v.v[j]);
+        grad_value.template add_scaled<VEC>(grad_rows + offset * grad_stride_s, w, grad_out);
       }
     } else {
       const auto corners = bilinear_corners(loc_x, loc_y, height, width);
@@ -241,9 +314,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         grad_x += corners.dweight_dx[k] * dot;
         grad_y += corners.dweight_dy[k] * dot;
         if (active && corners.inside[k]) {
-          const acc_t scale = w * corners.weight[k];
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) atomicAdd(grad_rows + corners.offset[k] * grad_stride_s + j, scale * grad_out[j]);
+          grad_value.template add_scaled<VEC>(grad_rows + corners.offset[k] * grad_stride_s, w * corners.weight[k],
+                                              grad_out);
         }
       }
       // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
@@ -333,9 +405,13 @@ at::Tensor forward_cuda(const KernelInputs& in, const MakePoints& make_points) {
 }
 
 // grad_value, and the gradients of the per-point weights and locations in acc_t, for any point source.
-template <typename MakePoints>
+// weight_mass() returns a device scalar (double) bounding, for every (batch, head), the sum over queries and
+// points of |attention weight|: with max |grad_output| it bounds every element of grad_value, which the
+// deterministic mode needs to choose its fixed-point scale.
+template <typename MakePoints, typename WeightMass>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_in, const KernelInputs& in,
-                                                             const MakePoints& make_points) {
+                                                             const MakePoints& make_points,
+                                                             const WeightMass& weight_mass) {
   const LevelParams levels = make_level_params(in.levels);
   const at::Tensor grad_output = grad_output_in.contiguous();
   TORCH_CHECK(grad_output.sizes() ==
@@ -344,36 +420,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type() && grad_output.device() == in.value.device(),
               "rtdetrv2_kernels: grad_output must match value's dtype and device");
   const auto acc_options = in.value.options().dtype(at::toOpMathType(in.value.scalar_type()));
-  at::Tensor grad_value = at::zeros(in.value.sizes(), acc_options);
+  at::Tensor grad_value;
   at::Tensor grad_locations = at::zeros(in.locations.sizes(), acc_options);
   at::Tensor grad_weights = at::zeros(in.weights.sizes(), acc_options);
-  if (grad_output.numel() > 0) {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto points = make_points(static_cast<scalar_t*>(nullptr));
-      const int vec = vector_width<scalar_t>(in.value, grad_output);
-      const Geometry g = make_geometry(in, vec);
-      const int64_t total = grad_output.numel() / vec;
-      const bool shuffle = g.lanes <= 32 && (g.lanes & (g.lanes - 1)) == 0;
-      dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-        // Shuffles need whole warps: launch a multiple of 32 lanes.
-        const auto launch = [&](auto kernel, int64_t threads) {
-          kernel<<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(), points,
-              grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
-              grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        using Points = std::decay_t<decltype(points)>;
-        if (shuffle) {
-          launch(backward_kernel<scalar_t, VEC, kDiscrete, true, Points>, blocks_for(total) * kThreadsPerBlock);
-        } else {
-          launch(backward_kernel<scalar_t, VEC, kDiscrete, false, Points>, total);
-        }
-      });
-    });
+  if (grad_output.numel() == 0) {
+    return {at::zeros(in.value.sizes(), in.value.options()), grad_locations, grad_weights};
   }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto points = make_points(static_cast<scalar_t*>(nullptr));
+    const int vec = vector_width<scalar_t>(in.value, grad_output);
+    const Geometry g = make_geometry(in, vec);
+    const int64_t total = grad_output.numel() / vec;
+    const bool shuffle = g.lanes <= 32 && (g.lanes & (g.lanes - 1)) == 0;
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    if (deterministic && !shuffle) {
+      // Raises, or warns under use_deterministic_algorithms(True, warn_only=True) and goes on with atomics.
+      at::globalContext().alertNotDeterministic(
+          "rtdetrv2_kernels ms_deform_attn backward (CUDA) when C / VEC is not a power of two up to 32 (VEC = the "
+          "channels in 16 bytes when C and value's strides are multiples of it, else 1)");
+    }
+    const bool fixed_point = deterministic && shuffle;
+    at::Tensor sums, scale;
+    if (fixed_point) {
+      sums = at::zeros(in.value.sizes(), in.value.options().dtype(at::kLong));
+      const at::Tensor bound = grad_output.abs().amax().to(at::kDouble) * weight_mass();
+      scale = at::empty({}, bound.options());
+      fixed_point_scale_kernel<<<1, 1, 0, stream>>>(bound.const_data_ptr<double>(), scale.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      grad_value = at::zeros(in.value.sizes(), acc_options);
+    }
+    dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
+      using Points = std::decay_t<decltype(points)>;
+      // Shuffles need whole warps: launch a multiple of 32 lanes.
+      const auto launch = [&](auto kernel, int64_t threads, auto sink) {
+        kernel<<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(), points, sink,
+            grad_locations.mutable_data_ptr<acc_t>(), grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      const int64_t whole_warps = blocks_for(total) * kThreadsPerBlock;
+      if (fixed_point) {
+        const FixedPointSink sink{reinterpret_cast<unsigned long long*>(sums.mutable_data_ptr<int64_t>()),
+                                  scale.const_data_ptr<double>(), 0.0};
+        launch(backward_kernel<scalar_t, VEC, kDiscrete, true, Points, FixedPointSink>, whole_warps, sink);
+      } else if (shuffle) {
+        launch(backward_kernel<scalar_t, VEC, kDiscrete, true, Points, FloatSink<acc_t>>, whole_warps,
+               FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
+      } else {
+        launch(backward_kernel<scalar_t, VEC, kDiscrete, false, Points, FloatSink<acc_t>>, total,
+               FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
+      }
+    });
+    if (fixed_point) {
+      grad_value = at::empty(in.value.sizes(), in.value.options().memory_format(at::MemoryFormat::Contiguous));
+      fixed_point_to_float_kernel<scalar_t><<<blocks_for(sums.numel()), kThreadsPerBlock, 0, stream>>>(
+          reinterpret_cast<const long long*>(sums.const_data_ptr<int64_t>()), scale.const_data_ptr<double>(),
+          grad_value.mutable_data_ptr<scalar_t>(), sums.numel());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
   return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
 }
 
@@ -397,11 +505,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const c10::cuda::OptionalCUDAGuard guard(value.device());
   const KernelInputs in =
       prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
-  auto [grad_value, grad_locations, grad_weights] = backward_cuda(grad_output, in, [&](auto* tag) {
-    using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    return PlainPoints<scalar_t>{in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
-                                 in.weights.size(3)};
-  });
+  auto [grad_value, grad_locations, grad_weights] = backward_cuda(
+      grad_output, in,
+      [&](auto* tag) {
+        using scalar_t = std::remove_pointer_t<decltype(tag)>;
+        return PlainPoints<scalar_t>{in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
+                                     in.weights.size(3)};
+      },
+      [&] { return in.weights.abs().to(at::kDouble).sum({1, 3}).amax(); });
   const auto dtype = in.value.scalar_type();
   return {grad_value, grad_locations.to(dtype), grad_weights.to(dtype)};
 }
@@ -436,9 +547,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
   const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
                                                attention_logits, num_points, method);
   const at::Tensor reference = reference_points.contiguous();
-  auto [grad_value, grad_locations, grad_weights] = backward_cuda(grad_output, in, [&](auto* tag) {
-    return fused_points<std::remove_pointer_t<decltype(tag)>>(in, reference, offset_scale);
-  });
+  // The softmaxed weights of each (batch, query, head) sum to 1 (to rounding, which the 2^62 bound absorbs).
+  auto [grad_value, grad_locations, grad_weights] = backward_cuda(
+      grad_output, in,
+      [&](auto* tag) { return fused_points<std::remove_pointer_t<decltype(tag)>>(in, reference, offset_scale); },
+      [&] { return at::scalar_tensor(static_cast<double>(in.locations.size(1)), in.value.options().dtype(at::kDouble)); });
   const int64_t B = in.value.size(0), Q = in.locations.size(1), H = in.value.size(2);
   // Each head's share of the reference gradient, summed over heads below.
   at::Tensor grad_reference_per_head =
