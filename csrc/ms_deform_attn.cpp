@@ -2,6 +2,8 @@
 // formula are registered from Python (rtdetrv2_kernels/_registration.py).
 #include <torch/library.h>
 
+#include "cpu/buffer_pool.h"
+
 TORCH_LIBRARY(rtdetrv2_kernels, m) {
   // spatial_shapes is flattened (H_0, W_0, H_1, W_1, ...); num_points holds one count per level;
   // method is "default" (bilinear) or "discrete" (nearest pixel). Returns (B, Q, H*C).
@@ -24,4 +26,6 @@ TORCH_LIBRARY(rtdetrv2_kernels, m) {
       "ms_deform_attn_fused_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
       "Tensor reference_points, Tensor sampling_offsets, Tensor attention_logits, int[] num_points, "
       "float offset_scale, str method) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Releases the large CPU gradient buffers kept for reuse (cpu/buffer_pool.cpp).
+  m.def("empty_cpu_cache() -> ()", &rtdetrv2_kernels::empty_cpu_cache);
 }

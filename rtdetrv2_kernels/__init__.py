@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _extension
 from ._validation import check_fused_inputs, check_inputs, widen_under_autocast
 from .backends import BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
@@ -19,6 +20,7 @@ __all__ = [
     "ms_deform_attn_reference",
     "ms_deform_attn_fused_reference",
     "available_backends",
+    "empty_cache",
     "BACKENDS",
     "ENV_VAR",
 ]
@@ -96,3 +98,15 @@ def ms_deform_attn_fused(
     )
     run = fused_implementation(resolve_backend(backend, value.device.type))
     return run(value, shapes, reference_points, sampling_offsets, attention_logits, points, float(offset_scale), method)
+
+
+def empty_cache() -> None:
+    """Releases the CPU gradient buffers that the ``"cpu"`` backend keeps for reuse.
+
+    A backward whose ``grad_value`` (or its fp32 accumulator) is 32 MiB or larger takes it from a pool that
+    keeps up to two such freed buffers mapped, so that the next call does not page-fault a fresh one (see
+    docs/semantics.md, "Memory"). This unmaps the idle ones; buffers still held by tensors are unaffected.
+    A no-op when the C++ kernels are not loaded. CUDA memory is PyTorch's: use ``torch.cuda.empty_cache()``.
+    """
+    if _extension.is_loaded("_C"):
+        torch.ops.rtdetrv2_kernels.empty_cpu_cache()

@@ -8,7 +8,7 @@ from pathlib import Path
 # Library name -> source files, relative to csrc/. _C defines the op schemas and the CPU kernels; _C_cuda
 # adds the CUDA kernels to those ops and is built only where a CUDA toolkit and a CUDA build of torch are.
 LIBRARIES = {
-    "_C": ["ms_deform_attn.cpp", "cpu/ms_deform_attn_cpu.cpp"],
+    "_C": ["ms_deform_attn.cpp", "cpu/ms_deform_attn_cpu.cpp", "cpu/buffer_pool.cpp"],
     "_C_cuda": ["cuda/ms_deform_attn_cuda.cu"],
 }
 # -fopenmp: ATen's parallel_for is an inline OpenMP region; without it every kernel runs on one thread.

@@ -105,6 +105,11 @@ def _jit_compile(name: str) -> None:
     )
 
 
+def is_loaded(name: str) -> bool:
+    """Whether library `name` has been loaded in this process (without trying to load it)."""
+    return _status.get(name, "not tried") is None
+
+
 def load(name: str) -> str | None:
     """Loads library `name` once per process; returns None on success, else the reason it is unavailable."""
     with _lock:

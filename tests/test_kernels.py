@@ -18,6 +18,7 @@ from conftest import (
     run_with_grads,
 )
 
+import rtdetrv2_kernels
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_reference
 
 METHODS = ["default", "discrete"]
@@ -211,3 +212,50 @@ def test_inference_forward_is_one_kernel_launch(backend):
         torch.cuda.synchronize()
     kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 1, kernels
+
+
+def _needs_cpu_kernels():
+    if "cpu" not in backends_for("cpu"):
+        pytest.skip("the C++ CPU kernels are not available")
+
+
+# One level whose fp32 grad_value is 34.6 MiB (> 32 MiB): the backward takes it from the reuse pool.
+POOLED_SHAPES, POOLED_POINTS = [(150, 236)], [4]
+POOLED_VALUE = dict(batch=1, queries=40, heads=8, channels=32, shapes=POOLED_SHAPES, points=POOLED_POINTS,
+                    borders=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_backward_reuses_large_gradient_buffers_zeroed(dtype, method):
+    _needs_cpu_kernels()
+    rtdetrv2_kernels.empty_cache()
+    for seed in range(3):
+        inputs = make_inputs(dtype=dtype, seed=seed, **POOLED_VALUE)
+        actual = run_with_grads(
+            lambda v, l, w: ms_deform_attn(v, POOLED_SHAPES, l, w, POOLED_POINTS, method, backend="cpu"), *inputs)
+        expected = run_with_grads(
+            lambda v, l, w: ms_deform_attn_reference(v, POOLED_SHAPES, l, w, POOLED_POINTS, method),
+            *(t.double() for t in inputs))
+        for name, a, e in zip(NAMES, actual, expected):
+            assert_close(a, e, dtype, f"call {seed} {name}")
+        # Poison the gradient before it returns to the pool: the next call must not see any of it.
+        actual[1].fill_(float("nan"))
+        del actual
+    rtdetrv2_kernels.empty_cache()
+
+
+def test_pooled_gradient_is_an_ordinary_tensor():
+    _needs_cpu_kernels()
+    value, locations, weights = make_inputs(dtype=torch.float32, **POOLED_VALUE)
+    value.requires_grad_()
+    for _ in range(2):  # autograd keeps the first gradient as value.grad and adds the second into it
+        ms_deform_attn(value, POOLED_SHAPES, locations, weights, POOLED_POINTS, backend="cpu").sum().backward()
+    expected = value.detach().clone().requires_grad_()
+    ms_deform_attn_reference(expected, POOLED_SHAPES, locations, weights, POOLED_POINTS).sum().backward()
+    assert_close(value.grad, 2 * expected.grad, torch.float32, "accumulated grad_value")
+    grad = value.grad
+    grad.resize_(grad.numel() * 2)  # storage from the pool is resizable like any other
+    assert grad.numel() == value.numel() * 2
+    rtdetrv2_kernels.empty_cache()
+    rtdetrv2_kernels.empty_cache()  # idempotent

@@ -9,10 +9,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -23,6 +19,7 @@
 #include "../fused_prologue.h"
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
+#include "buffer_pool.h"
 
 namespace rtdetrv2_kernels {
 namespace {
@@ -73,36 +70,20 @@ struct Simd {
   }
 };
 
-// A zero-filled tensor. glibc maps every block over 32 MiB afresh and unmaps it on free, so a backward whose
-// grad_value is that large pays one page fault per 4 KiB of it on every call; such blocks are asked to be
-// backed by 2 MiB pages where Linux allows it (transparent huge pages in "madvise" mode). Measured on a
-// 2-core VM: zero-filling the 34 MiB grad_value of B=4 (80x80/40x40/20x20, H=8, C=32) took 10.3 ms with 4 KiB
-// pages, 2.7-3.5 ms with huge pages. Smaller blocks are reused from the heap, where the advice only cost
-// time (B=1 forward+backward 2.6 -> 4.2 ms, interleaved with other allocating calls).
-at::Tensor zeros_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr int64_t kFreshMappingBytes = int64_t(32) << 20;
-  if (c10::multiply_integers(sizes) * options.dtype().itemsize() < kFreshMappingBytes) return at::zeros(sizes, options);
-  at::Tensor tensor = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
-  const uintptr_t end = begin + tensor.nbytes();
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  if (end > first + kHugePage) madvise(reinterpret_cast<void*>(first), (end - first) & ~(kHugePage - 1), MADV_HUGEPAGE);
-#endif
-  return tensor.zero_();
-}
-
 // Rows are requested before they are used, one request per 128 bytes: the L2's adjacent-line prefetcher
 // brings the other 64-byte line of each 128-byte pair, and a request per line clogged the miss queue.
-// prefetch_row_start requests a row's first 128 bytes, as soon as the row is known; rows longer than that get
-// the rest from prefetch_rows_rest once a whole (batch, query, head) is listed. A loop over the row in the
-// first place cost 20%: measured (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, C=32, fp32, forward B=1)
-// 0.33 ms with a request per line, 0.27 ms with none, 0.29 ms with a loop per row, 0.24 ms as done here.
+// prefetch_row_start requests a row's first 128 bytes, as soon as the row is known (all of a C=32 fp32 row);
+// longer rows get the rest from prefetch_rows_rest once a whole (batch, query, head) is listed. Measured
+// (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, fp32, forward B=1): C=32 0.33 ms with a request per
+// line, 0.27 ms with none, 0.24 ms as done here; the rest of longer rows: fp64 C=32 0.99 -> 0.76 ms, fp32
+// C=64 unchanged within noise (0.84 / 0.92 ms).
 template <bool kForWrite = false, typename T>
 RTDETRV2_INLINE void prefetch_row_start(const T* row) {
 #if defined(__GNUC__)
   __builtin_prefetch(row, kForWrite);
+  // GCC deletes a loop whose body is only prefetches (they have no side effects); this empty statement,
+  // which does, keeps the loops over a row's bytes in prefetch_rows_rest.
+  asm volatile("" : : "r"(row));
 #endif
 }
 template <bool kForWrite = false, typename T>
@@ -406,8 +387,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_output_in, const KernelInputs& in
               "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
               in.value.scalar_type(), ", got ", grad_output.scalar_type());
-  at::Tensor grad_value =
-      zeros_on_huge_pages(in.value.sizes(), in.value.options().dtype(at::toOpMathType(in.value.scalar_type())));
+  at::Tensor grad_value = zeros_for_accumulation(in.value.sizes(), at::toOpMathType(in.value.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     const auto source = make_points(static_cast<scalar_t*>(nullptr));
     const Problem<scalar_t, std::decay_t<decltype(source)>> problem(in.levels, source, in.value, queries);

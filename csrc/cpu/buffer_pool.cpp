@@ -1,0 +1,139 @@
+// The pool behind zeros_for_accumulation.
+//
+// A backward returns a new value-sized grad_value on every call. glibc serves blocks of 32 MiB and more
+// with a fresh mapping and unmaps it on free, so each call page-faults the whole buffer while filling it:
+// measured on a 2-core VM, 34 MiB (B=4 at 80x80/40x40/20x20, H=8, C=32): 8-10 ms of faults, against
+// 0.3-1.2 ms to zero memory that is already mapped; asking for 2 MiB pages instead helped only when the
+// kernel had some free (3 ms), and stalled for compaction when not (37 ms). So large buffers are mapped
+// here and, when freed, kept for the next call, as PyTorch's CUDA caching allocator does for GPU memory:
+// at most kMaxIdleBlocks of them, until empty_cpu_cache(). Smaller blocks are left to malloc, which
+// reuses them from its heap.
+#include "buffer_pool.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
+
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace rtdetrv2_kernels {
+namespace {
+
+constexpr size_t kPooledBytes = size_t(32) << 20;
+
+#if defined(__linux__)
+// Allocates zero-filled memory: a fresh anonymous mapping reads as zeros, a reused one is cleared.
+class ZeroedBufferPool final : public c10::Allocator {
+ public:
+  // Two: a backward's new gradient is often allocated while the previous one (the last layer's, or the
+  // fp32 accumulator of a half-precision gradient) is still alive.
+  static constexpr size_t kMaxIdleBlocks = 2;
+
+  // Never destroyed: tensors holding its blocks may be freed after static destructors have run.
+  static ZeroedBufferPool& instance() {
+    static auto* pool = new ZeroedBufferPool();
+    return *pool;
+  }
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (nbytes == 0) return {nullptr, nullptr, &release, cpu};
+    Block block = take_idle(nbytes);
+    if (block.data != nullptr) {
+      at::parallel_for(0, int64_t(nbytes), int64_t(1) << 20, [&](int64_t begin, int64_t end) {
+        std::memset(static_cast<char*>(block.data) + begin, 0, size_t(end - begin));
+      });
+    } else {
+      void* data = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK(data != MAP_FAILED, "rtdetrv2_kernels: could not map ", nbytes, " bytes for a gradient");
+      block = {data, nbytes};
+    }
+    return {block.data, new Block(block), &release, cpu};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void empty() {
+    std::vector<Block> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(idle_);
+    }
+    for (const Block& block : blocks) munmap(block.data, block.nbytes);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t nbytes;
+  };
+
+  // The smallest idle block that holds nbytes and is at most twice that size; {nullptr, 0} if none.
+  Block take_idle(size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto best = idle_.end();
+    for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+      if (it->nbytes >= nbytes && it->nbytes / 2 <= nbytes && (best == idle_.end() || it->nbytes < best->nbytes)) {
+        best = it;
+      }
+    }
+    if (best == idle_.end()) return {nullptr, 0};
+    const Block block = *best;
+    idle_.erase(best);
+    return block;
+  }
+
+  static void release(void* context) {
+    const auto* block = static_cast<Block*>(context);
+    if (block == nullptr) return;
+    instance().keep(*block);
+    delete block;
+  }
+
+  // Keeps a freed block, unmapping the oldest idle one beyond kMaxIdleBlocks.
+  void keep(const Block& block) {
+    Block evicted{nullptr, 0};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle_.push_back(block);
+      if (idle_.size() > kMaxIdleBlocks) {
+        evicted = idle_.front();
+        idle_.erase(idle_.begin());
+      }
+    }
+    if (evicted.data != nullptr) munmap(evicted.data, evicted.nbytes);
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> idle_;  // oldest first
+};
+#endif
+
+}  // namespace
+
+at::Tensor zeros_for_accumulation(at::IntArrayRef sizes, at::ScalarType dtype) {
+#if defined(__linux__)
+  if (size_t(c10::multiply_integers(sizes)) * c10::elementSize(dtype) >= kPooledBytes) {
+    return at::detail::empty_generic(sizes, &ZeroedBufferPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     dtype, std::nullopt);
+  }
+#endif
+  return at::zeros(sizes, at::TensorOptions().dtype(dtype));
+}
+
+void empty_cpu_cache() {
+#if defined(__linux__)
+  ZeroedBufferPool::instance().empty();
+#endif
+}
+
+}  // namespace rtdetrv2_kernels
