@@ -259,3 +259,19 @@ def test_pooled_gradient_is_an_ordinary_tensor():
     assert grad.numel() == value.numel() * 2
     rtdetrv2_kernels.empty_cache()
     rtdetrv2_kernels.empty_cache()  # idempotent
+
+
+def test_pooled_gradient_shows_in_memory_profiles():
+    _needs_cpu_kernels()
+    from torch.profiler import ProfilerActivity, profile
+
+    value, locations, weights = make_inputs(dtype=torch.float32, **POOLED_VALUE)
+    value.requires_grad_()
+    for _ in range(2):  # the second call reuses the first one's buffer
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            ms_deform_attn(value, POOLED_SHAPES, locations, weights, POOLED_POINTS, backend="cpu").sum().backward()
+            value.grad = None
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        assert value.numel() * 4 in sizes, "the pooled grad_value's allocation is not reported"
+        assert -value.numel() * 4 in sizes, "the pooled grad_value's release is not reported"

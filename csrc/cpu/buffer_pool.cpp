@@ -53,8 +53,10 @@ class ZeroedBufferPool final : public c10::Allocator {
     } else {
       void* data = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       TORCH_CHECK(data != MAP_FAILED, "rtdetrv2_kernels: could not map ", nbytes, " bytes for a gradient");
-      block = {data, nbytes};
+      block = {data, nbytes, 0};
     }
+    block.used = nbytes;
+    report(block, int64_t(nbytes));
     return {block.data, new Block(block), &release, cpu};
   }
 
@@ -74,8 +76,26 @@ class ZeroedBufferPool final : public c10::Allocator {
  private:
   struct Block {
     void* data;
-    size_t nbytes;
+    size_t nbytes;  // mapped
+    size_t used;    // asked for by the tensor holding it; 0 while idle
   };
+
+  // Tells the profiler (torch.profiler with profile_memory=True) about every allocation and free, as c10's
+  // CPU allocator does, so that the pool's buffers count in memory profiles like any other tensor.
+  void report(const Block& block, int64_t delta) {
+    int64_t allocated = 0;
+    size_t reserved = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      allocated_ += delta;
+      allocated = allocated_;
+      for (const Block& idle : idle_) reserved += idle.nbytes;
+    }
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(block.data, delta, size_t(allocated), size_t(allocated) + reserved,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+  }
 
   // The smallest idle block that holds nbytes and is at most twice that size; {nullptr, 0} if none.
   Block take_idle(size_t nbytes) {
@@ -86,22 +106,24 @@ class ZeroedBufferPool final : public c10::Allocator {
         best = it;
       }
     }
-    if (best == idle_.end()) return {nullptr, 0};
+    if (best == idle_.end()) return {nullptr, 0, 0};
     const Block block = *best;
     idle_.erase(best);
     return block;
   }
 
   static void release(void* context) {
-    const auto* block = static_cast<Block*>(context);
+    auto* block = static_cast<Block*>(context);
     if (block == nullptr) return;
+    instance().report(*block, -int64_t(block->used));
+    block->used = 0;
     instance().keep(*block);
     delete block;
   }
 
   // Keeps a freed block, unmapping the oldest idle one beyond kMaxIdleBlocks.
   void keep(const Block& block) {
-    Block evicted{nullptr, 0};
+    Block evicted{nullptr, 0, 0};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       idle_.push_back(block);
@@ -115,6 +137,7 @@ class ZeroedBufferPool final : public c10::Allocator {
 
   std::mutex mutex_;
   std::vector<Block> idle_;  // oldest first
+  int64_t allocated_ = 0;    // bytes held by live tensors
 };
 #endif
 
