@@ -138,6 +138,7 @@ def training_loss(outputs):
 
 GPU_KERNELS = [b for b in backends_for("cuda") if b != "torch"] if torch.cuda.is_available() else []
 needs_gpu_kernels = pytest.mark.skipif(not GPU_KERNELS, reason="needs a GPU and a GPU kernel backend")
+needs_cpu_kernels = pytest.mark.skipif("cpu" not in backends_for("cpu"), reason="the C++ CPU kernels are not available")
 
 
 def capture_cuda_graph(fn):

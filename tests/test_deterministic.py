@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, assert_close, backends_for, make_inputs, run_with_grads
+from conftest import POINTS, SHAPES, assert_close, backends_for, make_inputs, needs_cpu_kernels, run_with_grads
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_reference
 
@@ -54,7 +54,7 @@ def assert_bitwise_equal(first, second):
         assert torch.equal(a, b), f"result {index} differs between two identical runs"
 
 
-@pytest.mark.skipif("cpu" not in backends_for("cpu"), reason="the C++ CPU kernels are not available")
+@needs_cpu_kernels
 def test_cpu_backward_runs_and_repeats_under_deterministic_mode():
     inputs = make_inputs(channels=32, dtype=torch.float32)
     with deterministic():

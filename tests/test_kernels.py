@@ -14,6 +14,7 @@ from conftest import (
     backends_for,
     capture_cuda_graph,
     make_inputs,
+    needs_cpu_kernels,
     needs_gpu_kernels,
     run_with_grads,
 )
@@ -161,9 +162,8 @@ def test_every_output_element_is_written(backend, device):
         assert_close(output, expected, torch.float64, "output")
 
 
+@needs_cpu_kernels
 def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
-    if "cpu" not in backends_for("cpu"):
-        pytest.skip("the C++ CPU kernels are not available")
     inputs = make_inputs(batch=2, queries=16, heads=4, channels=32, dtype=torch.float32)
     threads = torch.get_num_threads()
     results = []
@@ -214,11 +214,6 @@ def test_inference_forward_is_one_kernel_launch(backend):
     assert len(kernels) == 1, kernels
 
 
-def _needs_cpu_kernels():
-    if "cpu" not in backends_for("cpu"):
-        pytest.skip("the C++ CPU kernels are not available")
-
-
 # One level whose fp32 grad_value is 34.6 MiB (> 32 MiB): the backward takes it from the reuse pool.
 POOLED_SHAPES, POOLED_POINTS = [(150, 236)], [4]
 POOLED_VALUE = dict(batch=1, queries=40, heads=8, channels=32, shapes=POOLED_SHAPES, points=POOLED_POINTS,
@@ -227,8 +222,8 @@ POOLED_VALUE = dict(batch=1, queries=40, heads=8, channels=32, shapes=POOLED_SHA
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("method", METHODS)
+@needs_cpu_kernels
 def test_cpu_backward_reuses_large_gradient_buffers_zeroed(dtype, method):
-    _needs_cpu_kernels()
     rtdetrv2_kernels.empty_cache()
     for seed in range(3):
         inputs = make_inputs(dtype=dtype, seed=seed, **POOLED_VALUE)
@@ -245,8 +240,8 @@ def test_cpu_backward_reuses_large_gradient_buffers_zeroed(dtype, method):
     rtdetrv2_kernels.empty_cache()
 
 
+@needs_cpu_kernels
 def test_pooled_gradient_is_an_ordinary_tensor():
-    _needs_cpu_kernels()
     value, locations, weights = make_inputs(dtype=torch.float32, **POOLED_VALUE)
     value.requires_grad_()
     for _ in range(2):  # autograd keeps the first gradient as value.grad and adds the second into it
@@ -261,8 +256,8 @@ def test_pooled_gradient_is_an_ordinary_tensor():
     rtdetrv2_kernels.empty_cache()  # idempotent
 
 
+@needs_cpu_kernels
 def test_pooled_gradient_shows_in_memory_profiles():
-    _needs_cpu_kernels()
     from torch.profiler import ProfilerActivity, profile
 
     value, locations, weights = make_inputs(dtype=torch.float32, **POOLED_VALUE)

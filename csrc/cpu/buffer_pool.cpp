@@ -26,9 +26,9 @@
 namespace rtdetrv2_kernels {
 namespace {
 
+#if defined(__linux__)
 constexpr size_t kPooledBytes = size_t(32) << 20;
 
-#if defined(__linux__)
 // Allocates zero-filled memory: a fresh anonymous mapping reads as zeros, a reused one is cleared.
 class ZeroedBufferPool final : public c10::Allocator {
  public:
@@ -77,7 +77,7 @@ class ZeroedBufferPool final : public c10::Allocator {
   struct Block {
     void* data;
     size_t nbytes;  // mapped
-    size_t used;    // asked for by the tensor holding it; 0 while idle
+    size_t used;    // asked for by the tensor holding it
   };
 
   // Tells the profiler (torch.profiler with profile_memory=True) about every allocation and free, as c10's
@@ -113,11 +113,10 @@ class ZeroedBufferPool final : public c10::Allocator {
   }
 
   static void release(void* context) {
-    auto* block = static_cast<Block*>(context);
+    const auto* block = static_cast<Block*>(context);
     if (block == nullptr) return;
+    instance().keep(*block);  // first, so that the report counts it as reserved
     instance().report(*block, -int64_t(block->used));
-    block->used = 0;
-    instance().keep(*block);
     delete block;
   }
 
