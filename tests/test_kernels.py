@@ -71,6 +71,17 @@ def test_shapes(backend, device, method, shapes, points, heads, channels):
         assert_close(a, e, torch.float64, name)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_channel_counts(dtype, method):
+    # The CPU backward keeps a query's grad_output in registers when C is 2, 4, 6 or 8 SIMD vectors of 32
+    # bytes (fp32 and half: C = 16, 32, 48, 64; fp64: 8, 16, 24, 32) and reads it from memory otherwise,
+    # whole vectors first and the rest channel by channel: every one of those paths against the reference.
+    for channels in (4, 6, 8, 9, 12, 16, 20, 24, 32, 40, 48, 64, 72):
+        check_against_reference("cpu", "cpu", dtype, method, batch=1, queries=3, heads=2, channels=channels)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_gradcheck(backend, device, method):

@@ -63,10 +63,12 @@ struct Simd {
       for (int64_t i = 0; i < kLanes; ++i) p[i] = static_cast<scalar_t>(v[i]);
     }
   }
-  RTDETRV2_INLINE static acc_t sum(const Vec& v) {
-    acc_t total = 0;
-    for (int64_t i = 0; i < kLanes; ++i) total += v[i];
-    return total;
+  // Pairwise, halving the width each step: compiles to a few shuffles and adds, not a serial chain.
+  RTDETRV2_INLINE static acc_t sum(Vec v) {
+    for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+      for (int64_t i = 0; i < width; ++i) v[i] += v[i + width];
+    }
+    return v[0];
   }
 };
 
@@ -85,6 +87,14 @@ RTDETRV2_INLINE void prefetch_row_start(const T* row) {
   // which does, keeps the loops over a row's bytes in prefetch_rows_rest.
   asm volatile("" : : "r"(row));
 #endif
+}
+// Requests every 64-byte line of count elements from data (the short per-query inputs).
+template <typename T>
+RTDETRV2_INLINE void prefetch_span(const T* data, int64_t count) {
+  const char* line = reinterpret_cast<const char*>(data);
+  const char* last = reinterpret_cast<const char*>(data + count) - 1;
+  for (; line < last; line += 64) prefetch_row_start(line);
+  prefetch_row_start(last);
 }
 template <bool kForWrite = false, typename T>
 RTDETRV2_INLINE void prefetch_rows_rest(T* const* rows, int64_t num_rows, int64_t count) {
@@ -109,6 +119,10 @@ struct PlainPoints {
   scalar_t* grad_locations = nullptr;
   scalar_t* grad_weights = nullptr;
 
+  RTDETRV2_INLINE void prefetch(int64_t bqh) const {
+    prefetch_span(locations + 2 * bqh * points, 2 * points);
+    prefetch_span(weights + bqh * points, points);
+  }
   RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
     const int64_t first = bqh * points;
     for (int64_t i = 0; i < 2 * points; ++i) loc[i] = static_cast<acc_t>(locations[2 * first + i]);
@@ -139,6 +153,10 @@ struct FusedPoints {
                  static_cast<acc_t>(offset_scale), levels.num_levels(), levels},
         points(logits.size(3)) {}
 
+  RTDETRV2_INLINE void prefetch(int64_t bqh) const {
+    prefetch_span(prologue.offsets + 2 * bqh * points, 2 * points);
+    prefetch_span(prologue.logits + bqh * points, points);
+  }
   RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
     prologue.visit(bqh, [&](int64_t, int64_t p, acc_t w, acc_t x, acc_t y) {
       weight[p] = w;
@@ -259,23 +277,125 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
   }
 }
 
-// Returns grad_out . row and adds scale * grad_out to grad_row.
-template <typename scalar_t, typename acc_t>
-RTDETRV2_INLINE acc_t dot_and_scatter(const acc_t* grad_out, const scalar_t* row, acc_t* grad_row, acc_t scale, int64_t C) {
+// grad_output of one (batch, query, head), one SIMD vector of channels at a time. With kVectors > 0 the row
+// is exactly that many vectors (fp32 C=32: 4), known at compile time: it is loaded once into registers and
+// every loop over channels unrolls. With kVectors = 0 any C works: the row is converted into a buffer and
+// read from there, its last C % kLanes channels one by one.
+template <typename acc_t, int64_t kVectors>
+struct GradOutRow {
   using S = Simd<acc_t>;
-  typename S::Vec dot = {};
-  int64_t c = 0;
-  for (; c + S::kLanes <= C; c += S::kLanes) {
-    const typename S::Vec g = S::load(grad_out + c);
-    dot += g * S::load(row + c);
-    S::store(grad_row + c, S::load(grad_row + c) + scale * g);
+  typename S::Vec vectors[kVectors];
+
+  template <typename scalar_t>
+  RTDETRV2_INLINE GradOutRow(const scalar_t* row, int64_t, acc_t*) {
+    for (int64_t j = 0; j < kVectors; ++j) vectors[j] = S::load(row + j * S::kLanes);
   }
-  acc_t total = S::sum(dot);
-  for (; c < C; ++c) {
-    total += grad_out[c] * static_cast<acc_t>(row[c]);
-    grad_row[c] += scale * grad_out[c];
+  RTDETRV2_INLINE int64_t num_vectors() const { return kVectors; }
+  RTDETRV2_INLINE int64_t channels() const { return kVectors * S::kLanes; }
+  RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return vectors[j]; }
+  RTDETRV2_INLINE acc_t channel(int64_t c) const { return vectors[c / S::kLanes][c % S::kLanes]; }
+};
+
+template <typename acc_t>
+struct GradOutRow<acc_t, 0> {
+  using S = Simd<acc_t>;
+  const acc_t* row;
+  int64_t C;
+
+  template <typename scalar_t>
+  RTDETRV2_INLINE GradOutRow(const scalar_t* in, int64_t channels_, acc_t* buffer) : row(buffer), C(channels_) {
+    for (int64_t c = 0; c < C; ++c) buffer[c] = static_cast<acc_t>(in[c]);
   }
-  return total;
+  RTDETRV2_INLINE int64_t num_vectors() const { return C / S::kLanes; }
+  RTDETRV2_INLINE int64_t channels() const { return C; }
+  RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return S::load(row + j * S::kLanes); }
+  RTDETRV2_INLINE acc_t channel(int64_t c) const { return row[c]; }
+};
+
+// What the backward lists for the taps of one (batch, query, head) before summing them: per tap, the value
+// row it reads, the grad_value row it adds to, its sampling weight and that weight's derivatives along x and
+// y (bilinear only); per point, its location, attention weight and level size.
+template <typename scalar_t>
+struct BackwardTaps {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<const scalar_t*> rows;
+  std::vector<acc_t*> grad_rows;
+  std::vector<acc_t> weights, dweight_dx, dweight_dy;
+  std::vector<acc_t> loc, attention, level_width, level_height;
+
+  BackwardTaps(int64_t points, int64_t taps_per_point)
+      : rows(points * taps_per_point), grad_rows(points * taps_per_point), weights(points * taps_per_point),
+        dweight_dx(points * taps_per_point), dweight_dy(points * taps_per_point), loc(2 * points),
+        attention(points), level_width(points), level_height(points) {}
+};
+
+// Sums the listed taps of one (batch, query, head): adds attention * weight * grad_out to each tap's
+// grad_value row, and writes the gradients of the points' locations and attention weights. Per point, the
+// taps' dot products grad_out . row stay vectors (one lane per channel group) until combined into the three
+// sums the gradients need, so a point costs three horizontal sums, not one per tap.
+template <int64_t kVectors, bool kDiscrete, typename scalar_t, typename acc_t>
+RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const scalar_t* grad_output_row,
+                                    int64_t C, int64_t P, acc_t* grad_out_buffer, acc_t* grad_loc,
+                                    acc_t* grad_weight) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
+  const GradOutRow<acc_t, kVectors> grad_out(grad_output_row, C, grad_out_buffer);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t first = p * kTaps;
+    acc_t scales[kTaps];
+    Vec dots[kTaps];
+    for (int64_t t = 0; t < kTaps; ++t) {
+      scales[t] = taps.attention[p] * taps.weights[first + t];
+      dots[t] = Vec{};
+    }
+    for (int64_t t = 0; t < kTaps; ++t) {
+      const scalar_t* row = taps.rows[first + t];
+      acc_t* grad_row = taps.grad_rows[first + t];
+      for (int64_t j = 0; j < grad_out.num_vectors(); ++j) {
+        const Vec g = grad_out.vector(j);
+        dots[t] += g * S::load(row + j * S::kLanes);
+        S::store(grad_row + j * S::kLanes, S::load(grad_row + j * S::kLanes) + scales[t] * g);
+      }
+    }
+    for (int64_t c = grad_out.num_vectors() * S::kLanes; c < grad_out.channels(); ++c) {
+      const acc_t g = grad_out.channel(c);
+      for (int64_t t = 0; t < kTaps; ++t) {
+        dots[t][0] += g * static_cast<acc_t>(taps.rows[first + t][c]);
+        taps.grad_rows[first + t][c] += scales[t] * g;
+      }
+    }
+    Vec grad_w = {}, grad_x = {}, grad_y = {};
+    for (int64_t t = 0; t < kTaps; ++t) {
+      grad_w += taps.weights[first + t] * dots[t];
+      if constexpr (!kDiscrete) {
+        grad_x += taps.dweight_dx[first + t] * dots[t];
+        grad_y += taps.dweight_dy[first + t] * dots[t];
+      }
+    }
+    grad_weight[p] = S::sum(grad_w);
+    if constexpr (kDiscrete) {
+      grad_loc[2 * p] = grad_loc[2 * p + 1] = acc_t(0);  // the nearest pixel does not move with the location
+    } else {
+      // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
+      grad_loc[2 * p] = taps.attention[p] * S::sum(grad_x) * taps.level_width[p];
+      grad_loc[2 * p + 1] = taps.attention[p] * S::sum(grad_y) * taps.level_height[p];
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, V>{}) with V = C / kLanes when C is 2, 4, 6 or 8 whole SIMD
+// vectors of acc_t (fp32: C = 16, 32, 48, 64; the DETR family uses 32, small models 16), else with V = 0.
+template <typename acc_t, typename F>
+RTDETRV2_INLINE void dispatch_channel_vectors(int64_t C, const F& f) {
+  constexpr int64_t kLanes = Simd<acc_t>::kLanes;
+  switch (C) {
+    case 2 * kLanes: return f(std::integral_constant<int64_t, 2>{});
+    case 4 * kLanes: return f(std::integral_constant<int64_t, 4>{});
+    case 6 * kLanes: return f(std::integral_constant<int64_t, 6>{});
+    case 8 * kLanes: return f(std::integral_constant<int64_t, 8>{});
+    default: return f(std::integral_constant<int64_t, 0>{});
+  }
 }
 
 // Gradients for the (batch, head) pairs in [begin, end). grad_value is contiguous (B, S, H, C) in acc_t
@@ -288,13 +408,8 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
   constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
   const int64_t C = problem.channels, H = problem.heads, Q = problem.queries, P = problem.points;
   const int64_t grad_row_stride = H * C;
-  std::vector<acc_t> grad_out(C), loc(2 * P), weight(P), grad_loc(2 * P), grad_weight(P);
-  std::vector<acc_t> level_width(P), level_height(P);
-  // Per tap: the value row it reads, the grad_value row it adds to, its sampling weight and that weight's
-  // derivatives along x and y (zero for the discrete method).
-  std::vector<const scalar_t*> tap_rows(P * kTaps);
-  std::vector<acc_t*> tap_grad_rows(P * kTaps);
-  std::vector<acc_t> tap_weights(P * kTaps), tap_dweight_dx(P * kTaps), tap_dweight_dy(P * kTaps);
+  BackwardTaps<scalar_t> taps(P, kTaps);
+  std::vector<acc_t> grad_out_buffer(C), grad_loc(2 * P), grad_weight(P);
   // Taps outside the level read zeros and add into a discarded row, so the summation has no branches.
   const std::vector<scalar_t> zero_row(C, scalar_t(0));
   std::vector<acc_t> discarded_row(C);
@@ -303,55 +418,49 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
     acc_t* grad_value_bh = grad_value + (b * problem.rows * H + h) * C;
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t bqh = (b * Q + q) * H + h;
+      // A task walks one head's queries, so its per-query inputs are strided: request the ones two queries on.
+      if (q + 2 < Q) {
+        prefetch_span(grad_output + (bqh + 2 * H) * C, C);
+        problem.source.prefetch(bqh + 2 * H);
+      }
       // First every tap is listed and its rows requested, as in the forward; then the taps are summed.
-      problem.visit_points(bqh, loc.data(), weight.data(), [&](int64_t l, int64_t p, acc_t, acc_t loc_x,
-                                                               acc_t loc_y, const scalar_t* level_rows) {
+      problem.visit_points(bqh, taps.loc.data(), taps.attention.data(), [&](int64_t l, int64_t p, acc_t,
+                                                                            acc_t loc_x, acc_t loc_y,
+                                                                            const scalar_t* level_rows) {
         const int32_t height = problem.levels.height[l], width = problem.levels.width[l];
         acc_t* grad_level_rows = grad_value_bh + problem.levels.start[l] * grad_row_stride;
-        const int64_t first = p * kTaps;
-        level_width[p] = width;
-        level_height[p] = height;
+        taps.level_width[p] = width;
+        taps.level_height[p] = height;
+        // Lists tap k of the point (offset < 0: outside the level) and requests its rows.
+        auto list_tap = [&](int64_t k, int32_t offset, acc_t weight) {
+          const scalar_t* row = offset >= 0 ? level_rows + offset * problem.row_stride : zero_row.data();
+          acc_t* grad_row = offset >= 0 ? grad_level_rows + offset * grad_row_stride : discarded_row.data();
+          taps.rows[p * kTaps + k] = row;
+          taps.grad_rows[p * kTaps + k] = grad_row;
+          taps.weights[p * kTaps + k] = weight;
+          prefetch_row_start(row);
+          prefetch_row_start</*kForWrite=*/true>(grad_row);
+        };
         if constexpr (kDiscrete) {
-          const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
-          tap_rows[first] = offset >= 0 ? level_rows + offset * problem.row_stride : zero_row.data();
-          tap_grad_rows[first] = offset >= 0 ? grad_level_rows + offset * grad_row_stride : discarded_row.data();
-          tap_weights[first] = acc_t(1);
-          tap_dweight_dx[first] = tap_dweight_dy[first] = acc_t(0);
+          list_tap(0, discrete_offset(loc_x, loc_y, height, width), acc_t(1));
         } else {
           const auto corners = bilinear_corners(loc_x, loc_y, height, width);
           for (int k = 0; k < 4; ++k) {
-            const bool inside = corners.inside[k];
-            tap_rows[first + k] = inside ? level_rows + corners.offset[k] * problem.row_stride : zero_row.data();
-            tap_grad_rows[first + k] =
-                inside ? grad_level_rows + corners.offset[k] * grad_row_stride : discarded_row.data();
-            tap_weights[first + k] = corners.weight[k];
-            tap_dweight_dx[first + k] = corners.dweight_dx[k];
-            tap_dweight_dy[first + k] = corners.dweight_dy[k];
+            list_tap(k, corners.inside[k] ? corners.offset[k] : -1, corners.weight[k]);
+            taps.dweight_dx[p * kTaps + k] = corners.dweight_dx[k];
+            taps.dweight_dy[p * kTaps + k] = corners.dweight_dy[k];
           }
         }
-        for (int64_t k = first; k < first + kTaps; ++k) {
-          prefetch_row_start(tap_rows[k]);
-          prefetch_row_start</*kForWrite=*/true>(tap_grad_rows[k]);
-        }
       });
-      prefetch_rows_rest(tap_rows.data(), P * kTaps, C);
-      prefetch_rows_rest</*kForWrite=*/true>(tap_grad_rows.data(), P * kTaps, C);
-      for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(grad_output[bqh * C + c]);
-      for (int64_t p = 0; p < P; ++p) {
-        acc_t grad_w = 0, grad_x = 0, grad_y = 0;
-        for (int64_t k = p * kTaps; k < (p + 1) * kTaps; ++k) {
-          const acc_t dot =
-              dot_and_scatter(grad_out.data(), tap_rows[k], tap_grad_rows[k], weight[p] * tap_weights[k], C);
-          grad_w += tap_weights[k] * dot;
-          grad_x += tap_dweight_dx[k] * dot;
-          grad_y += tap_dweight_dy[k] * dot;
-        }
-        grad_weight[p] = grad_w;
-        // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
-        grad_loc[2 * p] = weight[p] * grad_x * level_width[p];
-        grad_loc[2 * p + 1] = weight[p] * grad_y * level_height[p];
-      }
-      problem.source.store_gradients(bqh, loc.data(), weight.data(), grad_loc.data(), grad_weight.data());
+      prefetch_rows_rest(taps.rows.data(), P * kTaps, C);
+      prefetch_rows_rest</*kForWrite=*/true>(taps.grad_rows.data(), P * kTaps, C);
+      dispatch_channel_vectors<acc_t>(C, [&](auto vectors) {
+        backward_query<decltype(vectors)::value, kDiscrete>(taps, grad_output + bqh * C, C, P,
+                                                            grad_out_buffer.data(), grad_loc.data(),
+                                                            grad_weight.data());
+      });
+      problem.source.store_gradients(bqh, taps.loc.data(), taps.attention.data(), grad_loc.data(),
+                                     grad_weight.data());
     }
   }
 }
