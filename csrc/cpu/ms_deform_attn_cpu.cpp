@@ -331,8 +331,10 @@ struct BackwardTaps {
 
 // Sums the listed taps of one (batch, query, head): adds attention * weight * grad_out to each tap's
 // grad_value row, and writes the gradients of the points' locations and attention weights. Per point, the
-// taps' dot products grad_out . row stay vectors (one lane per channel group) until combined into the three
-// sums the gradients need, so a point costs three horizontal sums, not one per tap.
+// taps' dot products grad_out . row stay vectors until combined into the three sums the gradients need, so a
+// point costs three horizontal sums, not one per tap. Measured against a loop over runtime C with a sum per
+// tap (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, C=32, fp32, same process): backward B=4
+// 8.2-9.2 -> 6.8-7.6 ms, B=1 1.0-1.3 -> 0.8-1.0 ms.
 template <int64_t kVectors, bool kDiscrete, typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const scalar_t* grad_output_row,
                                     int64_t C, int64_t P, acc_t* grad_out_buffer, acc_t* grad_loc,
