@@ -88,9 +88,11 @@ RTDETRV2_INLINE void prefetch_row_start(const T* row) {
   asm volatile("" : : "r"(row));
 #endif
 }
-// Requests every 64-byte line of count elements from data (the short per-query inputs).
+// Requests every 64-byte line of count elements from data: for the short per-query inputs (a few lines each),
+// where a request per line costs little, unlike the many rows above.
 template <typename T>
 RTDETRV2_INLINE void prefetch_span(const T* data, int64_t count) {
+  if (count <= 0) return;
   const char* line = reinterpret_cast<const char*>(data);
   const char* last = reinterpret_cast<const char*>(data + count) - 1;
   for (; line < last; line += 64) prefetch_row_start(line);
@@ -278,9 +280,9 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
 }
 
 // grad_output of one (batch, query, head), one SIMD vector of channels at a time. With kVectors > 0 the row
-// is exactly that many vectors (fp32 C=32: 4), known at compile time: it is loaded once into registers and
-// every loop over channels unrolls. With kVectors = 0 any C works: the row is converted into a buffer and
-// read from there, its last C % kLanes channels one by one.
+// is exactly that many vectors (fp32 C=32: 4), known at compile time: it is loaded once into local vectors
+// the compiler keeps in registers, and every loop over channels unrolls. With kVectors = 0 any C works: the
+// row is converted into a buffer and read from there, its last C % kLanes channels one by one.
 template <typename acc_t, int64_t kVectors>
 struct GradOutRow {
   using S = Simd<acc_t>;
@@ -291,9 +293,7 @@ struct GradOutRow {
     for (int64_t j = 0; j < kVectors; ++j) vectors[j] = S::load(row + j * S::kLanes);
   }
   RTDETRV2_INLINE int64_t num_vectors() const { return kVectors; }
-  RTDETRV2_INLINE int64_t channels() const { return kVectors * S::kLanes; }
   RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return vectors[j]; }
-  RTDETRV2_INLINE acc_t channel(int64_t c) const { return vectors[c / S::kLanes][c % S::kLanes]; }
 };
 
 template <typename acc_t>
@@ -307,7 +307,6 @@ struct GradOutRow<acc_t, 0> {
     for (int64_t c = 0; c < C; ++c) buffer[c] = static_cast<acc_t>(in[c]);
   }
   RTDETRV2_INLINE int64_t num_vectors() const { return C / S::kLanes; }
-  RTDETRV2_INLINE int64_t channels() const { return C; }
   RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return S::load(row + j * S::kLanes); }
   RTDETRV2_INLINE acc_t channel(int64_t c) const { return row[c]; }
 };
@@ -323,10 +322,10 @@ struct BackwardTaps {
   std::vector<acc_t> weights, dweight_dx, dweight_dy;
   std::vector<acc_t> loc, attention, level_width, level_height;
 
-  BackwardTaps(int64_t points, int64_t taps_per_point)
-      : rows(points * taps_per_point), grad_rows(points * taps_per_point), weights(points * taps_per_point),
-        dweight_dx(points * taps_per_point), dweight_dy(points * taps_per_point), loc(2 * points),
-        attention(points), level_width(points), level_height(points) {}
+  BackwardTaps(int64_t points, bool discrete)
+      : rows(points * (discrete ? 1 : 4)), grad_rows(rows.size()), weights(rows.size()),
+        dweight_dx(discrete ? 0 : rows.size()), dweight_dy(dweight_dx.size()), loc(2 * points), attention(points),
+        level_width(points), level_height(points) {}
 };
 
 // Sums the listed taps of one (batch, query, head): adds attention * weight * grad_out to each tap's
@@ -345,27 +344,26 @@ RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const sc
   const GradOutRow<acc_t, kVectors> grad_out(grad_output_row, C, grad_out_buffer);
   for (int64_t p = 0; p < P; ++p) {
     const int64_t first = p * kTaps;
-    acc_t scales[kTaps];
     Vec dots[kTaps];
-    for (int64_t t = 0; t < kTaps; ++t) {
-      scales[t] = taps.attention[p] * taps.weights[first + t];
-      dots[t] = Vec{};
-    }
     for (int64_t t = 0; t < kTaps; ++t) {
       const scalar_t* row = taps.rows[first + t];
       acc_t* grad_row = taps.grad_rows[first + t];
+      const acc_t scale = taps.attention[p] * taps.weights[first + t];
+      Vec dot = {};
       for (int64_t j = 0; j < grad_out.num_vectors(); ++j) {
         const Vec g = grad_out.vector(j);
-        dots[t] += g * S::load(row + j * S::kLanes);
-        S::store(grad_row + j * S::kLanes, S::load(grad_row + j * S::kLanes) + scales[t] * g);
+        dot += g * S::load(row + j * S::kLanes);
+        S::store(grad_row + j * S::kLanes, S::load(grad_row + j * S::kLanes) + scale * g);
       }
-    }
-    for (int64_t c = grad_out.num_vectors() * S::kLanes; c < grad_out.channels(); ++c) {
-      const acc_t g = grad_out.channel(c);
-      for (int64_t t = 0; t < kTaps; ++t) {
-        dots[t][0] += g * static_cast<acc_t>(taps.rows[first + t][c]);
-        taps.grad_rows[first + t][c] += scales[t] * g;
+      if constexpr (kVectors == 0) {
+        acc_t tail = 0;
+        for (int64_t c = grad_out.num_vectors() * S::kLanes; c < C; ++c) {
+          tail += grad_out.channel(c) * static_cast<acc_t>(row[c]);
+          grad_row[c] += scale * grad_out.channel(c);
+        }
+        dot[0] += tail;
       }
+      dots[t] = dot;
     }
     Vec grad_w = {}, grad_x = {}, grad_y = {};
     for (int64_t t = 0; t < kTaps; ++t) {
@@ -387,7 +385,8 @@ RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const sc
 }
 
 // Calls f(std::integral_constant<int64_t, V>{}) with V = C / kLanes when C is 2, 4, 6 or 8 whole SIMD
-// vectors of acc_t (fp32: C = 16, 32, 48, 64; the DETR family uses 32, small models 16), else with V = 0.
+// vectors of acc_t (fp32, fp16, bf16: C = 16, 32, 48, 64; fp64: 8, 16, 24, 32), else with V = 0. RT-DETRv2,
+// D-FINE and Deformable-DETR have C = 32 (256 channels over 8 heads).
 template <typename acc_t, typename F>
 RTDETRV2_INLINE void dispatch_channel_vectors(int64_t C, const F& f) {
   constexpr int64_t kLanes = Simd<acc_t>::kLanes;
@@ -410,8 +409,8 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
   constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
   const int64_t C = problem.channels, H = problem.heads, Q = problem.queries, P = problem.points;
   const int64_t grad_row_stride = H * C;
-  BackwardTaps<scalar_t> taps(P, kTaps);
-  std::vector<acc_t> grad_out_buffer(C), grad_loc(2 * P), grad_weight(P);
+  BackwardTaps<scalar_t> taps(P, kDiscrete);
+  std::vector<acc_t> grad_out_buffer(C), grad_loc(2 * P), grad_weight(P);  // the buffer: for runtime C only
   // Taps outside the level read zeros and add into a discarded row, so the summation has no branches.
   const std::vector<scalar_t> zero_row(C, scalar_t(0));
   std::vector<acc_t> discarded_row(C);
