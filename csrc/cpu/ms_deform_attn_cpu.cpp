@@ -210,8 +210,11 @@ struct Problem {
 template <bool kDiscrete>
 constexpr int64_t kTapsPerPoint = kDiscrete ? 1 : 4;
 
-// out[c] = sum over taps t of weights[t] * rows[t][c]. Channels go in groups of up to kGroup vectors with
-// one accumulator each: independent FMA chains hide the FMA latency that a single chain would serialize on.
+// out[c] = sum over taps t of weights[t] * rows[t][c]. Channels go in groups of up to kGroup vectors, each
+// with two accumulators, for the even and the odd taps: independent FMA chains hide the FMA latency that one
+// chain per vector (48 FMAs long for RT-DETRv2's 48 taps) would serialize on. Measured against one
+// accumulator per vector (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, C=32, fp32, same process):
+// forward B=1 0.287 -> 0.266 ms, B=4 1.74-1.91 -> 1.64-1.78 ms.
 template <typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weights, int64_t num_taps, int64_t C,
                          scalar_t* out) {
@@ -221,12 +224,20 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
   auto sum_vectors = [&](auto group_constant) {
     constexpr int64_t kVectors = decltype(group_constant)::value;
     for (; c + kVectors * S::kLanes <= C; c += kVectors * S::kLanes) {
-      typename S::Vec acc[kVectors] = {};
-      for (int64_t t = 0; t < num_taps; ++t) {
-        const scalar_t* row = rows[t] + c;
-        for (int64_t j = 0; j < kVectors; ++j) acc[j] += weights[t] * S::load(row + j * S::kLanes);
+      typename S::Vec even[kVectors] = {}, odd[kVectors] = {};
+      int64_t t = 0;
+      for (; t + 1 < num_taps; t += 2) {
+        const scalar_t* even_row = rows[t] + c;
+        const scalar_t* odd_row = rows[t + 1] + c;
+        for (int64_t j = 0; j < kVectors; ++j) {
+          even[j] += weights[t] * S::load(even_row + j * S::kLanes);
+          odd[j] += weights[t + 1] * S::load(odd_row + j * S::kLanes);
+        }
       }
-      for (int64_t j = 0; j < kVectors; ++j) S::store(out + c + j * S::kLanes, acc[j]);
+      if (t < num_taps) {
+        for (int64_t j = 0; j < kVectors; ++j) even[j] += weights[t] * S::load(rows[t] + c + j * S::kLanes);
+      }
+      for (int64_t j = 0; j < kVectors; ++j) S::store(out + c + j * S::kLanes, even[j] + odd[j]);
     }
   };
   sum_vectors(std::integral_constant<int64_t, kGroup>{});
