@@ -93,10 +93,10 @@ RTDETRV2_INLINE void prefetch_row_start(const T* row) {
 template <typename T>
 RTDETRV2_INLINE void prefetch_span(const T* data, int64_t count) {
   if (count <= 0) return;
-  const char* line = reinterpret_cast<const char*>(data);
-  const char* last = reinterpret_cast<const char*>(data + count) - 1;
-  for (; line < last; line += 64) prefetch_row_start(line);
-  prefetch_row_start(last);
+  const char* bytes = reinterpret_cast<const char*>(data);
+  const int64_t last = count * int64_t(sizeof(T)) - 1;
+  for (int64_t offset = 0; offset < last; offset += 64) prefetch_row_start(bytes + offset);
+  prefetch_row_start(bytes + last);
 }
 template <bool kForWrite = false, typename T>
 RTDETRV2_INLINE void prefetch_rows_rest(T* const* rows, int64_t num_rows, int64_t count) {
