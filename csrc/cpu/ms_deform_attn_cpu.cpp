@@ -1,6 +1,6 @@
 // C++ CPU kernels for multi-scale deformable attention, forward and backward, both sampling methods.
 //
-// Forward is parallel over (batch, query, head): every output row is written by exactly one task.
+// Forward is parallel over (batch, head, query): every output row is written by exactly one task.
 // Backward is parallel over (batch, head): the rows of grad_value that one (batch, head) pair can touch are
 // disjoint from every other pair's, so the scatter needs no atomics and no per-thread copies of grad_value,
 // and the result is bitwise reproducible for any thread count.
@@ -249,20 +249,31 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
   }
 }
 
-// output[bqh] for bqh in [begin, end): each (batch, query, head) first lists the rows its points read with
-// their weights (times the attention weight), then sums them channel block by channel block.
+// The output rows of the (batch, head, query) triples i in [begin, end), queries innermost. Each (batch,
+// query, head) first lists the rows its points read with their weights (times the attention weight), then
+// sums them channel block by channel block.
+// A task walks one head's queries, as the backward does: the value rows it reads again (queries sample
+// overlapping places) are that head's, 1 MiB at RT-DETRv2's 640x640 levels with C=32 fp32, which the core's
+// own L2 can hold; walking all heads of a query spreads them over every head's rows, which only the shared L3
+// holds. Measured against that order (2-core AMD EPYC VM, fp32, caches flushed before each call as other work
+// does between a model's calls): RT-DETRv2 Q=300 B=4 3.8-4.0 -> 3.4-3.6 ms in busy periods (2.8 -> 2.8 in
+// quiet ones), B=16 training shape 21.4 -> 19.7 ms, Deformable-DETR encoder B=2 158 -> 124 ms; B=1 unchanged.
 template <typename scalar_t, bool kDiscrete, typename Points>
 RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& problem, int64_t begin, int64_t end,
                                              scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = problem.channels;
+  const int64_t C = problem.channels, H = problem.heads, Q = problem.queries;
   const int64_t num_taps = problem.points * kTapsPerPoint<kDiscrete>;
   std::vector<const scalar_t*> tap_rows(num_taps);
   std::vector<acc_t> tap_weights(num_taps);
   std::vector<acc_t> loc(2 * problem.points), weight(problem.points);
   // Taps outside the level read this row, so the summation has no branches.
   const std::vector<scalar_t> zero_row(C, scalar_t(0));
-  for (int64_t bqh = begin; bqh < end; ++bqh) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t q = i % Q, bh = i / Q;
+    const int64_t bqh = (bh / H * Q + q) * H + bh % H;
+    // The per-query inputs of one head are strided: request the ones two queries on.
+    if (q + 2 < Q) problem.source.prefetch(bqh + 2 * H);
     problem.visit_points(bqh, loc.data(), weight.data(), [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y,
                                                              const scalar_t* level_rows) {
       const int32_t height = problem.levels.height[l], width = problem.levels.width[l];
