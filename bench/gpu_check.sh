@@ -17,6 +17,8 @@ mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 SUMMARY="$OUT_DIR/gpu_check.md"
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 export PYTHONUNBUFFERED=1
+# The real GPU runs the CUDA kernels: the CPU emulation of them (tests/emulated_cuda/) is CI's, not this.
+export RTDETRV2_SKIP_EMULATION=1
 # Build for this GPU only (the wheel's default list has four architectures and takes four times as long).
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c \
   'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}

@@ -39,3 +39,19 @@ def register_autograd(forward_op, backward_op) -> None:
         return tuple(grads)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+OP_PAIRS = (
+    ("ms_deform_attn_forward", "ms_deform_attn_backward"),
+    ("ms_deform_attn_fused_forward", "ms_deform_attn_fused_backward"),
+)
+
+
+def register_op_pairs(namespace: str) -> None:
+    """Fake kernels and autograd for the four ops of csrc/ms_deform_attn_schema.h, as defined under
+    `namespace` (rtdetrv2_kernels, or the test suite's emulated CUDA builds)."""
+    ops = getattr(torch.ops, namespace)
+    for forward, backward in OP_PAIRS:
+        torch.library.register_fake(f"{namespace}::{forward}")(forward_fake)
+        torch.library.register_fake(f"{namespace}::{backward}")(backward_fake)
+        register_autograd(f"{namespace}::{forward}", getattr(ops, backward))

@@ -5,14 +5,6 @@ Imported once the library that defines the ops has been loaded (see _extension.l
 
 from __future__ import annotations
 
-import torch
+from ._op_formulas import register_op_pairs
 
-from ._op_formulas import backward_fake, forward_fake, register_autograd
-
-for _forward, _backward in (
-    ("ms_deform_attn_forward", "ms_deform_attn_backward"),
-    ("ms_deform_attn_fused_forward", "ms_deform_attn_fused_backward"),
-):
-    torch.library.register_fake(f"rtdetrv2_kernels::{_forward}")(forward_fake)
-    torch.library.register_fake(f"rtdetrv2_kernels::{_backward}")(backward_fake)
-    register_autograd(f"rtdetrv2_kernels::{_forward}", getattr(torch.ops.rtdetrv2_kernels, _backward))
+register_op_pairs("rtdetrv2_kernels")

@@ -20,13 +20,13 @@ ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
-def _custom_op(name: str):
-    """Calls torch.ops.rtdetrv2_kernels.<name>, whose schema takes the level shapes flattened; the other
+def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
+    """Calls torch.ops.<namespace>.<name>, whose schema takes the level shapes flattened; the other
     arguments (the plain op's or the fused op's) pass as given."""
 
     def run(value, spatial_shapes, *arguments):
         flat_shapes = [size for shape in spatial_shapes for size in shape]
-        return getattr(torch.ops.rtdetrv2_kernels, name)(value, flat_shapes, *arguments)
+        return getattr(getattr(torch.ops, namespace), name)(value, flat_shapes, *arguments)
 
     return run
 
@@ -40,8 +40,25 @@ _IMPLEMENTATIONS = {
 }
 
 
+# Backends outside BACKENDS, by name: the device type they run on. Only the test suite adds any (the CUDA
+# kernels emulated on the CPU, tests/emulated_cuda/); users never see them in available_backends().
+_EXTRA_DEVICE_TYPES: dict[str, str] = {}
+
+
+def register_extra_backend(name: str, namespace: str, device_type: str) -> None:
+    """Makes `name` a backend running torch.ops.<namespace>'s ms_deform_attn_forward and
+    ms_deform_attn_fused_forward (schemas and autograd as the rtdetrv2_kernels ops) on `device_type` tensors."""
+    _EXTRA_DEVICE_TYPES[name] = device_type
+    _IMPLEMENTATIONS[name] = _custom_op("ms_deform_attn_forward", namespace)
+    _FUSED_IMPLEMENTATIONS[name] = _custom_op("ms_deform_attn_fused_forward", namespace)
+    _RESOLVED.clear()
+
+
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """None when `backend` can run on tensors of `device_type` here, else why it cannot."""
+    if backend in _EXTRA_DEVICE_TYPES:
+        wanted = _EXTRA_DEVICE_TYPES[backend]
+        return None if device_type == wanted else f"it runs on {wanted} tensors, got {device_type} tensors"
     if backend == "torch":
         return None
     if backend == "cpu":
@@ -108,7 +125,7 @@ def _resolve(backend: str | None, device_type: str) -> str:
     else:
         source = f"backend={backend!r}"
     if backend is not None:
-        if backend not in BACKENDS:
+        if backend not in BACKENDS and backend not in _EXTRA_DEVICE_TYPES:
             raise ValueError(f"{source}: backend must be one of {BACKENDS} or None")
         reason = unavailable_reason(backend, device_type)
         if reason is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: a fresh virtualenv with torch 2.14.1 (the CUDA build, so CUDA sources compile even
 # without a GPU), the test dependencies and this package built against that torch, then pytest.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reference -x`.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reference -x`; without any, the emulated CUDA
+# kernels' tests then run a second time under AddressSanitizer and UBSan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch guesses the CUDA toolkit from `which nvcc`, which a wrapper script in /usr/local/bin misleads.
@@ -21,5 +22,13 @@ echo "== building rtdetrv2_kernels"
 (cd "$VENV" && bin/python -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())")
 echo "== pytest"
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path and would test the
-# source tree instead of the installed package.
-exec "$VENV/bin/pytest" "$@"
+# source tree instead of the installed package. The suite includes the CUDA kernels emulated on the CPU
+# (tests/emulated_cuda/, built at collection) and their ThreadSanitizer run.
+"$VENV/bin/pytest" "$@"
+if [ $# -gt 0 ]; then exit 0; fi  # a selection of tests: no sanitizer pass
+echo "== pytest: the emulated CUDA kernels again, under AddressSanitizer and UndefinedBehaviorSanitizer"
+# libasan must be the first library loaded, and libstdc++ loaded with it (tests/emulated_cuda/__init__.py).
+ASAN_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
+RTDETRV2_EMULATION_SANITIZE=address LD_PRELOAD="$ASAN_PRELOAD" ASAN_OPTIONS=detect_leaks=0 \
+  "$VENV/bin/pytest" -q -m "not slow" -k emulated \
+  tests/test_kernels.py tests/test_fused.py tests/test_deterministic.py tests/test_emulated_cuda.py

@@ -25,10 +25,51 @@ def backends_for(device_type: str) -> list[str]:
     return [b for b in rtdetrv2_kernels.BACKENDS if unavailable_reason(b, device_type) is None]
 
 
+# The CUDA kernels built for the CPU against an emulation of CUDA (tests/emulated_cuda/): two more backends
+# on CPU tensors, "cuda-emulated-sm80" and "cuda-emulated-sm90", in every test that runs the kernel
+# backends. Built at collection (about a minute each, the first time); a failed build fails the run.
+# RTDETRV2_SKIP_EMULATION=1 leaves them out (the GPU check, which has real CUDA and little time).
+SKIP_EMULATION = os.environ.get("RTDETRV2_SKIP_EMULATION") == "1"
+if not SKIP_EMULATION:
+    import emulated_cuda
+
+    for _arch in emulated_cuda.ARCHS:
+        emulated_cuda.load(_arch)
+EMULATED_BACKENDS = [] if SKIP_EMULATION else [emulated_cuda.backend_name(arch) for arch in emulated_cuda.ARCHS]
+needs_emulation = pytest.mark.skipif(SKIP_EMULATION, reason="RTDETRV2_SKIP_EMULATION=1")
+
+
 def backend_params():
-    """(backend, device type) for every backend available here, on CPU and (when present) on CUDA."""
+    """(backend, device type) for every backend available here, on CPU and (when present) on CUDA, and the
+    emulated CUDA kernels on CPU tensors."""
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    return [pytest.param(b, d, id=f"{b}-{d}") for d in devices for b in backends_for(d)]
+    params = [pytest.param(b, d, id=f"{b}-{d}") for d in devices for b in backends_for(d)]
+    return params + [pytest.param(b, "cpu", id=f"{b}-cpu") for b in EMULATED_BACKENDS]
+
+
+def cuda_kernel_params():
+    """(backend, device type) for the CUDA kernels: on a GPU, and emulated on CPU tensors."""
+    real = [pytest.param("cuda", "cuda", id="cuda-cuda")] if torch.cuda.is_available() and "cuda" in backends_for("cuda") else []
+    return real + [pytest.param(b, "cpu", id=f"{b}-cpu") for b in EMULATED_BACKENDS]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Lists the CUDA kernel instantiations the emulated backends launched in this run, and those never
+    launched."""
+    if SKIP_EMULATION:
+        return
+    for arch in emulated_cuda.ARCHS:
+        counts = emulated_cuda.launch_counts(arch)
+        launched = sorted(name for name, count in counts.items() if count)
+        if not launched:
+            continue
+        missed = sorted(name for name, count in counts.items() if not count)
+        terminalreporter.write_sep("-", f"emulated sm_{arch}: {len(launched)} of {len(counts)} CUDA kernel "
+                                        "instantiations launched")
+        for name in launched:
+            terminalreporter.write_line(f"  {counts[name]:6d}  {name}")
+        for name in missed:
+            terminalreporter.write_line(f"  never   {name}")
 
 
 def make_inputs(
@@ -70,6 +111,28 @@ def make_inputs(
         locations.to(dtype=dtype, device=device),
         weights.to(dtype=dtype, device=device),
     )
+
+
+FUSED_POINTS = [3, 6, 2]
+
+
+def make_fused_inputs(batch=2, queries=5, heads=3, channels=7, shapes=SHAPES, points=FUSED_POINTS,
+                      reference="boxes", per_level=False, dtype=torch.float64, device="cpu", seed=0):
+    """Fresh random inputs of ms_deform_attn_fused: value, reference boxes (cx, cy, w, h) or points (one row, or
+    one per level), raw offsets and logits."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, total = sum(h * w for h, w in shapes), sum(points)
+    value = torch.randn(batch, rows, heads, channels, generator=generator, dtype=torch.float64)
+    offsets = torch.randn(batch, queries, heads, total, 2, generator=generator, dtype=torch.float64) * 2
+    logits = torch.randn(batch, queries, heads, total, generator=generator, dtype=torch.float64) * 2
+    levels = len(shapes) if per_level else 1
+    centers = torch.rand(batch, queries, levels, 2, generator=generator, dtype=torch.float64) * 1.2 - 0.1
+    if reference == "boxes":
+        sizes = torch.rand(batch, queries, levels, 2, generator=generator, dtype=torch.float64) * 0.8 + 0.05
+        ref = torch.cat([centers, sizes], -1)
+    else:
+        ref = centers
+    return [t.to(dtype=dtype, device=device) for t in (value, ref, offsets, logits)]
 
 
 def assert_close(actual, expected, dtype, what=""):

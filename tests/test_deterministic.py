@@ -7,12 +7,21 @@ import contextlib
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, assert_close, backends_for, make_inputs, needs_cpu_kernels, run_with_grads
+from conftest import (
+    POINTS,
+    SHAPES,
+    assert_close,
+    backends_for,
+    cuda_kernel_params,
+    make_inputs,
+    needs_cpu_kernels,
+    run_with_grads,
+)
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_reference
 
 NAMES = ("output", "grad_value", "grad_locations", "grad_weights")
-HAS_CUDA_KERNELS = torch.cuda.is_available() and "cuda" in backends_for("cuda")
+CUDA_KERNELS = cuda_kernel_params()  # on a GPU, and emulated on the CPU
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs it on CPU tensors
 
 
@@ -82,18 +91,15 @@ def test_triton_backward_alerts_under_deterministic_mode(fused):
         backward()
 
 
-needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
-
-
-@needs_cuda_kernels
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("method", ["default", "discrete"])
-def test_cuda_deterministic_backward_repeats_bitwise_and_matches_reference(dtype, method):
+def test_cuda_deterministic_backward_repeats_bitwise_and_matches_reference(backend, device, dtype, method):
     # Many queries on small levels, so that many atomics land on every grad_value element.
-    inputs = make_inputs(batch=2, queries=300, heads=4, channels=32, dtype=dtype, device="cuda")
+    inputs = make_inputs(batch=2, queries=300, heads=4, channels=32, dtype=dtype, device=device)
     with deterministic():
-        first = run_with_grads(plain("cuda", method), *inputs)
-        second = run_with_grads(plain("cuda", method), *inputs)
+        first = run_with_grads(plain(backend, method), *inputs)
+        second = run_with_grads(plain(backend, method), *inputs)
     assert_bitwise_equal(first, second)
     expected = run_with_grads(
         lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method), *(t.double().cpu() for t in inputs)
@@ -103,20 +109,20 @@ def test_cuda_deterministic_backward_repeats_bitwise_and_matches_reference(dtype
         assert_close(actual, wanted, dtype, f"deterministic {name}")
 
 
-@needs_cuda_kernels
-def test_cuda_deterministic_fused_backward_repeats_bitwise_and_matches_the_default_mode():
-    inputs = fused_inputs("cuda", torch.float32, 32)
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+def test_cuda_deterministic_fused_backward_repeats_bitwise_and_matches_the_default_mode(backend, device):
+    inputs = fused_inputs(device, torch.float32, 32)
     with deterministic():
-        first, second = run_fused("cuda", inputs), run_fused("cuda", inputs)
+        first, second = run_fused(backend, inputs), run_fused(backend, inputs)
     assert_bitwise_equal(first, second)
-    for index, (actual, atomic) in enumerate(zip(first, run_fused("cuda", inputs))):
+    for index, (actual, atomic) in enumerate(zip(first, run_fused(backend, inputs))):
         assert_close(actual, atomic.double(), torch.float32, f"fused result {index}")
 
 
-@needs_cuda_kernels
-def test_cuda_deterministic_backward_propagates_non_finite_gradients():
-    value, locations, weights = (t.requires_grad_() for t in make_inputs(channels=32, dtype=torch.float32, device="cuda"))
-    output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend="cuda")
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+def test_cuda_deterministic_backward_propagates_non_finite_gradients(backend, device):
+    value, locations, weights = (t.requires_grad_() for t in make_inputs(channels=32, dtype=torch.float32, device=device))
+    output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)
     grad_output = torch.ones_like(output)
     grad_output[0, 0, 0] = float("inf")
     with deterministic():
@@ -124,10 +130,50 @@ def test_cuda_deterministic_backward_propagates_non_finite_gradients():
     assert grad_value.isnan().all()  # documented: any non-finite contribution makes all of grad_value NaN
 
 
-@needs_cuda_kernels
-def test_cuda_backward_alerts_when_lane_groups_cannot_shuffle():
-    inputs = make_inputs(channels=3, dtype=torch.float32, device="cuda")  # 3 lanes of 1 channel: atomics only
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+def test_cuda_backward_alerts_when_lane_groups_cannot_shuffle(backend, device):
+    inputs = make_inputs(channels=3, dtype=torch.float32, device=device)  # 3 lanes of 1 channel: atomics only
     with deterministic(), pytest.raises(RuntimeError, match="not a power of two"):
-        run_with_grads(plain("cuda"), *inputs)
+        run_with_grads(plain(backend), *inputs)
     with deterministic(warn_only=True), pytest.warns(UserWarning, match="not a power of two"):
-        run_with_grads(plain("cuda"), *inputs)
+        run_with_grads(plain(backend), *inputs)
+
+
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+@pytest.mark.parametrize("logit", [float("nan"), float("inf"), -float("inf")])
+def test_cuda_deterministic_fused_backward_keeps_non_finite_logits(backend, device, logit):
+    # A diverging training step: one non-finite attention logit. The fixed-point scale's bound ignores the
+    # logits (the softmaxed weights of finite logits sum to 1), so the NaN must reach grad_value through the
+    # contributions themselves; +inf makes the head's softmax NaN too, -inf only zeroes one weight.
+    inputs = fused_inputs(device, torch.float32, 32)
+    inputs[3][1, 2, 3, 4] = logit
+    default = run_fused(backend, inputs)
+    with deterministic():
+        fixed_point = run_fused(backend, inputs)
+    if logit == -float("inf"):
+        assert torch.isfinite(default[1]).all()
+        for index, (actual, atomic) in enumerate(zip(fixed_point, default)):
+            assert_close(actual, atomic.double(), torch.float32, f"fused result {index}")
+    else:
+        assert default[1].isnan().any()
+        # Documented: a non-finite contribution makes all of grad_value NaN (a superset of the default's NaNs).
+        assert fixed_point[1].isnan().all()
+        for index in (0, 2, 3, 4):  # the output and the other gradients do not go through the fixed point
+            assert torch.equal(fixed_point[index].isnan(), default[index].isnan()), f"fused result {index}"
+
+
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+def test_cuda_deterministic_backward_keeps_contributions_that_overflow_fp32(backend, device):
+    # weight * grad_output overflows fp32 while the (fp64) fixed-point bound stays finite: the contributions
+    # must be formed in fp64, so that grad_value is infinite where the default mode's is (two saturated
+    # fixed-point contributions to one element would wrap around to a finite value).
+    value, locations, weights = make_inputs(channels=32, dtype=torch.float32, device=device, borders=False)
+    locations = locations.clamp(0.1, 0.9)
+    locations[0, 1, 0, 0] = locations[0, 0, 0, 0]
+    weights[0, 0, 0, 0] = weights[0, 1, 0, 0] = 3e38
+    grad_output = torch.ones(2, locations.shape[1], 3 * 32) * 10
+    default = run_with_grads(plain(backend), value, locations, weights, grad_output)
+    with deterministic():
+        fixed_point = run_with_grads(plain(backend), value, locations, weights, grad_output)
+    assert default[1].isinf().any() and not default[1].isnan().any()
+    assert torch.equal(fixed_point[1].isinf(), default[1].isinf()) and not fixed_point[1].isnan().any()

@@ -5,28 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GPU_KERNELS, SHAPES, assert_close, backend_params, backends_for, capture_cuda_graph, needs_gpu_kernels
+from conftest import (
+    EMULATED_BACKENDS,
+    FUSED_POINTS,
+    GPU_KERNELS,
+    SHAPES,
+    assert_close,
+    backend_params,
+    backends_for,
+    capture_cuda_graph,
+    make_fused_inputs,
+    needs_gpu_kernels,
+)
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
 
-POINTS = [3, 6, 2]
-
-
-def fused_inputs(batch=2, queries=5, heads=3, channels=7, shapes=SHAPES, points=POINTS, reference="boxes",
-                 per_level=False, dtype=torch.float64, device="cpu", seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    rows, total = sum(h * w for h, w in shapes), sum(points)
-    value = torch.randn(batch, rows, heads, channels, generator=generator, dtype=torch.float64)
-    offsets = torch.randn(batch, queries, heads, total, 2, generator=generator, dtype=torch.float64) * 2
-    logits = torch.randn(batch, queries, heads, total, generator=generator, dtype=torch.float64) * 2
-    levels = len(shapes) if per_level else 1
-    centers = torch.rand(batch, queries, levels, 2, generator=generator, dtype=torch.float64) * 1.2 - 0.1
-    if reference == "boxes":
-        sizes = torch.rand(batch, queries, levels, 2, generator=generator, dtype=torch.float64) * 0.8 + 0.05
-        ref = torch.cat([centers, sizes], -1)
-    else:
-        ref = centers
-    return [t.to(dtype=dtype, device=device) for t in (value, ref, offsets, logits)]
+POINTS = FUSED_POINTS
 
 
 def naive_locations_and_weights(shapes, ref, offsets, logits, points, offset_scale):
@@ -51,7 +45,7 @@ def naive_locations_and_weights(shapes, ref, offsets, logits, points, offset_sca
 @pytest.mark.parametrize("per_level", [False, True])
 @pytest.mark.parametrize("method", ["default", "discrete"])
 def test_reference_follows_the_formulas(reference, per_level, method):
-    value, ref, offsets, logits = fused_inputs(reference=reference, per_level=per_level)
+    value, ref, offsets, logits = make_fused_inputs(reference=reference, per_level=per_level)
     locations, weights = naive_locations_and_weights(SHAPES, ref, offsets, logits, POINTS, 0.7)
     expected = ms_deform_attn(value, SHAPES, locations, weights, POINTS, method, backend="torch")
     actual = ms_deform_attn_fused_reference(value, SHAPES, ref, offsets, logits, POINTS, 0.7, method)
@@ -65,7 +59,7 @@ def test_reference_follows_the_formulas(reference, per_level, method):
 def test_backends_match_the_reference_with_gradients(backend, device, reference, per_level, method, dtype):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take fp16/bf16/fp32")
-    inputs = fused_inputs(reference=reference, per_level=per_level, device=device)
+    inputs = make_fused_inputs(reference=reference, per_level=per_level, device=device)
     grad_output = torch.randn(2, 5, 3 * 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def run(fn, tensors):
@@ -83,10 +77,10 @@ def test_backends_match_the_reference_with_gradients(backend, device, reference,
         assert actual[2].abs().max() == 0 and actual[3].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", *EMULATED_BACKENDS])
 @pytest.mark.parametrize("reference", ["boxes", "points"])
 def test_gradcheck_fp64(backend, reference):
-    value, ref, offsets, logits = fused_inputs(batch=1, queries=2, heads=2, channels=3, reference=reference,
+    value, ref, offsets, logits = make_fused_inputs(batch=1, queries=2, heads=2, channels=3, reference=reference,
                                                per_level=True)
     tensors = [t.requires_grad_() for t in (value, ref, offsets, logits)]
     assert torch.autograd.gradcheck(
@@ -127,7 +121,7 @@ def test_matches_transformers_rtdetrv2_cross_attention():
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_compiles_without_graph_breaks(backend):
-    value, ref, offsets, logits = fused_inputs(dtype=torch.float32)
+    value, ref, offsets, logits = make_fused_inputs(dtype=torch.float32)
 
     def layer(v, r, o, a):
         return ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, backend=backend) * 2
@@ -149,7 +143,7 @@ def test_compiles_without_graph_breaks(backend):
     ],
 )
 def test_bad_input_names_the_argument(change, message):
-    value, ref, offsets, logits = fused_inputs()
+    value, ref, offsets, logits = make_fused_inputs()
     arguments = dict(value=value, spatial_shapes=SHAPES, reference_points=ref, sampling_offsets=offsets,
                      attention_logits=logits, num_points=POINTS, offset_scale=0.5)
     with pytest.raises((ValueError, TypeError), match=message):
@@ -163,7 +157,7 @@ FUSED_OPS = {"cpu": "ms_deform_attn_fused", "triton": "triton_ms_deform_attn_fus
 @pytest.mark.parametrize("reference,method", [("boxes", "default"), ("points", "discrete")])
 def test_opcheck_fused_ops(backend, reference, method):
     dtype = torch.float32 if backend == "triton" else torch.float64
-    value, ref, offsets, logits = fused_inputs(batch=2, queries=3, heads=2, channels=5, reference=reference,
+    value, ref, offsets, logits = make_fused_inputs(batch=2, queries=3, heads=2, channels=5, reference=reference,
                                                per_level=reference == "points", dtype=dtype)
     flat = [size for shape in SHAPES for size in shape]
     ops = torch.ops.rtdetrv2_kernels
@@ -180,7 +174,7 @@ def test_opcheck_fused_ops(backend, reference, method):
 def test_cpu_half_inputs_compute_in_fp32(dtype):
     """The CPU kernel keeps locations and weights in fp32 (the composed path rounds them to the dtype), so it
     is checked against the fp64 reference on the same half-precision inputs."""
-    value, ref, offsets, logits = (t.to(dtype) for t in fused_inputs())
+    value, ref, offsets, logits = (t.to(dtype) for t in make_fused_inputs())
     actual = ms_deform_attn_fused(value, SHAPES, ref, offsets, logits, POINTS, 0.5, backend="cpu")
     assert actual.dtype == dtype
     expected = ms_deform_attn_fused_reference(value.double(), SHAPES, ref.double(), offsets.double(),
@@ -190,7 +184,7 @@ def test_cpu_half_inputs_compute_in_fp32(dtype):
 
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_empty_and_nonfinite(backend, device):
-    value, ref, offsets, logits = fused_inputs(device=device, dtype=torch.float32)
+    value, ref, offsets, logits = make_fused_inputs(device=device, dtype=torch.float32)
     empty = ms_deform_attn_fused(value[:0], SHAPES, ref[:0], offsets[:0], logits[:0], POINTS, backend=backend)
     assert empty.shape == (0, 5, 21)
     offsets = offsets.clone()
@@ -207,7 +201,7 @@ def test_empty_and_nonfinite(backend, device):
 @pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
 @pytest.mark.parametrize("method", ["default", "discrete"])
 def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
-    inputs = [t.float().requires_grad_() for t in fused_inputs(channels=32, device="cuda")]
+    inputs = [t.float().requires_grad_() for t in make_fused_inputs(channels=32, device="cuda")]
     value, reference, offsets, logits = inputs
     grad_output = torch.randn(2, 5, 3 * 32, device="cuda")
 
@@ -217,7 +211,7 @@ def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
 
     graph, captured = capture_cuda_graph(step)
     with torch.no_grad():
-        for target, source in zip(inputs, fused_inputs(channels=32, device="cuda", seed=7)):
+        for target, source in zip(inputs, make_fused_inputs(channels=32, device="cuda", seed=7)):
             target.copy_(source)
     graph.replay()
     names = ("output", "value", "reference_points", "sampling_offsets", "attention_logits")

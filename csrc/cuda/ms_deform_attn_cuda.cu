@@ -9,11 +9,7 @@
 // of two up to 32 (atomics otherwise). Under torch.use_deterministic_algorithms(True) grad_value accumulates
 // in 64-bit fixed point instead, whose integer additions give the same bits in any order (FixedPointSink).
 // Level shapes travel in the kernel arguments, so no launch needs a device table or a sync.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include "cuda_runtime.h"  // first: in the emulated build it defines __CUDA_ARCH__ for what follows
 
 #include <cfloat>
 #include <tuple>
@@ -213,22 +209,31 @@ struct FloatSink {
 struct FixedPointSink {
   unsigned long long* data;
   const double* scale_pointer;  // a device scalar: the kernels read it, so choosing it needs no sync
+  // Counts non-finite contributions (a NaN or infinite logit of the fused op, which the bound does not
+  // see): integers cannot hold them, so fixed_point_to_float_kernel then writes NaN everywhere.
+  unsigned long long* non_finite;
   double scale;
-  __device__ __forceinline__ FixedPointSink ready() const { return {data, scale_pointer, *scale_pointer}; }
-  template <typename acc_t>
-  __device__ __forceinline__ void add(int64_t index, acc_t v) const {
+  __device__ __forceinline__ FixedPointSink ready() const { return {data, scale_pointer, non_finite, *scale_pointer}; }
+  __device__ __forceinline__ void add(int64_t index, double v) const {
+    const double scaled = v * scale;
+    if (!(fabs(scaled) <= DBL_MAX)) {
+      atomicAdd(non_finite, 1ull);
+      return;
+    }
     // Two's complement: adding the unsigned image of a negative integer subtracts it.
-    atomicAdd(data + index, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(v) * scale)));
+    atomicAdd(data + index, static_cast<unsigned long long>(__double2ll_rn(scaled)));
   }
+  // In fp64: factor * g can overflow fp32 where the fp64 bound does not.
   template <int VEC, typename acc_t>
   __device__ __forceinline__ void add_scaled(int64_t index, acc_t factor, const acc_t (&g)[VEC]) const {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) add(index + j, factor * g[j]);
+    for (int j = 0; j < VEC; ++j) add(index + j, static_cast<double>(factor) * static_cast<double>(g[j]));
   }
 };
 
 // scale = 2^(62 - e) for the bound < 2^e; 0 when the bound is not finite (a NaN or infinite weight or
-// output gradient), which fixed_point_to_float_kernel turns into a grad_value that is NaN everywhere.
+// output gradient), which fixed_point_to_float_kernel turns into a grad_value that is NaN everywhere, as it
+// does when any contribution was not finite.
 __global__ void fixed_point_scale_kernel(const double* __restrict__ bound, double* __restrict__ scale) {
   const double b = *bound;
   if (!(b <= DBL_MAX)) {
@@ -243,12 +248,13 @@ __global__ void fixed_point_scale_kernel(const double* __restrict__ bound, doubl
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     fixed_point_to_float_kernel(const long long* __restrict__ sums, const double* __restrict__ scale,
-                                scalar_t* __restrict__ out, int64_t n) {
+                                const unsigned long long* __restrict__ non_finite, scalar_t* __restrict__ out,
+                                int64_t n) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   const double s = *scale;
   const double quiet_nan = __longlong_as_double(0x7ff8000000000000LL);
-  out[i] = static_cast<scalar_t>(s == 0.0 ? quiet_nan : static_cast<double>(sums[i]) / s);
+  out[i] = static_cast<scalar_t>(s == 0.0 || *non_finite != 0 ? quiet_nan : static_cast<double>(sums[i]) / s);
 }
 
 // grad_locations and grad_weights are in acc_t and zeroed when kShuffle is false; grad_value is contiguous
@@ -389,16 +395,16 @@ at::Tensor forward_cuda(const KernelInputs& in, const MakePoints& make_points) {
   at::Tensor output =
       at::empty({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}, in.value.options());
   if (output.numel() == 0) return output;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     const auto points = make_points(static_cast<scalar_t*>(nullptr));
     const int vec = vector_width<scalar_t>(in.value, output);
     const Geometry g = make_geometry(in, vec);
     const int64_t total = output.numel() / vec;
     dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-      forward_kernel<scalar_t, VEC, kDiscrete, std::decay_t<decltype(points)>><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-          in.value.const_data_ptr<scalar_t>(), points, output.mutable_data_ptr<scalar_t>(), g, levels, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gpu::launch<forward_kernel<scalar_t, VEC, kDiscrete, std::decay_t<decltype(points)>>>(
+          blocks_for(total), kThreadsPerBlock, stream, in.value.const_data_ptr<scalar_t>(), points,
+          output.mutable_data_ptr<scalar_t>(), g, levels, total);
     });
   });
   return output;
@@ -426,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   if (grad_output.numel() == 0) {
     return {at::zeros(in.value.sizes(), in.value.options()), grad_locations, grad_weights};
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto points = make_points(static_cast<scalar_t*>(nullptr));
@@ -442,44 +448,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
           "channels in 16 bytes when C and value's strides are multiples of it, else 1)");
     }
     const bool fixed_point = deterministic && shuffle;
-    at::Tensor sums, scale;
+    at::Tensor sums, scale, non_finite;
     if (fixed_point) {
       sums = at::zeros(in.value.sizes(), in.value.options().dtype(at::kLong));
+      non_finite = at::zeros({}, sums.options());
       const at::Tensor bound = grad_output.abs().amax().to(at::kDouble) * weight_mass();
       scale = at::empty({}, bound.options());
-      fixed_point_scale_kernel<<<1, 1, 0, stream>>>(bound.const_data_ptr<double>(), scale.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gpu::launch<fixed_point_scale_kernel>(1, 1, stream, bound.const_data_ptr<double>(),
+                                            scale.mutable_data_ptr<double>());
     } else {
       grad_value = at::zeros(in.value.sizes(), acc_options);
     }
     dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
       using Points = std::decay_t<decltype(points)>;
-      // Shuffles need whole warps: launch a multiple of 32 lanes.
-      const auto launch = [&](auto kernel, int64_t threads, auto sink) {
-        kernel<<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
-            grad_output.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(), points, sink,
-            grad_locations.mutable_data_ptr<acc_t>(), grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // Shuffles need whole warps: with kShuffle, launch a multiple of 32 lanes.
+      const auto run = [&]<bool kShuffle, typename Sink>(const Sink& sink) {
+        const int64_t threads = kShuffle ? blocks_for(total) * kThreadsPerBlock : total;
+        gpu::launch<backward_kernel<scalar_t, VEC, kDiscrete, kShuffle, Points, Sink>>(
+            blocks_for(threads), kThreadsPerBlock, stream, grad_output.const_data_ptr<scalar_t>(),
+            in.value.const_data_ptr<scalar_t>(), points, sink, grad_locations.mutable_data_ptr<acc_t>(),
+            grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
       };
-      const int64_t whole_warps = blocks_for(total) * kThreadsPerBlock;
       if (fixed_point) {
-        const FixedPointSink sink{reinterpret_cast<unsigned long long*>(sums.mutable_data_ptr<int64_t>()),
-                                  scale.const_data_ptr<double>(), 0.0};
-        launch(backward_kernel<scalar_t, VEC, kDiscrete, true, Points, FixedPointSink>, whole_warps, sink);
+        run.template operator()<true>(FixedPointSink{
+            reinterpret_cast<unsigned long long*>(sums.mutable_data_ptr<int64_t>()), scale.const_data_ptr<double>(),
+            reinterpret_cast<unsigned long long*>(non_finite.mutable_data_ptr<int64_t>()), 0.0});
       } else if (shuffle) {
-        launch(backward_kernel<scalar_t, VEC, kDiscrete, true, Points, FloatSink<acc_t>>, whole_warps,
-               FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
+        run.template operator()<true>(FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
       } else {
-        launch(backward_kernel<scalar_t, VEC, kDiscrete, false, Points, FloatSink<acc_t>>, total,
-               FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
+        run.template operator()<false>(FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
       }
     });
     if (fixed_point) {
       grad_value = at::empty(in.value.sizes(), in.value.options().memory_format(at::MemoryFormat::Contiguous));
-      fixed_point_to_float_kernel<scalar_t><<<blocks_for(sums.numel()), kThreadsPerBlock, 0, stream>>>(
-          reinterpret_cast<const long long*>(sums.const_data_ptr<int64_t>()), scale.const_data_ptr<double>(),
+      gpu::launch<fixed_point_to_float_kernel<scalar_t>>(
+          blocks_for(sums.numel()), kThreadsPerBlock, stream, reinterpret_cast<const long long*>(sums.const_data_ptr<int64_t>()),
+          scale.const_data_ptr<double>(), reinterpret_cast<const unsigned long long*>(non_finite.const_data_ptr<int64_t>()),
           grad_value.mutable_data_ptr<scalar_t>(), sums.numel());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
@@ -488,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
                                        at::IntArrayRef num_points, c10::string_view method) {
-  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const gpu::DeviceGuard guard(value.device());
   const KernelInputs in =
       prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
   return forward_cuda(in, [&](auto* tag) {
@@ -502,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
     c10::string_view method) {
-  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const gpu::DeviceGuard guard(value.device());
   const KernelInputs in =
       prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
   auto [grad_value, grad_locations, grad_weights] = backward_cuda(
@@ -528,7 +533,7 @@ at::Tensor ms_deform_attn_fused_forward_cuda(const at::Tensor& value, at::IntArr
                                              const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
                                              const at::Tensor& attention_logits, at::IntArrayRef num_points,
                                              double offset_scale, c10::string_view method) {
-  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const gpu::DeviceGuard guard(value.device());
   const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
                                                attention_logits, num_points, method);
   const at::Tensor reference = reference_points.contiguous();
@@ -543,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
     const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
     const at::Tensor& reference_points, const at::Tensor& sampling_offsets, const at::Tensor& attention_logits,
     at::IntArrayRef num_points, double offset_scale, c10::string_view method) {
-  const c10::cuda::OptionalCUDAGuard guard(value.device());
+  const gpu::DeviceGuard guard(value.device());
   const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
                                                attention_logits, num_points, method);
   const at::Tensor reference = reference_points.contiguous();
@@ -561,14 +566,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
   const int64_t total_bqh = B * Q * H;
   if (total_bqh > 0) {
     const LevelParams levels = make_level_params(in.levels);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const gpu::Stream stream = gpu::current_stream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_fused_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      fused_backpropagate_kernel<scalar_t><<<blocks_for(total_bqh), kThreadsPerBlock, 0, stream>>>(
-          fused_points<scalar_t>(in, reference, offset_scale), levels, grad_weights.const_data_ptr<acc_t>(),
-          grad_locations.const_data_ptr<acc_t>(), grad_logits.mutable_data_ptr<scalar_t>(),
-          grad_offsets.mutable_data_ptr<scalar_t>(), grad_reference_per_head.mutable_data_ptr<acc_t>(), total_bqh);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gpu::launch<fused_backpropagate_kernel<scalar_t>>(
+          blocks_for(total_bqh), kThreadsPerBlock, stream, fused_points<scalar_t>(in, reference, offset_scale), levels,
+          grad_weights.const_data_ptr<acc_t>(), grad_locations.const_data_ptr<acc_t>(),
+          grad_logits.mutable_data_ptr<scalar_t>(), grad_offsets.mutable_data_ptr<scalar_t>(),
+          grad_reference_per_head.mutable_data_ptr<acc_t>(), total_bqh);
     });
   }
   return {grad_value, grad_reference_per_head.sum(2).to(reference.scalar_type()), grad_offsets, grad_logits};
@@ -576,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rtdetrv2_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(RTDETRV2_CUDA_OPS, RTDETRV2_CUDA_DISPATCH_KEY, m) {
   m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
   m.impl("ms_deform_attn_fused_forward", &ms_deform_attn_fused_forward_cuda);
