@@ -163,6 +163,16 @@ def test_divergent_shuffles_raise_instead_of_hanging(name, message):
     test_half_warp_shuffles_from_divergent_branches_pass()
 
 
+@pytest.mark.parametrize("name,message", [
+    ("throws", "lane 0: planted exception"),
+    ("misaligned_atomic", "lane 0: misaligned address in an atomic at .*planted_kernels.h:"),
+])
+def test_device_faults_raise(name, message):
+    with pytest.raises(RuntimeError, match=f"device fault in kernel planted::{name}, block .*{message}"):
+        planted(name)
+    test_half_warp_shuffles_from_divergent_branches_pass()
+
+
 def sanitized_environment():
     return {**os.environ, emulated_cuda.SANITIZE_ENV: "address", "LD_PRELOAD": emulated_cuda.asan_preload(),
             "ASAN_OPTIONS": "detect_leaks=0", "PYTHONPATH": str(TESTS)}

@@ -148,6 +148,18 @@ def test_non_contiguous_and_expanded_inputs(backend, device, method):
     actual = ms_deform_attn(value_strided, SHAPES, locations, weights, POINTS, method, backend=backend)
     assert_close(actual, ms_deform_attn_reference(value, SHAPES, locations, weights, POINTS, method),
                  torch.float64, "output")
+    # Contiguous, C a multiple of the 16-byte vector, but the data 8 bytes past a 16-byte boundary: a kernel
+    # must not use vector loads (a GPU faults on a misaligned one; UBSan flags it in the emulation).
+    value, locations, weights = make_inputs(batch=1, channels=8, device=device)
+    storage = torch.zeros(value.numel() + 1, dtype=value.dtype, device=device)
+    value_offset = storage[1:].view(value.shape).copy_(value)
+    assert value_offset.data_ptr() % 16 == 8
+    actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, method, backend=backend),
+                            value_offset, locations, weights)
+    expected = run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method),
+                              value, locations, weights)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close(a, e, torch.float64, f"misaligned value: {name}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

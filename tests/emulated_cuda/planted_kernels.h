@@ -1,7 +1,9 @@
 #pragma once
 // Kernels with planted defects, each of which the emulation must report as a GPU tool would: an
 // out-of-bounds read (AddressSanitizer), two lanes storing to one address (ThreadSanitizer), shuffles whose
-// lanes do not converge (the emulation's own check), and a legal half-warp pattern that must pass.
+// lanes do not converge (the emulation's own check), a misaligned atomic and an exception (device faults),
+// and a legal half-warp pattern that must pass.
+#include <stdexcept>
 #include <string>
 
 #include "cuda_emulation.h"
@@ -51,6 +53,12 @@ __global__ void shuffle_at_two_sites(float* data) {
   }
 }
 
+// A C++ exception thrown on a lane's stack (the unwinder needs the ABI's stack alignment there).
+__global__ void throws(float*) { throw std::runtime_error("planted exception"); }
+
+// An atomic on an address that is not a multiple of its size: a GPU faults ("misaligned address").
+__global__ void misaligned_atomic(float* data) { atomicAdd(reinterpret_cast<double*>(data + 1), 1.0); }
+
 }  // namespace planted
 
 // Launches planted kernel `name` over data (a contiguous float32 CPU tensor of at least 32 elements).
@@ -74,6 +82,10 @@ inline void run_planted_kernel(c10::string_view name, const at::Tensor& data) {
     gpu::launch<shuffle_outside_mask>(1, 32, stream, p);
   } else if (name == "shuffle_at_two_sites") {
     gpu::launch<shuffle_at_two_sites>(1, 32, stream, p);
+  } else if (name == "throws") {
+    gpu::launch<throws>(1, 32, stream, p);
+  } else if (name == "misaligned_atomic") {
+    gpu::launch<misaligned_atomic>(1, 1, stream, p);
   } else {
     TORCH_CHECK(false, "planted_kernel: no kernel named ", name);
   }
