@@ -1,8 +1,9 @@
 """Builds the C++ kernels ahead of time when torch is importable at build time.
 
 `pip install --no-build-isolation .` (torch already installed) compiles rtdetrv2_kernels._C (CPU) and,
-where nvcc and a CUDA build of torch are present, rtdetrv2_kernels._C_cuda, for TORCH_CUDA_ARCH_LIST
-(default 8.0;8.6;8.9;9.0+PTX, no GPU needed), against that torch, and stamps each with the torch version. Under pip's default build isolation torch is absent here, so
+where an nvcc of torch's CUDA major version and a CUDA build of torch are present (otherwise only the CUDA
+library is skipped, saying why), rtdetrv2_kernels._C_cuda, for TORCH_CUDA_ARCH_LIST
+(default 7.5;8.0;8.6;8.9;9.0+PTX, no GPU needed), against that torch, and stamps each with the torch version. Under pip's default build isolation torch is absent here, so
 only the Python package and the C++ sources are installed, and the kernels are compiled at first use
 against whatever torch is installed then (rtdetrv2_kernels/_extension.py). A binary is never loaded
 by a torch other than the one it was built against.
@@ -39,8 +40,10 @@ def _extensions():
     class BuildExtensionWithStamp(BuildExtension):
         @staticmethod
         def write_stamp(package_dir, ext):
-            stamp = Path(package_dir) / (ext.name.rsplit(".", 1)[-1] + config.STAMP_SUFFIX)
-            stamp.write_text(config.torch_build_tag() + "\n")
+            name = ext.name.rsplit(".", 1)[-1]
+            (Path(package_dir) / (name + config.STAMP_SUFFIX)).write_text(config.torch_build_tag() + "\n")
+            if config.is_cuda_library(name):  # which GPUs it can run on (backend selection checks)
+                (Path(package_dir) / (name + config.ARCHS_SUFFIX)).write_text(os.environ["TORCH_CUDA_ARCH_LIST"] + "\n")
 
         def build_extension(self, ext):
             super().build_extension(ext)

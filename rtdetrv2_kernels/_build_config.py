@@ -3,6 +3,8 @@ torch may be absent) and _extension.py (builds at first use), so it must not imp
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 # Library name -> source files, relative to csrc/. _C defines the op schemas and the CPU kernels; _C_cuda
@@ -15,10 +17,13 @@ LIBRARIES = {
 CXX_FLAGS = ["-O3", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
-# Ampere, Ada and Hopper, plus PTX that newer GPUs compile at load time.
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
-# setup.py writes the torch a library was built against into "<name>.torch_version" beside it.
+# Turing (the T4, on which RT-DETR, D-FINE and DEIM publish their latencies), Ampere, Ada and Hopper, plus
+# PTX that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+# setup.py writes the torch a library was built against into "<name>.torch_version" beside it, and for the
+# CUDA library the architectures it holds into "<name>.cuda_archs".
 STAMP_SUFFIX = ".torch_version"
+ARCHS_SUFFIX = ".cuda_archs"
 
 
 def is_cuda_library(name: str) -> bool:
@@ -32,18 +37,56 @@ def torch_build_tag() -> str:
     return f"{torch.__version__}+cuda{torch.version.cuda}" if torch.version.cuda else torch.__version__
 
 
+# Where toolkits keep libcudart: NVIDIA's layout, and Debian's (CUDA_HOME=/usr).
+CUDART_DIRS = ("lib64", "lib", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu")
+
+
+def nvcc_release(nvcc: Path) -> str | None:
+    """The CUDA release ("13.0") that `nvcc --version` reports, or None."""
+    try:
+        output = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", output)
+    return f"{match[1]}.{match[2]}" if match else None
+
+
 def cuda_unavailable_reason() -> str | None:
-    """None when CUDA sources can be compiled here (a CUDA build of torch and nvcc), else why not."""
+    """None when CUDA sources can be compiled here (a CUDA build of torch and an nvcc of its CUDA major
+    version, which torch's build requires), else why not."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     if torch.version.cuda is None:
         return "this torch is a CPU-only build"
-    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+    nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
+    if CUDA_HOME is None or not nvcc.exists():
         return "no CUDA toolkit (nvcc) was found; set CUDA_HOME to the toolkit's root"
-    if not any(any((Path(CUDA_HOME) / lib).glob("libcudart.so*")) for lib in ("lib64", "lib")):
-        return f"CUDA_HOME={CUDA_HOME} has no lib64/libcudart.so; set CUDA_HOME to the toolkit's root"
+    if not any(any((Path(CUDA_HOME) / lib).glob("libcudart.so*")) for lib in CUDART_DIRS):
+        return (f"CUDA_HOME={CUDA_HOME} has no lib64/libcudart.so (nor {', '.join(CUDART_DIRS[1:])}); set "
+                "CUDA_HOME to the toolkit's root")
+    release = nvcc_release(nvcc)
+    if release is None:
+        return f"{nvcc} --version does not say which CUDA release it is"
+    if release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return (f"nvcc ({nvcc}) is CUDA {release} but this torch was built with CUDA {torch.version.cuda}, and "
+                "torch's extension build refuses a different major version; install a CUDA "
+                f"{torch.version.cuda.split('.')[0]}.x toolkit and set CUDA_HOME to it")
     return None
+
+
+def runs_on(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a binary built for TORCH_CUDA_ARCH_LIST-style `arch_list` ("7.5;8.0;9.0+PTX") runs on a GPU of
+    compute `capability`: machine code for the same major version and an equal or lower minor one, or PTX
+    for an equal or lower version (compiled by the driver at load time)."""
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        version, _, ptx = entry.partition("+")
+        major, minor = (int(x) for x in version.split("."))
+        if (major == capability[0] and minor <= capability[1]) or (ptx and (major, minor) <= tuple(capability)):
+            return True
+    return False
 
 
 def cuda_include_dirs() -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ._build_config import (
+    ARCHS_SUFFIX,
     CXX_FLAGS,
     LIBRARIES,
     LINK_FLAGS,
@@ -103,6 +104,15 @@ def _jit_compile(name: str) -> None:
         is_python_module=False,
         verbose=False,
     )
+
+
+def cuda_archs(name: str = "_C_cuda") -> str | None:
+    """The TORCH_CUDA_ARCH_LIST a prebuilt CUDA library was built for, or None where it is not recorded (a
+    build at first use, which compiles for the GPUs present)."""
+    path = _PACKAGE_DIR / f"{name}{ARCHS_SUFFIX}"
+    if os.environ.get("RTDETRV2_KERNELS_FORCE_JIT") == "1" or not path.is_file() or not _prebuilt_path(name):
+        return None
+    return path.read_text().strip()
 
 
 def is_loaded(name: str) -> bool:

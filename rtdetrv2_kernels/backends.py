@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import _extension
+from . import _build_config, _extension
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
@@ -72,10 +72,24 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
         if not torch.cuda.is_available():
             return "torch sees no CUDA device"
         reason = _extension.load("_C_cuda")
-        return None if reason is None else f"the CUDA kernels could not be loaded ({reason})"
+        if reason is not None:
+            return f"the CUDA kernels could not be loaded ({reason})"
+        return _gpu_mismatch_reason(_extension.cuda_archs())
     if backend == "triton":
         return _triton_unavailable_reason(device_type)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def _gpu_mismatch_reason(archs: str | None) -> str | None:
+    """Why a CUDA library built for `archs` cannot run on the current GPU (every call would fail with "no
+    kernel image is available"), or None."""
+    if archs is None:
+        return None
+    capability = torch.cuda.get_device_capability()
+    if _build_config.runs_on(archs, capability):
+        return None
+    return (f"they were built for compute capabilities {archs}, not this GPU's {capability[0]}.{capability[1]} "
+            "(rebuild with TORCH_CUDA_ARCH_LIST including it)")
 
 
 def _triton_unavailable_reason(device_type: str) -> str | None:

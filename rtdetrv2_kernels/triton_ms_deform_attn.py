@@ -15,7 +15,9 @@ breaks, also when Triton runs in interpreter mode (TRITON_INTERPRET=1) on CPU te
 
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
 import warnings
 
 import torch
@@ -76,11 +78,15 @@ def _discrete_offset(loc_x, loc_y, height, width):
 
 @triton.jit
 def _program_tile(Q, H: tl.constexpr, C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's batch and head, its queries' (b * Q + q) * H + h indices, and the tile masks."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
+    """This program's batch and head (int64, as every offset computed from them), its queries'
+    (b * Q + q) * H + h indices, and the tile masks. Programs are numbered (b * H + h) * blocks + block on
+    grid axis 0, the one without CUDA's 65535 limit (_grid)."""
+    blocks = tl.cdiv(Q, BLOCK_Q)
+    program = tl.program_id(0).to(tl.int64)
+    bh = program // blocks
+    b = bh // H
     h = bh % H
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = (program % blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < Q
     c = tl.arange(0, BLOCK_C)
     tile_mask = q_mask[:, None] & (c < C)[None, :]
@@ -109,11 +115,13 @@ def _softmax_stats(logit_ptr, bqh, q_mask, P: tl.constexpr, ACC: tl.constexpr, B
 
 
 @triton.jit
-def _offset_factors(offset_scale, count, height, width, K: tl.constexpr):
-    """Fused op: d loc / d offset per axis on a level, less the box size for boxes (docs/semantics.md)."""
+def _offset_factors(offset_scale, count, height, width, K: tl.constexpr, ACC: tl.constexpr):
+    """Fused op: d loc / d offset per axis on a level, less the box size for boxes (docs/semantics.md), in
+    ACC (a float literal would be an fp32 constant on the GPU)."""
     if K == 4:
         return offset_scale / count, offset_scale / count
-    return 1.0 / width, 1.0 / height
+    one = tl.full([], 1.0, ACC)
+    return one / width, one / height
 
 
 @triton.jit
@@ -148,7 +156,7 @@ def _gather(rows_ptr, offset, inside, c, tile_mask, stride, ACC: tl.constexpr):
 def _forward_kernel(
     value_ptr, loc_ptr, weight_ptr, out_ptr,
     Q, stride_vb, stride_vs, stride_vh,
-    ref_ptr, offset_scale,
+    ref_ptr, scale_hi, scale_mid, scale_lo,
     H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
     SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
@@ -156,10 +164,14 @@ def _forward_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Plain op: loc_ptr and weight_ptr are the locations and weights. FUSED: they are the raw offsets and
-    logits, and ref_ptr the (B, Q, R, K) reference points; ref_ptr and offset_scale are unused otherwise."""
+    logits, ref_ptr the (B, Q, R, K) reference points and scale_* offset_scale (_offset_scale_parts); all
+    unused otherwise."""
     b, h, bqh, q_mask, c, tile_mask = _program_tile(Q, H, C, BLOCK_Q, BLOCK_C)
+    # Strides arrive as i32 when they fit; their products with starts and rows may not.
+    stride_vs = tl.cast(stride_vs, tl.int64)
     value_bh = value_ptr + b * stride_vb + h * stride_vh
     if FUSED:
+        offset_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_mid, ACC) + tl.cast(scale_lo, ACC)
         largest, total = _softmax_stats(weight_ptr, bqh, q_mask, P, ACC, BLOCK_Q)
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
     for level in tl.static_range(NUM_LEVELS):
@@ -167,9 +179,10 @@ def _forward_kernel(
         width = SHAPES[2 * level + 1]
         rows = value_bh + STARTS[level] * stride_vs
         if FUSED:
-            factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K)
+            factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K, ACC)
             ref_row = ref_ptr + ((bqh // H) * R + (level if R > 1 else 0)) * K
-        for i in tl.static_range(POINTS[level]):
+        # An element of a constexpr tuple is no constexpr to the compiler (the interpreter does not mind).
+        for i in tl.static_range(tl.constexpr(POINTS[level])):
             point = bqh * P + FIRST_POINT[level] + i
             if FUSED:
                 w, loc_x, loc_y, _, _, _, _ = _fused_point(ref_row, loc_ptr, weight_ptr, point, q_mask, largest,
@@ -221,7 +234,7 @@ def _store_reference_grads(grad_ref_ptr, bqh, r, q_mask, g_x, g_y, g_w, g_h, R: 
 def _backward_kernel(
     grad_out_ptr, value_ptr, loc_ptr, weight_ptr, grad_value_ptr, grad_loc_ptr, grad_weight_ptr,
     Q, stride_vb, stride_vs, stride_vh,
-    ref_ptr, offset_scale, grad_ref_ptr,
+    ref_ptr, scale_hi, scale_mid, scale_lo, grad_ref_ptr,
     H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
     SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
@@ -232,12 +245,14 @@ def _backward_kernel(
     of the offsets and (an ACC buffer) of the logits, grad_ref_ptr each head's reference gradient."""
     b, h, bqh, q_mask, c, tile_mask = _program_tile(Q, H, C, BLOCK_Q, BLOCK_C)
     grad_out = tl.load(grad_out_ptr + bqh[:, None] * C + c[None, :], mask=tile_mask, other=0.0).to(ACC)
+    stride_vs = tl.cast(stride_vs, tl.int64)  # as in _forward_kernel
     value_bh = value_ptr + b * stride_vb + h * stride_vh
     # grad_value is a contiguous (B, S, H, C) buffer; STARTS[NUM_LEVELS] is S.
     stride_gs = H * C
     grad_bh = grad_value_ptr + (b * STARTS[NUM_LEVELS] * H + h) * C
     out_ty = grad_loc_ptr.dtype.element_ty
     if FUSED:
+        offset_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_mid, ACC) + tl.cast(scale_lo, ACC)
         largest, total = _softmax_stats(weight_ptr, bqh, q_mask, P, ACC, BLOCK_Q)
         expected = tl.zeros([BLOCK_Q], ACC)  # sum over points of weight * grad_weight, for the softmax
         g_ref_x = tl.zeros([BLOCK_Q], ACC)
@@ -250,9 +265,9 @@ def _backward_kernel(
         value_rows = value_bh + STARTS[level] * stride_vs
         grad_rows = grad_bh + STARTS[level] * stride_gs
         if FUSED:
-            factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K)
+            factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K, ACC)
             ref_row = ref_ptr + ((bqh // H) * R + (level if R > 1 else 0)) * K
-        for i in tl.static_range(POINTS[level]):
+        for i in tl.static_range(tl.constexpr(POINTS[level])):  # as in _forward_kernel
             point = bqh * P + FIRST_POINT[level] + i
             if FUSED:
                 w, loc_x, loc_y, offset_x, offset_y, size_x, size_y = _fused_point(
@@ -328,11 +343,45 @@ _backward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE", "FUSE
 _INTERPRETER_BLOCK_Q = 16  # the interpreter runs one fixed configuration: tuning it would only cost time
 
 
+def _grid(queries: int, batch_heads: int, block_q: int) -> tuple[int]:
+    """One program per (batch, head) and block of queries, all on axis 0: CUDA allows 2^31 - 1 blocks there
+    but only 65535 on axes 1 and 2, which B * H alone can exceed."""
+    programs = batch_heads * triton.cdiv(queries, block_q)
+    if programs > 2**31 - 1:
+        raise ValueError(f"ms_deform_attn (Triton): B * H * ceil(Q / {block_q}) = {programs} programs exceed "
+                         "CUDA's grid limit of 2^31 - 1; split the batch")
+    return (programs,)
+
+
+def _device_guard(device: torch.device):
+    """Makes the tensors' GPU the current one for the launch: Triton launches on the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
+    with _device_guard(args[0].device):
+        _launch_here(tuned, plain, grid_q, batch_heads, *args, **constants)
+
+
+def _launch_here(tuned, plain, grid_q, batch_heads, *args, **constants):
     if interpreting():
-        plain[(triton.cdiv(grid_q, _INTERPRETER_BLOCK_Q), batch_heads)](*args, BLOCK_Q=_INTERPRETER_BLOCK_Q, **constants)
+        plain[_grid(grid_q, batch_heads, _INTERPRETER_BLOCK_Q)](*args, BLOCK_Q=_INTERPRETER_BLOCK_Q, **constants)
     else:
-        tuned[lambda meta: (triton.cdiv(grid_q, meta["BLOCK_Q"]), batch_heads)](*args, **constants)
+        tuned[lambda meta: _grid(grid_q, batch_heads, meta["BLOCK_Q"])](*args, **constants)
+
+
+def _offset_scale_parts(offset_scale: float) -> tuple[float, float, float]:
+    """offset_scale as three fp32 values that sum to it exactly. On a GPU a Python float argument arrives as
+    fp32; the kernels add the parts in their accumulation dtype, so fp64 runs see the exact double."""
+    parts = []
+    rest = float(offset_scale)
+    for _ in range(3):
+        part = struct.unpack("f", struct.pack("f", rest))[0]  # rounded to the nearest fp32
+        parts.append(part)
+        rest -= part  # exact in double arithmetic
+    if rest != 0.0:
+        raise ValueError(f"offset_scale={offset_scale!r} is outside what the Triton kernels represent exactly")
+    return tuple(parts)
 
 
 def _alert_not_deterministic(op: str) -> None:
@@ -392,7 +441,7 @@ def triton_ms_deform_attn_forward(
     if output.numel():
         _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
                 value, locations, weights, output, queries, value.stride(0), value.stride(1), value.stride(2),
-                value, 0.0, **_level_constants(value, spatial_shapes, num_points, method))
+                value, 0.0, 0.0, 0.0, **_level_constants(value, spatial_shapes, num_points, method))
     return output
 
 
@@ -421,7 +470,7 @@ def triton_ms_deform_attn_backward(
     if grad_weights.numel() and channels:
         _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
                 grad_output.contiguous(), value, locations, weights, grad_value, grad_locations, grad_weights,
-                queries, value.stride(0), value.stride(1), value.stride(2), value, 0.0, grad_value,
+                queries, value.stride(0), value.stride(1), value.stride(2), value, 0.0, 0.0, 0.0, grad_value,
                 **_level_constants(value, spatial_shapes, num_points, method))
     else:
         grad_locations.zero_()
@@ -463,7 +512,7 @@ def triton_ms_deform_attn_fused_forward(
     if output.numel():
         _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
                 value, offsets, logits, output, queries, value.stride(0), value.stride(1), value.stride(2),
-                reference, offset_scale, **_level_constants(value, spatial_shapes, num_points, method, reference))
+                reference, *_offset_scale_parts(offset_scale), **_level_constants(value, spatial_shapes, num_points, method, reference))
     return output
 
 
@@ -498,7 +547,8 @@ def triton_ms_deform_attn_fused_backward(
     if grad_logits.numel() and channels:
         _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
                 grad_output.contiguous(), value, offsets, logits, grad_value, grad_offsets, grad_logits,
-                queries, value.stride(0), value.stride(1), value.stride(2), reference, offset_scale, grad_reference,
+                queries, value.stride(0), value.stride(1), value.stride(2), reference,
+                *_offset_scale_parts(offset_scale), grad_reference,
                 **_level_constants(value, spatial_shapes, num_points, method, reference))
     return (grad_value.to(value.dtype), grad_reference.sum(2).to(value.dtype), grad_offsets,
             grad_logits.to(value.dtype))

@@ -1,34 +1,59 @@
 #!/usr/bin/env bash
 # The test command: a fresh virtualenv with torch 2.14.1 (the CUDA build, so CUDA sources compile even
-# without a GPU), the test dependencies and this package built against that torch, then pytest.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k reference -x`; without any, the emulated CUDA
-# kernels' tests then run a second time under AddressSanitizer and UBSan.
+# without a GPU), the test dependencies and this package built against that torch, then pytest. Without
+# arguments it also builds against the oldest supported torch (2.11.0) and runs the kernel and op tests
+# there, and runs the emulated CUDA kernels' tests a second time under AddressSanitizer and UBSan.
+# Extra arguments go to pytest (the main run only), e.g. `bash scripts/test.sh -k reference -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch guesses the CUDA toolkit from `which nvcc`, which a wrapper script in /usr/local/bin misleads.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 VENV=${RTDETRV2_TEST_VENV:-.venv-test}
+OLDEST_VENV=${RTDETRV2_OLDEST_TEST_VENV:-.venv-test-oldest}
+OLDEST_TORCH=2.11.0  # pyproject.toml's torch>= (the GPU machines' torch; its Triton is 3.6.0)
 PYTHON=${PYTHON:-python3}
+START=$SECONDS
+elapsed() { echo "   ($(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s so far)"; }
 
-echo "== creating $VENV"
-rm -rf "$VENV"
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
-echo "== installing torch 2.14.1"
-"$VENV/bin/python" -m pip install -q torch==2.14.1 numpy
-echo "== building rtdetrv2_kernels"
-"$VENV/bin/python" -m pip install -q --no-build-isolation ".[test]"
-# From inside the venv, so that the installed package is imported rather than the checkout's sources.
-(cd "$VENV" && bin/python -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())")
+# make_venv DIR TORCH_VERSION: a fresh virtualenv with that torch and this package built against it.
+make_venv() {
+  echo "== creating $1 with torch $2"
+  rm -rf "$1"
+  "$PYTHON" -m venv "$1"
+  "$1/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
+  "$1/bin/python" -m pip install -q "torch==$2" numpy
+  echo "== building rtdetrv2_kernels against torch $2"
+  "$1/bin/python" -m pip install -q --no-build-isolation ".[test]"
+  # From inside the venv, so that the installed package is imported rather than the checkout's sources.
+  (cd "$1" && bin/python -c "import torch, rtdetrv2_kernels as rk; print('torch', torch.__version__, '| backends:', rk.available_backends())")
+  elapsed
+}
+
+make_venv "$VENV" 2.14.1
+if [ $# -eq 0 ]; then
+  # The CUDA library for one architecture is enough to show it builds against the oldest torch's headers.
+  TORCH_CUDA_ARCH_LIST=9.0 make_venv "$OLDEST_VENV" "$OLDEST_TORCH"
+  # tests/test_triton_compile.py compiles the Triton kernels with this Python's Triton too.
+  export RTDETRV2_OLDEST_TORCH_PYTHON="$PWD/$OLDEST_VENV/bin/python"
+fi
+
 echo "== pytest"
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path and would test the
 # source tree instead of the installed package. The suite includes the CUDA kernels emulated on the CPU
 # (tests/emulated_cuda/, built at collection) and their ThreadSanitizer run.
 "$VENV/bin/pytest" "$@"
-if [ $# -gt 0 ]; then exit 0; fi  # a selection of tests: no sanitizer pass
+elapsed
+if [ $# -gt 0 ]; then exit 0; fi  # a selection of tests: no oldest-torch or sanitizer pass
+
+echo "== pytest with torch $OLDEST_TORCH: the kernel and op tests (CPU kernels, Triton 3.6 interpreter)"
+RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" -q -m "not slow" tests/test_kernels.py tests/test_fused.py \
+  tests/test_registration.py tests/test_validation.py tests/test_deterministic.py tests/test_reference.py
+elapsed
+
 echo "== pytest: the emulated CUDA kernels again, under AddressSanitizer and UndefinedBehaviorSanitizer"
 # libasan must be the first library loaded, and libstdc++ loaded with it (tests/emulated_cuda/__init__.py).
 ASAN_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
 RTDETRV2_EMULATION_SANITIZE=address LD_PRELOAD="$ASAN_PRELOAD" ASAN_OPTIONS=detect_leaks=0 \
   "$VENV/bin/pytest" -q -m "not slow" -k emulated \
   tests/test_kernels.py tests/test_fused.py tests/test_deterministic.py tests/test_emulated_cuda.py
+elapsed

@@ -57,8 +57,6 @@ def test_reference_follows_the_formulas(reference, per_level, method):
 @pytest.mark.parametrize("method", ["default", "discrete"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backends_match_the_reference_with_gradients(backend, device, reference, per_level, method, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels take fp16/bf16/fp32")
     inputs = make_fused_inputs(reference=reference, per_level=per_level, device=device)
     grad_output = torch.randn(2, 5, 3 * 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 

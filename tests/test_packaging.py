@@ -75,6 +75,9 @@ def test_cuda_kernels_are_built_and_registered():
     assert _extension.load("_C_cuda") is None
     for op in ("ms_deform_attn_forward", "ms_deform_attn_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rtdetrv2_kernels::{op}", "CUDA")
+    # The architectures it holds are recorded, so that backend selection can check them (T4 = 7.5 included).
+    assert _extension.cuda_archs() == os.environ.get("TORCH_CUDA_ARCH_LIST", _build_config.DEFAULT_CUDA_ARCHS)
+    assert _build_config.runs_on(_extension.cuda_archs(), (7, 5))
 
 
 def test_cuda_toolkit_detection_explains_a_misleading_cuda_home(tmp_path, monkeypatch):
@@ -87,13 +90,81 @@ def test_cuda_toolkit_detection_explains_a_misleading_cuda_home(tmp_path, monkey
 
     if torch.version.cuda is None:
         pytest.skip("a CPU-only torch never builds the CUDA kernels")
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    fake_toolkit(tmp_path, torch.version.cuda)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
     assert "has no lib64/libcudart.so" in _build_config.cuda_unavailable_reason()
     (tmp_path / "lib64").mkdir()
     (tmp_path / "lib64" / "libcudart.so.13").write_text("")
     assert _build_config.cuda_unavailable_reason() is None
+
+
+def fake_toolkit(root, release):
+    """A toolkit root whose bin/nvcc reports CUDA `release`."""
+    (root / "bin").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.0'\n")
+    nvcc.chmod(0o755)
+
+
+def test_cuda_toolkit_in_debian_layout_is_accepted(tmp_path, monkeypatch):
+    """Debian's nvidia-cuda-toolkit: CUDA_HOME=/usr, libcudart in lib/x86_64-linux-gnu."""
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    from rtdetrv2_kernels import _build_config
+
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch never builds the CUDA kernels")
+    fake_toolkit(tmp_path, torch.version.cuda)
+    (tmp_path / "lib" / "x86_64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "lib" / "x86_64-linux-gnu" / "libcudart.so.13").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert _build_config.cuda_unavailable_reason() is None
+
+
+def test_nvcc_of_another_cuda_major_skips_only_the_cuda_kernels(tmp_path, monkeypatch):
+    """torch's BuildExtension refuses an nvcc whose major version differs from torch's CUDA, before it builds
+    anything: the CUDA library is left out (saying why), so the CPU kernels still build."""
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    from rtdetrv2_kernels import _build_config
+
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch never builds the CUDA kernels")
+    other = f"{int(torch.version.cuda.split('.')[0]) - 1}.4"
+    fake_toolkit(tmp_path, other)
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so.12").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    reason = _build_config.cuda_unavailable_reason()
+    assert f"is CUDA {other} but this torch was built with CUDA {torch.version.cuda}" in reason
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("7.5;8.0;8.6;8.9;9.0+PTX", (7, 5), True),  # T4
+    ("8.0;8.6;8.9;9.0+PTX", (7, 5), False),  # the old default on a T4: "no kernel image is available"
+    ("8.0", (8, 6), True),  # machine code runs on a later minor version of its major
+    ("8.6", (8, 0), False),
+    ("9.0+PTX", (12, 0), True),  # PTX is compiled by the driver for later GPUs
+    ("9.0", (10, 0), False),
+])
+def test_binary_architectures_against_the_gpu(archs, capability, runs):
+    from rtdetrv2_kernels import _build_config
+
+    assert _build_config.runs_on(archs, capability) is runs
+
+
+def test_backend_selection_skips_cuda_kernels_built_for_other_gpus(monkeypatch):
+    import torch
+
+    from rtdetrv2_kernels import backends
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = backends._gpu_mismatch_reason("8.0;8.6;8.9;9.0+PTX")
+    assert "built for compute capabilities 8.0;8.6;8.9;9.0+PTX, not this GPU's 7.5" in reason
+    assert backends._gpu_mismatch_reason("7.5;8.0") is None
+    assert backends._gpu_mismatch_reason(None) is None  # built at first use, for the GPUs present
 
 
 @pytest.mark.slow

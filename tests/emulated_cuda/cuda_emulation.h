@@ -135,19 +135,20 @@ inline long long __double2ll_rn(double x) {
 inline double __longlong_as_double(long long x) { return std::bit_cast<double>(x); }
 
 // CUDA's min and max: integers compared in their common type; floats as fminf/fmaxf (NaN loses).
-template <typename A, typename B>
+template <bool kLarger, typename A, typename B>
   requires(std::is_arithmetic_v<A> && std::is_arithmetic_v<B>)
-std::common_type_t<A, B> min(A a, B b) {
+std::common_type_t<A, B> min_or_max(A a, B b) {
   using T = std::common_type_t<A, B>;
-  if constexpr (std::is_floating_point_v<T>) return std::fmin(T(a), T(b));
-  return T(a) < T(b) ? T(a) : T(b);
+  if constexpr (std::is_floating_point_v<T>) return kLarger ? std::fmax(T(a), T(b)) : std::fmin(T(a), T(b));
+  return (T(a) < T(b)) == kLarger ? T(b) : T(a);
 }
 template <typename A, typename B>
-  requires(std::is_arithmetic_v<A> && std::is_arithmetic_v<B>)
-std::common_type_t<A, B> max(A a, B b) {
-  using T = std::common_type_t<A, B>;
-  if constexpr (std::is_floating_point_v<T>) return std::fmax(T(a), T(b));
-  return T(a) < T(b) ? T(b) : T(a);
+auto min(A a, B b) {
+  return min_or_max<false>(a, b);
+}
+template <typename A, typename B>
+auto max(A a, B b) {
+  return min_or_max<true>(a, b);
 }
 
 // The ops register on CPU tensors under their own namespace (rtdetrv2_kernels_emulated_sm80 or _sm90).

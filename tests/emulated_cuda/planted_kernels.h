@@ -3,8 +3,10 @@
 // out-of-bounds read (AddressSanitizer), two lanes storing to one address (ThreadSanitizer), shuffles whose
 // lanes do not converge (the emulation's own check), a misaligned atomic and an exception (device faults),
 // and a legal half-warp pattern that must pass.
+#include <functional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cuda_emulation.h"
 
@@ -70,25 +72,20 @@ inline void run_planted_kernel(c10::string_view name, const at::Tensor& data) {
   float* p = data.mutable_data_ptr<float>();
   const int64_t n = data.numel();
   const gpu::Stream stream = gpu::current_stream();
-  if (name == "read_past_end") {
-    gpu::launch<read_past_end>((n + 31) / 32, 32, stream, p, n);
-  } else if (name == "racing_store") {
-    gpu::launch<racing_store>(1, 32, stream, p);
-  } else if (name == "shuffle_after_return") {
-    gpu::launch<shuffle_after_return>(1, 32, stream, p);
-  } else if (name == "half_warp_shuffles") {
-    gpu::launch<half_warp_shuffles>(1, 32, stream, p);
-  } else if (name == "shuffle_outside_mask") {
-    gpu::launch<shuffle_outside_mask>(1, 32, stream, p);
-  } else if (name == "shuffle_at_two_sites") {
-    gpu::launch<shuffle_at_two_sites>(1, 32, stream, p);
-  } else if (name == "throws") {
-    gpu::launch<throws>(1, 32, stream, p);
-  } else if (name == "misaligned_atomic") {
-    gpu::launch<misaligned_atomic>(1, 1, stream, p);
-  } else {
-    TORCH_CHECK(false, "planted_kernel: no kernel named ", name);
+  const std::pair<const char*, std::function<void()>> kernels[] = {
+      {"read_past_end", [&] { gpu::launch<read_past_end>((n + 31) / 32, 32, stream, p, n); }},
+      {"racing_store", [&] { gpu::launch<racing_store>(1, 32, stream, p); }},
+      {"shuffle_after_return", [&] { gpu::launch<shuffle_after_return>(1, 32, stream, p); }},
+      {"half_warp_shuffles", [&] { gpu::launch<half_warp_shuffles>(1, 32, stream, p); }},
+      {"shuffle_outside_mask", [&] { gpu::launch<shuffle_outside_mask>(1, 32, stream, p); }},
+      {"shuffle_at_two_sites", [&] { gpu::launch<shuffle_at_two_sites>(1, 32, stream, p); }},
+      {"throws", [&] { gpu::launch<throws>(1, 32, stream, p); }},
+      {"misaligned_atomic", [&] { gpu::launch<misaligned_atomic>(1, 1, stream, p); }},
+  };
+  for (const auto& [kernel_name, run] : kernels) {
+    if (name == kernel_name) return run();
   }
+  TORCH_CHECK(false, "planted_kernel: no kernel named ", name);
 }
 
 }  // namespace rtdetrv2_cuda_emulation
