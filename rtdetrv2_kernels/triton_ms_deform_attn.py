@@ -340,7 +340,14 @@ _forward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE", "FUSED
 _backward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE", "FUSED"], reset_to_zero=["grad_value_ptr"])(
     _backward_kernel
 )
-_INTERPRETER_BLOCK_Q = 16  # the interpreter runs one fixed configuration: tuning it would only cost time
+# The interpreter runs one fixed configuration (tuning it would only cost time), and so does a GPU with
+# RTDETRV2_TRITON_AUTOTUNE=0 (test runs: every new key would otherwise time five configurations).
+_FIXED_BLOCK_Q = 16
+AUTOTUNE_ENV = "RTDETRV2_TRITON_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV) != "0"
 
 
 def _grid(queries: int, batch_heads: int, block_q: int) -> tuple[int]:
@@ -364,10 +371,10 @@ def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
 
 
 def _launch_here(tuned, plain, grid_q, batch_heads, *args, **constants):
-    if interpreting():
-        plain[_grid(grid_q, batch_heads, _INTERPRETER_BLOCK_Q)](*args, BLOCK_Q=_INTERPRETER_BLOCK_Q, **constants)
-    else:
+    if autotuning():
         tuned[lambda meta: _grid(grid_q, batch_heads, meta["BLOCK_Q"])](*args, **constants)
+    else:
+        plain[_grid(grid_q, batch_heads, _FIXED_BLOCK_Q)](*args, BLOCK_Q=_FIXED_BLOCK_Q, num_warps=2, **constants)
 
 
 def _offset_scale_parts(offset_scale: float) -> tuple[float, float, float]:

@@ -78,3 +78,53 @@ def test_self_check_reports_a_wrong_implementation(monkeypatch):
     failures = selfcheck.self_check("cpu", [torch.float32], None, log=lambda line: None)
     assert failures and all(f.startswith("wrong on ") for f in failures)
     assert any("output relative error" in f for f in failures)
+
+
+def load_gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_rehearsal_writes_its_report(tmp_path):
+    """The GPU check's own logic, without a GPU: every step reported (as not run), within the 9 minutes."""
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["step"] for s in report["steps"]] == ["build", "backends", "tests", "benchmark", "memcheck", "model"]
+    assert all(s["result"] == "not run (rehearsal: no GPU)" for s in report["steps"])
+    assert sum(s["budget"] for s in report["steps"]) <= 9 * 60  # the budgets fit one 10-minute call
+    assert report["mode"].startswith("rehearsal") and report["commit"]
+    assert "| memcheck | not run (rehearsal: no GPU) |" in (tmp_path / "gpu_check.md").read_text()
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse", "--steps", "nope"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--steps: unknown ['nope']" in bad.stderr
+
+
+def test_gpu_check_steps_stop_at_their_limit_and_report_as_they_go(tmp_path):
+    gpu_check = load_gpu_check()
+    slow = gpu_check.Step("slow", 6, [sys.executable, "-c", "import time; time.sleep(30)"], gpu=False)
+    fast = gpu_check.Step("fast", 60, [sys.executable, "-c", "print('hello')"], gpu=False)
+    result = gpu_check.run_step(slow, 6, tmp_path, rehearse=False)  # limits under 5 s do not start a step
+    assert result["result"] == "FAILED (over its 6 s)" and result["seconds"] < 15
+    assert gpu_check.run_step(fast, 60, tmp_path, rehearse=False)["result"] == "ok"
+    assert (tmp_path / "fast.log").read_text().strip() == "hello"
+    assert gpu_check.run_step(fast, 2, tmp_path, rehearse=False)["result"] == "not run (out of time)"
+    gpu_check.write_report(tmp_path, {"commit": "abc"}, [result])
+    assert "| slow | FAILED (over its 6 s) |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_triton_single_configuration_mode(monkeypatch):
+    pytest.importorskip("triton")
+    from rtdetrv2_kernels import triton_ms_deform_attn as kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(kernels.AUTOTUNE_ENV, raising=False)
+    assert kernels.autotuning()
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")  # what the GPU check's test step sets
+    assert not kernels.autotuning()
