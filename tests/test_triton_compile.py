@@ -36,6 +36,15 @@ def compiler_environment():
     return env
 
 
+def compile_and_print(script: str) -> str:
+    """The output of `script`, run by this Python with Triton compiling for real."""
+    run = subprocess.run([sys.executable, "-c", script], env=compiler_environment(), capture_output=True,
+                         text=True, timeout=900, cwd="/")
+    assert run.returncode == 0, run.stderr[-4000:]
+    print(run.stdout)
+    return run.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("python", PYTHONS)
 def test_every_variant_compiles_for_sm75_sm80_and_sm90(python):
@@ -66,10 +75,7 @@ for op, (rows, size) in (("boxes", (1, 4)), ("points", (2, 2))):
 def test_fp64_fused_kernels_do_no_fp32_arithmetic():
     # On a GPU a Python float argument is fp32 and a float literal an fp32 constant: offset_scale and the
     # per-level factors must reach fp64 runs as fp64 (docs/semantics.md promises 1e-10 relative in fp64).
-    run = subprocess.run([sys.executable, "-c", FP64_SCRIPT], env=compiler_environment(), capture_output=True,
-                         text=True, timeout=900, cwd="/")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.count("fp32 arithmetic: none") == 4, run.stdout
+    assert compile_and_print(FP64_SCRIPT).count("fp32 arithmetic: none") == 4
 
 
 @pytest.mark.parametrize("value", [0.5, 0.1, 1 / 3, 2.0**-60, 123456.789, 0.0])
@@ -112,7 +118,4 @@ for kernel in (check.kernels._forward_kernel, check.kernels._backward_kernel):
 def test_value_offsets_are_int64_when_strides_arrive_as_i32():
     # A batch element of value with 2^31 elements or more (a permuted view, say) must not wrap: each i32
     # stride is widened before it multiplies a batch, head, level start or row.
-    run = subprocess.run([sys.executable, "-c", INT64_SCRIPT], env=compiler_environment(), capture_output=True,
-                         text=True, timeout=900, cwd="/")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.count("widened: stride_vb stride_vh stride_vs") == 2, run.stdout
+    assert compile_and_print(INT64_SCRIPT).count("widened: stride_vb stride_vh stride_vs") == 2
