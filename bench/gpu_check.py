@@ -6,11 +6,11 @@ Steps, in order of value, each with its own time limit (never more than what is 
 build for the present GPU only, assert that the "cuda" and "triton" backends exist (a build without nvcc
 would otherwise pass and every GPU test skip), the GPU tests of those backends (Triton in single-
 configuration mode: no autotuning), the benchmark of the named inference and training shapes (fp32 and
-bf16, against the PyTorch path and torch-ms-deform-attn when installed), compute-sanitizer memcheck of
-one small case per kernel (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that the caching allocator hides no
-out-of-bounds access), and the end-to-end model. The report (gpu_check.md, gpu_check.json and each step's
-log) is rewritten after every step, so a call cut short still returns what finished. Exits non-zero if a
-step failed or ran out of time.
+bf16, against the PyTorch path and torch-ms-deform-attn when installed, or built from PEER_SDIST),
+compute-sanitizer memcheck of one small case per kernel (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that the
+caching allocator hides no out-of-bounds access), and the end-to-end model. The report (gpu_check.md,
+gpu_check.json and each step's log) is rewritten after every step, so a call cut short still returns what
+finished. Exits non-zero if a step failed or ran out of time.
 
 --rehearse runs the same logic without a GPU (arguments, budgets, report writing), reporting the GPU steps
 as not run; CI runs it so that the script cannot rot between GPU runs.
@@ -65,6 +65,9 @@ def steps(out: Path, arch: str) -> list[Step]:
         # Editable: `python -m bench` runs from the checkout, so the checkout must hold the build.
         Step("build", 140, [python(), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
              env={"MAX_JOBS": str(os.cpu_count() or 4), "TORCH_CUDA_ARCH_LIST": arch}),
+        # With PEER_SDIST=path/to/torch_ms_deform_attn-*.tar.gz (no network there) the peer is built and timed.
+        *([Step("build-peer", 60, [python(), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                                   os.environ["PEER_SDIST"]])] if os.environ.get("PEER_SDIST") else []),
         Step("backends", 20, [python(), "-c", "import rtdetrv2_kernels as rk, sys; b = rk.available_backends(); "
                                               "print('backends:', b); sys.exit(0 if {'cuda', 'triton'} <= set(b) "
                                               "else 'cuda or triton is missing: the GPU tests would only skip')"]),
@@ -92,7 +95,7 @@ def gpu_description() -> str:
 def versions() -> str:
     code = "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')"
     run = subprocess.run([python(), "-c", code], capture_output=True, text=True)
-    return run.stdout.strip() or run.stderr.strip().splitlines()[-1]
+    return run.stdout.strip() or (run.stderr.strip().splitlines() or ["unknown"])[-1]
 
 
 def write_report(out: Path, header: dict, results: list[dict]) -> None:

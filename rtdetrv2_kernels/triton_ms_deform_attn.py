@@ -367,14 +367,10 @@ def _device_guard(device: torch.device):
 
 def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
     with _device_guard(args[0].device):
-        _launch_here(tuned, plain, grid_q, batch_heads, *args, **constants)
-
-
-def _launch_here(tuned, plain, grid_q, batch_heads, *args, **constants):
-    if autotuning():
-        tuned[lambda meta: _grid(grid_q, batch_heads, meta["BLOCK_Q"])](*args, **constants)
-    else:
-        plain[_grid(grid_q, batch_heads, _FIXED_BLOCK_Q)](*args, BLOCK_Q=_FIXED_BLOCK_Q, num_warps=2, **constants)
+        if autotuning():
+            tuned[lambda meta: _grid(grid_q, batch_heads, meta["BLOCK_Q"])](*args, **constants)
+        else:
+            plain[_grid(grid_q, batch_heads, _FIXED_BLOCK_Q)](*args, BLOCK_Q=_FIXED_BLOCK_Q, num_warps=2, **constants)
 
 
 def _offset_scale_parts(offset_scale: float) -> tuple[float, float, float]:

@@ -39,18 +39,21 @@ EMULATED_BACKENDS = [] if SKIP_EMULATION else [emulated_cuda.backend_name(arch) 
 needs_emulation = pytest.mark.skipif(SKIP_EMULATION, reason="RTDETRV2_SKIP_EMULATION=1")
 
 
+def _param(backend, device):
+    return pytest.param(backend, device, id=f"{backend}-{device}")
+
+
 def backend_params():
     """(backend, device type) for every backend available here, on CPU and (when present) on CUDA, and the
     emulated CUDA kernels on CPU tensors."""
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    params = [pytest.param(b, d, id=f"{b}-{d}") for d in devices for b in backends_for(d)]
-    return params + [pytest.param(b, "cpu", id=f"{b}-cpu") for b in EMULATED_BACKENDS]
+    return [_param(b, d) for d in devices for b in backends_for(d)] + [_param(b, "cpu") for b in EMULATED_BACKENDS]
 
 
 def cuda_kernel_params():
     """(backend, device type) for the CUDA kernels: on a GPU, and emulated on CPU tensors."""
-    real = [pytest.param("cuda", "cuda", id="cuda-cuda")] if torch.cuda.is_available() and "cuda" in backends_for("cuda") else []
-    return real + [pytest.param(b, "cpu", id=f"{b}-cpu") for b in EMULATED_BACKENDS]
+    real = [_param("cuda", "cuda")] if torch.cuda.is_available() and "cuda" in backends_for("cuda") else []
+    return real + [_param(b, "cpu") for b in EMULATED_BACKENDS]
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -34,10 +34,15 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 TESTS = Path(__file__).resolve().parent
 
 
+def vector_width(dtype):
+    """The channels in 16 bytes: what a lane owns when C and the strides allow it."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
 def channel_counts(dtype):
     """Channel counts selecting every kernel variant: per lane 1 channel (VEC = 1) or 16 bytes of them, and
     lanes per (batch, query, head) a power of two up to 32 (shuffle reductions) or not (atomics)."""
-    wide = 16 // torch.empty((), dtype=dtype).element_size()
+    wide = vector_width(dtype)
     return {
         "C=1": 1,  # VEC 1, 1 lane: shuffle
         "C=3": 3,  # VEC 1, 3 lanes: atomics
@@ -49,7 +54,7 @@ def channel_counts(dtype):
 
 
 def is_shuffle(dtype, channels):
-    wide = 16 // torch.empty((), dtype=dtype).element_size()
+    wide = vector_width(dtype)
     lanes = channels // wide if channels % wide == 0 else channels
     return lanes <= 32 and lanes & (lanes - 1) == 0
 

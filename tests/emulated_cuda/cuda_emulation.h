@@ -47,9 +47,9 @@ struct ThreadState {
 };
 extern thread_local const ThreadState* current_thread;
 
-// Every lane of `mask` reaches this call site, then each gets `value` of the lane that `source` names.
-enum class Exchange { kXor };
-uint64_t warp_exchange(unsigned mask, uint64_t value, Exchange kind, int operand, int width, const char* what,
+// __shfl_xor_sync: every lane of `mask` reaches this call site, then each gets `value` of lane
+// (its own ^ lane_mask) within its segment of `width` lanes.
+uint64_t warp_exchange(unsigned mask, uint64_t value, int lane_mask, int width, const char* what,
                        const std::source_location& site);
 
 // A device-side fault (what the GPU would report as an illegal or misaligned address): ends the emulated
@@ -98,8 +98,7 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                   const std::source_location& site = std::source_location::current()) {
   uint64_t bits = 0;
   __builtin_memcpy(&bits, &var, sizeof(T));
-  bits = rtdetrv2_cuda_emulation::warp_exchange(mask, bits, rtdetrv2_cuda_emulation::Exchange::kXor, lane_mask, width,
-                                                "__shfl_xor_sync", site);
+  bits = rtdetrv2_cuda_emulation::warp_exchange(mask, bits, lane_mask, width, "__shfl_xor_sync", site);
   T out;
   __builtin_memcpy(&out, &bits, sizeof(T));
   return out;

@@ -125,8 +125,7 @@ struct Lane {
   bool entered = false;
   // The warp-synchronous operation it waits at, and its result.
   unsigned mask = 0;
-  Exchange kind = Exchange::kXor;
-  int operand = 0, width = 0;
+  int lane_mask = 0, width = 0;  // __shfl_xor_sync's
   uint64_t value = 0, result = 0;
   const char* what = nullptr;
   std::source_location site;
@@ -269,7 +268,7 @@ std::string site_text(const Lane& lane) {
 // The lane that lane i of `lane` reads from.
 int source_lane(const Lane& lane, int i) {
   const int segment = i / lane.width * lane.width;
-  const int source = i ^ lane.operand;
+  const int source = i ^ lane.lane_mask;
   return source >= segment + lane.width ? i : source;  // xor beyond the segment reads the caller's own value
 }
 
@@ -307,10 +306,30 @@ void complete_exchange(const KernelRecord& kernel, Lane* lanes, int count, int w
     }
   }
   for (int i = 0; i < 32; ++i) {
-    if (mask & (1u << i)) lanes[i].result = lanes[source_lane(lanes[i], i)].value;
+    if (!(mask & (1u << i))) continue;
+    lanes[i].result = lanes[source_lane(lanes[i], i)].value;  // values are posted, never overwritten here
+    lanes[i].state = LaneState::kRunnable;
   }
-  for (int i = 0; i < 32; ++i) {
-    if (mask & (1u << i)) lanes[i].state = LaneState::kRunnable;
+}
+
+// Runs the `count` started lanes of a warp to the end: every runnable lane until it waits, exits or
+// faults, then one warp-synchronous operation completes, until no lane waits.
+void run_warp(const KernelRecord& kernel, Lane* lanes, int count, int warp) {
+  while (true) {
+    bool waiting = false;
+    for (int i = 0; i < count; ++i) {
+      if (lanes[i].state == LaneState::kRunnable) resume(lanes[i]);
+    }
+    for (int i = 0; i < count; ++i) {
+      const Lane& lane = lanes[i];
+      if (lane.state == LaneState::kFaulted) {
+        TORCH_CHECK(false, "emulated CUDA: device fault ", where(kernel, lane.index, warp), ", lane ", i, ": ",
+                    lane.fault_message);
+      }
+      waiting |= lane.state == LaneState::kWaiting;
+    }
+    if (!waiting) return;
+    complete_exchange(kernel, lanes, count, warp);
   }
 }
 
@@ -359,7 +378,7 @@ std::string launch_counts() {
   return out;
 }
 
-uint64_t warp_exchange(unsigned mask, uint64_t value, Exchange kind, int operand, int width, const char* what,
+uint64_t warp_exchange(unsigned mask, uint64_t value, int lane_mask, int width, const char* what,
                        const std::source_location& site) {
   const Bookkeeping bookkeeping;
   Lane* lane = scheduler.running;
@@ -368,8 +387,7 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, Exchange kind, int operand
     fault(std::string(what) + ": width " + std::to_string(width) + " is not a power of two up to 32", site);
   }
   lane->mask = mask;
-  lane->kind = kind;
-  lane->operand = operand;
+  lane->lane_mask = lane_mask;
   lane->width = width;
   lane->value = value;
   lane->what = what;
@@ -413,43 +431,28 @@ void run_grid(KernelRecord& kernel, dim3 grid, dim3 block, void (*body)(void*), 
 #endif
   s.body = body;
   s.context = context;
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        for (int64_t warp = 0; warp < warps; ++warp) {
-          const int count = static_cast<int>(std::min<int64_t>(32, block_threads - warp * 32));
-          for (int i = 0; i < count; ++i) {
-            Lane& lane = s.lanes[i];
-            const int64_t t = warp * 32 + i;
-            lane.index = {{static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
-                           static_cast<unsigned>(t / (int64_t(block.x) * block.y))},
-                          {bx, by, bz}, block, grid};
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  for (int64_t block_index = 0; block_index < blocks; ++block_index) {
+    const uint3 block_idx{static_cast<unsigned>(block_index % grid.x),
+                          static_cast<unsigned>(block_index / grid.x % grid.y),
+                          static_cast<unsigned>(block_index / (int64_t(grid.x) * grid.y))};
+    for (int64_t warp = 0; warp < warps; ++warp) {
+      const int count = static_cast<int>(std::min<int64_t>(32, block_threads - warp * 32));
+      for (int i = 0; i < count; ++i) {
+        Lane& lane = s.lanes[i];
+        const int64_t t = warp * 32 + i;
+        lane.index = {{static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
+                       static_cast<unsigned>(t / (int64_t(block.x) * block.y))},
+                      block_idx, block, grid};
 #if defined(EMULATION_TSAN)
-            lane.fiber = s.fibers[next_thread];
-            start_lane(lane, *s.stacks[next_thread++]);
+        lane.fiber = s.fibers[next_thread];
+        start_lane(lane, *s.stacks[next_thread++]);
 #else
-            start_lane(lane, *s.stacks[i]);
+        start_lane(lane, *s.stacks[i]);
 #endif
-          }
-          for (int i = count; i < 32; ++i) s.lanes[i].state = LaneState::kExited;
-          while (true) {
-            bool waiting = false;
-            for (int i = 0; i < count; ++i) {
-              if (s.lanes[i].state == LaneState::kRunnable) resume(s.lanes[i]);
-            }
-            for (int i = 0; i < count; ++i) {
-              const Lane& lane = s.lanes[i];
-              if (lane.state == LaneState::kFaulted) {
-                TORCH_CHECK(false, "emulated CUDA: device fault ", where(kernel, lane.index, warp), ", lane ", i, ": ",
-                            lane.fault_message);
-              }
-              waiting |= lane.state == LaneState::kWaiting;
-            }
-            if (!waiting) break;
-            complete_exchange(kernel, s.lanes, count, warp);
-          }
-        }
       }
+      for (int i = count; i < 32; ++i) s.lanes[i].state = LaneState::kExited;
+      run_warp(kernel, s.lanes, count, warp);
     }
   }
 #if defined(EMULATION_TSAN)
