@@ -2,12 +2,12 @@
 sampling, per-level point counts. The contract is docs/semantics.md; the sampling math mirrors
 csrc/sampling.h line for line.
 
-One program covers BLOCK_Q queries of one (batch, head) with the channels as the vector dimension. Level
-shapes, starts and point counts are compile-time constants (a model has one set of them), so the level and
-point loops unroll and no table has to reach the device. Each point's location and weight are loaded once
-per program and its corners are gathered as [BLOCK_Q, BLOCK_C] tiles. The backward reduces the location and
-weight gradients over channels inside the program and scatters grad_value with atomic adds into an fp32
-(fp64 for fp64) buffer, cast at the end.
+One program covers BLOCK_Q queries of one (batch, head) with the channels as the vector dimension. Point
+counts are compile-time constants (a model has one list of them) and the level loop unrolls; the level
+shapes are read from a small device table (_level_table), so a new image size compiles nothing. Each
+point's location and weight are loaded once per program and its corners are gathered as [BLOCK_Q, BLOCK_C]
+tiles. The backward reduces the location and weight gradients over channels inside the program and scatters
+grad_value with atomic adds into an fp32 (fp64 for fp64) buffer, cast at the end.
 
 The ops are opaque torch.library custom ops with fake kernels, so torch.compile traces them without graph
 breaks, also when Triton runs in interpreter mode (TRITON_INTERPRET=1) on CPU tensors, as the tests do.
@@ -77,6 +77,14 @@ def _discrete_offset(loc_x, loc_y, height, width):
 
 
 @triton.jit
+def _level(levels_ptr, level: tl.constexpr):
+    """Height, width and first row (int64) of a level, from the (NUM_LEVELS * 3 + 1) int32 table of
+    _level_table: read at run time, so a new image size is no new kernel."""
+    row = levels_ptr + 3 * level
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2).to(tl.int64)
+
+
+@triton.jit
 def _program_tile(Q, H: tl.constexpr, C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's batch and head (int64, as every offset computed from them), its queries'
     (b * Q + q) * H + h indices, and the tile masks. Programs are numbered (b * H + h) * blocks + block on
@@ -106,10 +114,10 @@ def _load_point(loc_ptr, weight_ptr, point, q_mask, ACC: tl.constexpr):
 def _softmax_stats(logit_ptr, bqh, q_mask, P: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Fused op: the largest of each query's P logits and the sum of exp(logit - largest)."""
     largest = tl.full([BLOCK_Q], float("-inf"), ACC)
-    for p in tl.static_range(P):
+    for p in tl.range(0, P):
         largest = tl.maximum(largest, tl.load(logit_ptr + bqh * P + p, mask=q_mask, other=0.0).to(ACC))
     total = tl.zeros([BLOCK_Q], ACC)
-    for p in tl.static_range(P):
+    for p in tl.range(0, P):
         total += tl.exp(tl.load(logit_ptr + bqh * P + p, mask=q_mask, other=0.0).to(ACC) - largest)
     return largest, total
 
@@ -152,13 +160,14 @@ def _gather(rows_ptr, offset, inside, c, tile_mask, stride, ACC: tl.constexpr):
     return tl.load(rows_ptr + row * stride + c[None, :], mask=tile_mask & inside[:, None], other=0.0).to(ACC)
 
 
-@triton.jit
+# Q is not specialized (Triton would compile again whenever Q % 16 changed); the strides are, as their
+# divisibility lets loads vectorize, and only change with the image size when H * C is not a multiple of 16.
+@triton.jit(do_not_specialize=["Q"])
 def _forward_kernel(
     value_ptr, loc_ptr, weight_ptr, out_ptr,
-    Q, stride_vb, stride_vs, stride_vh,
+    levels_ptr, Q, stride_vb, stride_vs, stride_vh,
     ref_ptr, scale_hi, scale_mid, scale_lo,
-    H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-    SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
+    H: tl.constexpr, C: tl.constexpr, P: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
     FUSED: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -175,14 +184,13 @@ def _forward_kernel(
         largest, total = _softmax_stats(weight_ptr, bqh, q_mask, P, ACC, BLOCK_Q)
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
     for level in tl.static_range(NUM_LEVELS):
-        height = SHAPES[2 * level]
-        width = SHAPES[2 * level + 1]
-        rows = value_bh + STARTS[level] * stride_vs
+        height, width, start = _level(levels_ptr, level)
+        rows = value_bh + start * stride_vs
         if FUSED:
             factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K, ACC)
             ref_row = ref_ptr + ((bqh // H) * R + (level if R > 1 else 0)) * K
-        # An element of a constexpr tuple is no constexpr to the compiler (the interpreter does not mind).
-        for i in tl.static_range(tl.constexpr(POINTS[level])):
+        # A loop, not unrolled: unrolling each point made the kernels compile 5 to 10 times slower.
+        for i in tl.range(0, POINTS[level]):
             point = bqh * P + FIRST_POINT[level] + i
             if FUSED:
                 w, loc_x, loc_y, _, _, _, _ = _fused_point(ref_row, loc_ptr, weight_ptr, point, q_mask, largest,
@@ -230,13 +238,12 @@ def _store_reference_grads(grad_ref_ptr, bqh, r, q_mask, g_x, g_y, g_w, g_h, R: 
         tl.store(row + 3, g_h, mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Q"])  # as _forward_kernel
 def _backward_kernel(
     grad_out_ptr, value_ptr, loc_ptr, weight_ptr, grad_value_ptr, grad_loc_ptr, grad_weight_ptr,
-    Q, stride_vb, stride_vs, stride_vh,
+    levels_ptr, Q, stride_vb, stride_vs, stride_vh,
     ref_ptr, scale_hi, scale_mid, scale_lo, grad_ref_ptr,
-    H: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-    SHAPES: tl.constexpr, STARTS: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
+    H: tl.constexpr, C: tl.constexpr, P: tl.constexpr, POINTS: tl.constexpr, FIRST_POINT: tl.constexpr,
     NUM_LEVELS: tl.constexpr, DISCRETE: tl.constexpr, ACC: tl.constexpr,
     FUSED: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -247,9 +254,9 @@ def _backward_kernel(
     grad_out = tl.load(grad_out_ptr + bqh[:, None] * C + c[None, :], mask=tile_mask, other=0.0).to(ACC)
     stride_vs = tl.cast(stride_vs, tl.int64)  # as in _forward_kernel
     value_bh = value_ptr + b * stride_vb + h * stride_vh
-    # grad_value is a contiguous (B, S, H, C) buffer; STARTS[NUM_LEVELS] is S.
+    # grad_value is a contiguous (B, S, H, C) buffer; the level table ends with S.
     stride_gs = H * C
-    grad_bh = grad_value_ptr + (b * STARTS[NUM_LEVELS] * H + h) * C
+    grad_bh = grad_value_ptr + (b * tl.load(levels_ptr + 3 * NUM_LEVELS) * H + h) * C
     out_ty = grad_loc_ptr.dtype.element_ty
     if FUSED:
         offset_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_mid, ACC) + tl.cast(scale_lo, ACC)
@@ -260,14 +267,13 @@ def _backward_kernel(
         g_ref_w = tl.zeros([BLOCK_Q], ACC)
         g_ref_h = tl.zeros([BLOCK_Q], ACC)
     for level in tl.static_range(NUM_LEVELS):
-        height = SHAPES[2 * level]
-        width = SHAPES[2 * level + 1]
-        value_rows = value_bh + STARTS[level] * stride_vs
-        grad_rows = grad_bh + STARTS[level] * stride_gs
+        height, width, start = _level(levels_ptr, level)
+        value_rows = value_bh + start * stride_vs
+        grad_rows = grad_bh + start * stride_gs
         if FUSED:
             factor_x, factor_y = _offset_factors(offset_scale, POINTS[level], height, width, K, ACC)
             ref_row = ref_ptr + ((bqh // H) * R + (level if R > 1 else 0)) * K
-        for i in tl.static_range(tl.constexpr(POINTS[level])):  # as in _forward_kernel
+        for i in tl.range(0, POINTS[level]):  # as in _forward_kernel
             point = bqh * P + FIRST_POINT[level] + i
             if FUSED:
                 w, loc_x, loc_y, offset_x, offset_y, size_x, size_y = _fused_point(
@@ -324,16 +330,20 @@ def _backward_kernel(
             _store_reference_grads(grad_ref_ptr, bqh, 0, q_mask, g_ref_x, g_ref_y, g_ref_w, g_ref_h, R, K)
         # Softmax backward: grad_logit = w * (grad_w - sum_j w_j grad_w_j).
         tl.debug_barrier()
-        for p in tl.static_range(P):
+        for p in tl.range(0, P):
             point = bqh * P + p
             w = tl.exp(tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC) - largest) / total
             grad_w = tl.load(grad_weight_ptr + point, mask=q_mask, other=0.0)
             tl.store(grad_weight_ptr + point, w * (grad_w - expected), mask=q_mask)
 
 
+# Three configurations: small programs for small batches (RT-DETRv2 at batch 1 has 8 * 300 query-heads, 150
+# programs of 16 for 132 SMs), larger ones for training batches. Each costs one compile per key at the
+# first call (docs/semantics.md has the times); which of them wins on which GPU is measured by
+# bench/gpu_check.py, not yet on a GPU.
 _TUNING = [
     triton.Config({"BLOCK_Q": block_q}, num_warps=warps)
-    for block_q, warps in ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8))
+    for block_q, warps in ((16, 2), (32, 4), (64, 4))
 ]
 _forward_tuned = triton.autotune(_TUNING, key=["C", "H", "P", "DISCRETE", "FUSED"])(_forward_kernel)
 # Autotuning reruns the kernel; the atomically accumulated buffer must start from zero each time.
@@ -400,16 +410,44 @@ def _alert_not_deterministic(op: str) -> None:
         raise RuntimeError(message)
 
 
-def _level_constants(value, spatial_shapes, num_points, method, reference_points=None):
-    shapes = tuple(int(s) for s in spatial_shapes)
+_LEVEL_TABLES: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _level_table(spatial_shapes, device: torch.device) -> torch.Tensor:
+    """int32 [height, width, first row] per level, then the row count S: what the kernels read at run time.
+    One small tensor per (device, level shapes), made once: multi-scale training has a handful."""
+    key = (device, tuple(int(s) for s in spatial_shapes))
+    table = _LEVEL_TABLES.get(key)
+    if table is not None:
+        return table
+    values, rows = [], 0
+    for height, width in zip(key[1][0::2], key[1][1::2]):
+        values += [height, width, rows]
+        rows += height * width
+    values.append(rows)
+    if rows > 2**31 - 1:
+        raise ValueError(f"ms_deform_attn (Triton): the levels hold {rows} rows; at most 2^31 - 1 are supported")
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A copy from the host cannot be captured; fills can. Replays refill this graph-owned table.
+        table = torch.empty(len(values), dtype=torch.int32, device=device)
+        for index, number in enumerate(values):
+            table[index].fill_(number)
+        return table
+    # A blocking copy, once per level shapes: the table is then complete for every stream that reads it.
+    table = torch.tensor(values, dtype=torch.int32).to(device)
+    _LEVEL_TABLES[key] = table
+    return table
+
+
+def _level_constants(value, num_points, method, reference_points=None):
+    """The kernels' compile-time constants: everything but the level shapes, which _level_table carries."""
     points = tuple(int(p) for p in num_points)
-    starts, first_point = [0], [0]
-    for level, count in enumerate(points):
-        starts.append(starts[-1] + shapes[2 * level] * shapes[2 * level + 1])
+    first_point = [0]
+    for count in points:
         first_point.append(first_point[-1] + count)
     return dict(
-        H=value.shape[2], C=value.shape[3], P=first_point[-1], SHAPES=shapes, STARTS=tuple(starts),
-        POINTS=points, FIRST_POINT=tuple(first_point), NUM_LEVELS=len(points), DISCRETE=method == "discrete",
+        H=value.shape[2], C=value.shape[3], P=first_point[-1], POINTS=points, FIRST_POINT=tuple(first_point),
+        NUM_LEVELS=len(points), DISCRETE=method == "discrete",
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
         BLOCK_C=triton.next_power_of_2(max(1, value.shape[3])),
         FUSED=reference_points is not None,
@@ -443,8 +481,9 @@ def triton_ms_deform_attn_forward(
     output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
     if output.numel():
         _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
-                value, locations, weights, output, queries, value.stride(0), value.stride(1), value.stride(2),
-                value, 0.0, 0.0, 0.0, **_level_constants(value, spatial_shapes, num_points, method))
+                value, locations, weights, output, _level_table(spatial_shapes, value.device), queries,
+                value.stride(0), value.stride(1), value.stride(2), value, 0.0, 0.0, 0.0,
+                **_level_constants(value, num_points, method))
     return output
 
 
@@ -473,8 +512,8 @@ def triton_ms_deform_attn_backward(
     if grad_weights.numel() and channels:
         _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
                 grad_output.contiguous(), value, locations, weights, grad_value, grad_locations, grad_weights,
-                queries, value.stride(0), value.stride(1), value.stride(2), value, 0.0, 0.0, 0.0, grad_value,
-                **_level_constants(value, spatial_shapes, num_points, method))
+                _level_table(spatial_shapes, value.device), queries, value.stride(0), value.stride(1),
+                value.stride(2), value, 0.0, 0.0, 0.0, grad_value, **_level_constants(value, num_points, method))
     else:
         grad_locations.zero_()
         grad_weights.zero_()
@@ -514,8 +553,9 @@ def triton_ms_deform_attn_fused_forward(
     output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
     if output.numel():
         _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
-                value, offsets, logits, output, queries, value.stride(0), value.stride(1), value.stride(2),
-                reference, *_offset_scale_parts(offset_scale), **_level_constants(value, spatial_shapes, num_points, method, reference))
+                value, offsets, logits, output, _level_table(spatial_shapes, value.device), queries,
+                value.stride(0), value.stride(1), value.stride(2), reference, *_offset_scale_parts(offset_scale),
+                **_level_constants(value, num_points, method, reference))
     return output
 
 
@@ -550,9 +590,9 @@ def triton_ms_deform_attn_fused_backward(
     if grad_logits.numel() and channels:
         _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
                 grad_output.contiguous(), value, offsets, logits, grad_value, grad_offsets, grad_logits,
-                queries, value.stride(0), value.stride(1), value.stride(2), reference,
-                *_offset_scale_parts(offset_scale), grad_reference,
-                **_level_constants(value, spatial_shapes, num_points, method, reference))
+                _level_table(spatial_shapes, value.device), queries, value.stride(0), value.stride(1),
+                value.stride(2), reference, *_offset_scale_parts(offset_scale), grad_reference,
+                **_level_constants(value, num_points, method, reference))
     return (grad_value.to(value.dtype), grad_reference.sum(2).to(value.dtype), grad_offsets,
             grad_logits.to(value.dtype))
 

@@ -224,6 +224,25 @@ def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
         assert_close(replayed, eager, torch.float32, f"{name} replayed")
 
 
+@pytest.mark.skipif("triton" not in GPU_KERNELS, reason="needs a GPU and the triton backend")
+def test_triton_level_shapes_first_seen_inside_a_cuda_graph_capture():
+    # The level table of shapes never seen before is made inside the capture (by fills, not a host copy);
+    # the kernel itself compiles before it, for other shapes with the same point counts.
+    points = [2, 3]
+    warm = make_inputs(channels=32, shapes=[(6, 9), (2, 4)], points=points, dtype=torch.float32, device="cuda")
+    ms_deform_attn(warm[0], [(6, 9), (2, 4)], *warm[1:], points, backend="triton")
+    shapes = [(7, 11), (3, 2)]
+    value, locations, weights = make_inputs(channels=32, shapes=shapes, points=points, dtype=torch.float32,
+                                            device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ms_deform_attn(value, shapes, locations, weights, points, backend="triton")
+    graph.replay()
+    expected = ms_deform_attn_reference(value.double(), shapes, locations.double(), weights.double(), points)
+    assert_close(captured, expected, torch.float32, "output replayed")
+
+
 @needs_gpu_kernels
 @pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
 def test_inference_forward_is_one_kernel_launch(backend):

@@ -36,9 +36,9 @@ def compiler_environment():
     return env
 
 
-def compile_and_print(script: str) -> str:
-    """The output of `script`, run by this Python with Triton compiling for real."""
-    run = subprocess.run([sys.executable, "-c", script], env=compiler_environment(), capture_output=True,
+def compile_and_print(script: str, python: str = sys.executable) -> str:
+    """The output of `script`, run by `python` with Triton compiling for real."""
+    run = subprocess.run([python, "-c", script], env=compiler_environment(), capture_output=True,
                          text=True, timeout=900, cwd="/")
     assert run.returncode == 0, run.stderr[-4000:]
     print(run.stdout)
@@ -119,3 +119,57 @@ def test_value_offsets_are_int64_when_strides_arrive_as_i32():
     # A batch element of value with 2^31 elements or more (a permuted view, say) must not wrap: each i32
     # stride is widened before it multiplies a batch, head, level start or row.
     assert compile_and_print(INT64_SCRIPT).count("widened: stride_vb stride_vh stride_vs") == 2
+
+
+SPECIALIZATION_SCRIPT = """
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from rtdetrv2_kernels import triton_ms_deform_attn as kernels
+
+# What each op would launch, with the arguments it passes (CPU tensors: only their dtype and alignment count).
+launches = []
+kernels._launch = lambda tuned, plain, grid_q, batch_heads, *args, **constants: launches.append(
+    (plain, args, constants))
+points, heads, channels = [4, 4, 4], 8, 32
+for height, width in [(size, size) for size in range(480, 801, 32)] + [(480, 640), (736, 1088)]:
+    shapes = [s for stride in (8, 16, 32) for s in (-(-height // stride), -(-width // stride))]
+    rows = sum(h * w for h, w in zip(shapes[0::2], shapes[1::2]))
+    value = torch.randn(1, rows, heads, channels)
+    for queries in (300, rows):  # a decoder's queries, and an encoder's (one per value row)
+        locations = torch.rand(1, queries, heads, 12, 2)
+        weights = torch.rand(1, queries, heads, 12)
+        grad = torch.randn(1, queries, heads * channels)
+        kernels.triton_ms_deform_attn_forward(value, shapes, locations, weights, points, "default")
+        kernels.triton_ms_deform_attn_backward(grad, value, shapes, locations, weights, points, "default")
+    reference = torch.rand(1, 300, 1, 4)
+    kernels.triton_ms_deform_attn_fused_forward(value, shapes, reference, locations[:, :300], weights[:, :300],
+                                                points, 0.5, "default")
+backend = make_backend(GPUTarget("cuda", 90, 32))
+keys = {}
+for kernel, args, constants in launches:
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    _, specialization, _ = binder(*args, BLOCK_Q=16, num_warps=2, **constants)
+    keys.setdefault(kernel.__name__, set()).add(repr(specialization))
+print("launches:", len(launches))
+for name, distinct in sorted(keys.items()):
+    print(name, "compiles:", len(distinct))
+"""
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_a_new_image_size_compiles_no_new_kernel(python):
+    # Multi-scale training (RT-DETR's sizes, every 32 from 480 to 800, and two non-square ones) and encoder
+    # calls with one query per value row: what Triton keys its compiled kernels on must not change with them.
+    counts = dict(re.findall(r"^(\w+)(?: compiles)?: (\d+)$", compile_and_print(SPECIALIZATION_SCRIPT, python), re.M))
+    # forward: the plain op and the fused op (their constants differ); backward: the plain op.
+    assert counts == {"launches": "65", "_forward_kernel": "2", "_backward_kernel": "1"}
+
+
+def test_level_table_holds_each_levels_shape_and_first_row_then_the_row_count():
+    table = kernels._level_table([4, 8, 3, 5, 1, 1], torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.tolist() == [4, 8, 0, 3, 5, 32, 1, 1, 47, 48]
+    assert kernels._level_table((4, 8, 3, 5, 1, 1), torch.device("cpu")) is table  # made once per shapes
+    with pytest.raises(ValueError, match="2\\^31 - 1"):
+        kernels._level_table([65536, 32768], torch.device("cpu"))

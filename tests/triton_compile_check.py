@@ -22,16 +22,15 @@ from triton.compiler import ASTSource
 
 from rtdetrv2_kernels import triton_ms_deform_attn as kernels
 
+# The compile-time constants of a model (level shapes are run-time values, in the level table).
 SHAPES = {
-    # Two small levels: every code path, compiled quickly.
-    "small": dict(H=2, C=8, P=3, SHAPES=(4, 8, 3, 2), STARTS=(0, 32, 38), POINTS=(1, 2), FIRST_POINT=(0, 1, 3),
-                  NUM_LEVELS=2),
-    # RT-DETRv2 at 640x640 (its decoder's cross-attention): what a user's first call compiles.
-    "rtdetrv2": dict(H=8, C=32, P=12, SHAPES=(80, 80, 40, 40, 20, 20), STARTS=(0, 6400, 8000, 8400),
-                     POINTS=(4, 4, 4), FIRST_POINT=(0, 4, 8, 12), NUM_LEVELS=3),
+    # Two levels: every code path, compiled quickly.
+    "small": dict(H=2, C=8, P=3, POINTS=(1, 2), FIRST_POINT=(0, 1, 3), NUM_LEVELS=2),
+    # RT-DETRv2 (its decoder's cross-attention): what a user's first call compiles.
+    "rtdetrv2": dict(H=8, C=32, P=12, POINTS=(4, 4, 4), FIRST_POINT=(0, 4, 8, 12), NUM_LEVELS=3),
 }
 DTYPES = {"fp32": tl.float32, "fp16": tl.float32, "bf16": tl.float32, "fp64": tl.float64}  # -> ACC
-SCALARS = dict(Q="i32", stride_vb="i32", stride_vs="i32", stride_vh="i32", scale_hi="fp32", scale_mid="fp32",
+SCALARS = dict(levels_ptr="*i32", Q="i32", stride_vb="i32", stride_vs="i32", stride_vh="i32", scale_hi="fp32", scale_mid="fp32",
                scale_lo="fp32")
 # The plain op, or the fused op with reference boxes (one row) or reference points (one row per level).
 OPS = {"plain": None, "fused-boxes": "boxes", "fused-points": "points"}
