@@ -7,9 +7,10 @@
 docs/python_model.md describes the presets, the checkpoint formats and their key mappings, and the CLI.
 """
 
-from .checkpoints import CheckpointError, load_original_checkpoint, load_pretrained, load_transformers_model
+from .checkpoints import CheckpointError
 from .config import PRESETS, RTDETRv2Config, preset
-from .model import RTDETRv2, preprocess
+from .criterion import build_criterion
+from .model import RTDETRv2, load_original_checkpoint, load_pretrained, load_transformers_model, preprocess
 
 __all__ = [
     "RTDETRv2",
@@ -21,4 +22,5 @@ __all__ = [
     "load_transformers_model",
     "load_original_checkpoint",
     "CheckpointError",
+    "build_criterion",
 ]

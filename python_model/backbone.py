@@ -3,6 +3,7 @@ the downsampling blocks, frozen BatchNorm. Module names follow the original so i
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -37,11 +38,13 @@ class BasicBlock(nn.Module):
 
 
 class BottleNeck(nn.Module):
-    def __init__(self, ch_in: int, ch_out: int, stride: int, projected: bool):
+    def __init__(self, ch_in: int, ch_out: int, stride: int, projected: bool, stride_in_1x1: bool = False):
         super().__init__()
         width = ch_out // 4
-        self.branch2a = _conv(ch_in, width, 1, act="relu")
-        self.branch2b = _conv(width, width, 3, stride, act="relu")  # "b"/"d" variants stride the 3x3
+        # The "b"/"d" variants (RT-DETRv2's) stride the 3x3; stride_in_1x1 strides the first 1x1 instead
+        # (transformers' downsample_in_bottleneck).
+        self.branch2a = _conv(ch_in, width, 1, stride if stride_in_1x1 else 1, act="relu")
+        self.branch2b = _conv(width, width, 3, 1 if stride_in_1x1 else stride, act="relu")
         self.branch2c = _conv(width, ch_out, 1)
         self.short = _projection(ch_in, ch_out, stride) if projected else None
 
@@ -55,7 +58,7 @@ class Stage(nn.Module):
         super().__init__()
         # The first block always projects its shortcut, even at equal widths (ResNet-18/34's first stage).
         self.blocks = nn.ModuleList(
-            block(ch_in if i == 0 else ch_out, ch_out, stride if i == 0 else 1, projected=i == 0) for i in range(depth)
+            block(ch_in if i == 0 else ch_out, ch_out, stride if i == 0 else 1, i == 0) for i in range(depth)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,8 @@ class Stage(nn.Module):
 class PResNet(nn.Module):
     """Returns the feature maps of the stages in `return_idx` (strides 4, 8, 16, 32 for stages 0..3)."""
 
-    def __init__(self, block: str, depths, channels, stem_channels: int = 64, return_idx=(1, 2, 3)):
+    def __init__(self, block: str, depths, channels, stem_channels: int = 64, return_idx=(1, 2, 3),
+                 stride_in_1x1: bool = False):
         super().__init__()
         half = stem_channels // 2
         self.conv1 = nn.Sequential(OrderedDict([
@@ -75,7 +79,7 @@ class PResNet(nn.Module):
             ("conv1_2", _conv(half, half, 3, 1, act="relu")),
             ("conv1_3", _conv(half, stem_channels, 3, 1, act="relu")),
         ]))
-        block_class = BasicBlock if block == "basic" else BottleNeck
+        block_class = BasicBlock if block == "basic" else functools.partial(BottleNeck, stride_in_1x1=stride_in_1x1)
         ch_in = stem_channels
         self.res_layers = nn.ModuleList()
         for i, (depth, ch_out) in enumerate(zip(depths, channels)):

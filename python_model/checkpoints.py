@@ -1,7 +1,8 @@
-"""Loading weights: Hugging Face model directories (and Hub ids), and the original RT-DETRv2 training
-checkpoints. Each format reaches this model's parameter names through an explicit key mapping (tabulated in
-docs/python_model.md); a load fails with the lists of missing, unexpected and mis-shaped keys rather than
-loading anything silently wrong.
+"""Reading weights: Hugging Face model directories (and Hub ids), and the original RT-DETRv2 training
+checkpoints, each into a configuration and a state dict under this model's parameter names (an explicit key
+mapping, tabulated in docs/python_model.md). model.py builds models from them (this module never imports
+it); a load fails with the lists of missing, unexpected and mis-shaped keys rather than loading anything
+silently wrong.
 
 This model's names are the original code's (lyuwenyu/RT-DETR, rtdetrv2_pytorch), so the original mapping
 only drops buffers that this model derives from its configuration.
@@ -15,8 +16,9 @@ import re
 
 import torch
 
-from .config import RTDETRv2Config, preset
-from .model import RTDETRv2
+from torch import nn
+
+from .config import CRITERION_FIELDS, RTDETRv2Config, preset
 
 
 class CheckpointError(ValueError):
@@ -126,8 +128,7 @@ def config_from_transformers(values: dict, **overrides) -> RTDETRv2Config:
     backbone = values.get("backbone_config") or {}
     if backbone.get("model_type", "rt_detr_resnet") != "rt_detr_resnet" or values.get("use_timm_backbone"):
         raise CheckpointError("only the RT-DETR ResNet-vd backbone (model_type 'rt_detr_resnet') is supported")
-    for name, expected in (("downsample_in_first_stage", False), ("downsample_in_bottleneck", False),
-                           ("hidden_act", "relu"), ("num_channels", 3)):
+    for name, expected in (("downsample_in_first_stage", False), ("hidden_act", "relu"), ("num_channels", 3)):
         if backbone.get(name, expected) != expected:
             raise CheckpointError(f"backbone_config.{name}={backbone[name]!r} is not supported (expected {expected!r})")
     for name in ("layer_norm_eps", "batch_norm_eps"):
@@ -145,12 +146,16 @@ def config_from_transformers(values: dict, **overrides) -> RTDETRv2Config:
     levels = values.get("num_feature_levels", 3)
     if values.get("decoder_n_levels", levels) != levels:
         raise CheckpointError(f"decoder_n_levels ({values['decoder_n_levels']}) != num_feature_levels ({levels})")
+    # As transformers counts classes: id2label's entries, else num_labels, else its default of 2 (which
+    # transformers 5 saves as neither); read_transformers_checkpoint checks it against the class heads.
     id2label = values.get("id2label") or {}
-    num_classes = values.get("num_labels", len(id2label) or 80)
+    num_classes = len(id2label) if id2label else values.get("num_labels", 2)
     labels = [id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(num_classes)]
     fields = dict(
         backbone_block=block, backbone_depths=list(backbone.get("depths", [3, 4, 6, 3])), backbone_stem_channels=stem,
         backbone_channels=widths, backbone_return_idx=[i - 1 for i in out_indices],
+        # Only a bottleneck block has a 1x1 convolution that can stride; for basic blocks it changes nothing.
+        backbone_stride_in_1x1=block == "bottleneck" and bool(backbone.get("downsample_in_bottleneck", False)),
         feat_strides=list(values.get("feat_strides", [8, 16, 32])),
         encoder_hidden_dim=values.get("encoder_hidden_dim", 256),
         use_encoder_idx=list(values.get("encode_proj_layers", [2])),
@@ -170,6 +175,7 @@ def config_from_transformers(values: dict, **overrides) -> RTDETRv2Config:
         learn_query_content=values.get("learn_initial_query", False),
         offset_scale=values.get("decoder_offset_scale", 0.5), cross_attn_method=values.get("decoder_method", "default"),
         dropout=values.get("dropout", 0.0),
+        **{name: float(values[name]) for name in CRITERION_FIELDS if name in values},
     )
     if values.get("encoder_in_channels") not in (None, [widths[i - 1] for i in out_indices]):
         raise CheckpointError(f"encoder_in_channels {values['encoder_in_channels']} do not match the backbone's "
@@ -190,7 +196,8 @@ def transformers_config(config: RTDETRv2Config) -> dict:
         raise ValueError(f"transformers' RT-DETRv2 takes one point count for every level, not {config.num_points}")
     backbone = dict(model_type="rt_detr_resnet", layer_type=config.backbone_block, depths=config.backbone_depths,
                     embedding_size=config.backbone_stem_channels, hidden_sizes=config.backbone_channels,
-                    out_indices=[i + 1 for i in config.backbone_return_idx])
+                    out_indices=[i + 1 for i in config.backbone_return_idx],
+                    downsample_in_bottleneck=config.backbone_stride_in_1x1)
     return dict(
         backbone_config=backbone, feat_strides=config.feat_strides, encoder_hidden_dim=config.encoder_hidden_dim,
         encoder_in_channels=config.encoder_in_channels, encode_proj_layers=config.use_encoder_idx,
@@ -207,13 +214,14 @@ def transformers_config(config: RTDETRv2Config) -> dict:
         label_noise_ratio=config.label_noise_ratio, box_noise_scale=config.box_noise_scale,
         learn_initial_query=config.learn_query_content, decoder_offset_scale=config.offset_scale,
         decoder_method=config.cross_attn_method, dropout=config.dropout,
+        **{name: getattr(config, name) for name in CRITERION_FIELDS},
     )
 
 
-def load_transformers_model(directory: str, **overrides) -> RTDETRv2:
-    """A model from a directory written by transformers' save_pretrained (config.json and model.safetensors,
-    or pytorch_model.bin). `overrides` change configuration fields that do not affect the weights, such as
-    attention_backend, fused_attention or num_top_queries."""
+def read_transformers_checkpoint(directory: str, **overrides) -> tuple[RTDETRv2Config, dict]:
+    """The configuration and state dict in a directory written by transformers' save_pretrained (config.json
+    and model.safetensors, or pytorch_model.bin). `overrides` change configuration fields that do not affect
+    the weights, such as attention_backend, fused_attention or num_top_queries."""
     with open(os.path.join(directory, "config.json")) as handle:
         config = config_from_transformers(json.load(handle), **overrides)
     safetensors_path = os.path.join(directory, "model.safetensors")
@@ -223,9 +231,12 @@ def load_transformers_model(directory: str, **overrides) -> RTDETRv2:
         state = load_file(safetensors_path)
     else:
         state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    model = RTDETRv2(config)
-    load_state_dict_strictly(model, map_transformers_state_dict(state), source=directory)
-    return model.eval()
+    state = map_transformers_state_dict(state)
+    heads = state.get("decoder.dec_score_head.0.weight")
+    if heads is not None and heads.shape[0] != config.num_classes:
+        raise CheckpointError(f"{directory}: config.json gives {config.num_classes} classes (id2label / num_labels) "
+                              f"but the checkpoint's class heads have {heads.shape[0]}")
+    return config, state
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -255,23 +266,21 @@ def map_original_state_dict(state: dict) -> dict:
     return {key: value for key, value in state.items() if not _ORIGINAL_DERIVED.search(key)}
 
 
-def load_original_checkpoint(path: str, config: RTDETRv2Config | str, **overrides) -> RTDETRv2:
-    """A model from an original training checkpoint. `config` is an RTDETRv2Config or a preset name
-    ("r18vd", "r50vd_m_dsp", ...): the checkpoint does not record the architecture."""
+def read_original_checkpoint(path: str, config: RTDETRv2Config | str, **overrides) -> tuple[RTDETRv2Config, dict]:
+    """The configuration and state dict of an original training checkpoint. `config` is an RTDETRv2Config or
+    a preset name ("r18vd", "r50vd_m_dsp", ...): the checkpoint does not record the architecture."""
     if isinstance(config, str):
         config = preset(config, **overrides)
     elif overrides:
         config = config.replace(**overrides)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = RTDETRv2(config)
-    load_state_dict_strictly(model, map_original_state_dict(original_state_dict(checkpoint)), source=path)
-    return model.eval()
+    return config, map_original_state_dict(original_state_dict(checkpoint))
 
 
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_state_dict_strictly(model: RTDETRv2, state: dict, source: str = "checkpoint") -> None:
+def load_state_dict_strictly(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -284,16 +293,16 @@ def load_state_dict_strictly(model: RTDETRv2, state: dict, source: str = "checkp
     model.load_state_dict(state)
 
 
-def load_pretrained(name_or_path: str, preset: str | None = None, **overrides) -> RTDETRv2:
+def read_pretrained(name_or_path: str, preset: str | None = None, **overrides) -> tuple[RTDETRv2Config, dict]:
     """A local transformers directory, an original .pth (with `preset`), or a Hugging Face Hub id (downloaded
-    with huggingface_hub, which needs network access)."""
+    with huggingface_hub, which needs network access): its configuration and state dict."""
     if os.path.isdir(name_or_path):
-        return load_transformers_model(name_or_path, **overrides)
+        return read_transformers_checkpoint(name_or_path, **overrides)
     if os.path.isfile(name_or_path):
         if preset is None:
             raise ValueError(f"{name_or_path} is an original training checkpoint: pass preset= (for example "
                              f"'r18vd'), since it does not record the architecture")
-        return load_original_checkpoint(name_or_path, preset, **overrides)
+        return read_original_checkpoint(name_or_path, preset, **overrides)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) or name_or_path.startswith("."):
         raise FileNotFoundError(f"{name_or_path!r} is neither a file, a directory nor a Hub id (owner/name)")
     try:
@@ -301,4 +310,4 @@ def load_pretrained(name_or_path: str, preset: str | None = None, **overrides) -
     except ImportError as error:
         raise ImportError(f"{name_or_path!r} is not a local path; downloading it needs huggingface_hub") from error
     directory = snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors"])
-    return load_transformers_model(directory, **overrides)
+    return read_transformers_checkpoint(directory, **overrides)

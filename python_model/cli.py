@@ -44,7 +44,7 @@ def predict(args) -> int:
         print("error: the CLI reads images with Pillow: pip install 'rtdetrv2-kernels[model]'", file=sys.stderr)
         return 2
 
-    from .checkpoints import load_pretrained
+    from .model import load_pretrained
 
     model = load_pretrained(args.weights, preset=args.preset, attention_backend=args.backend).to(args.device).deploy()
     image = Image.open(args.image)

@@ -14,6 +14,9 @@ from .coco import COCO_LABELS
 RESNET_DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 METHODS = ("default", "discrete")
 QUERY_SELECT_METHODS = ("default", "one2many", "agnostic")
+# The criterion's settings, named as in transformers' RTDetrV2Config (checkpoints.py carries them across).
+CRITERION_FIELDS = ("matcher_class_cost", "matcher_bbox_cost", "matcher_giou_cost", "matcher_alpha", "matcher_gamma",
+                    "focal_loss_alpha", "focal_loss_gamma", "weight_loss_vfl", "weight_loss_bbox", "weight_loss_giou")
 
 
 @dataclass
@@ -24,6 +27,9 @@ class RTDETRv2Config:
     backbone_stem_channels: int = 64
     backbone_channels: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # stage outputs
     backbone_return_idx: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # Bottleneck blocks only: stride the first 1x1 convolution instead of the 3x3 (transformers'
+    # downsample_in_bottleneck; RT-DETRv2's published backbones stride the 3x3).
+    backbone_stride_in_1x1: bool = False
     # Hybrid encoder: AIFI on `use_encoder_idx`, then top-down and bottom-up CSP fusion.
     feat_strides: list[int] = field(default_factory=lambda: [8, 16, 32])
     encoder_hidden_dim: int = 256
@@ -57,6 +63,18 @@ class RTDETRv2Config:
     cross_attn_method: str = "default"  # "default" (bilinear) or "discrete" (nearest pixel)
     query_select_method: str = "default"
     dropout: float = 0.0
+    # Training criterion (python_model.build_criterion): the original's HungarianMatcher costs and
+    # RTDETRCriterionv2 weights, under transformers' names.
+    matcher_class_cost: float = 2.0
+    matcher_bbox_cost: float = 5.0
+    matcher_giou_cost: float = 2.0
+    matcher_alpha: float = 0.25
+    matcher_gamma: float = 2.0
+    focal_loss_alpha: float = 0.75  # of the varifocal loss
+    focal_loss_gamma: float = 2.0
+    weight_loss_vfl: float = 1.0
+    weight_loss_bbox: float = 5.0
+    weight_loss_giou: float = 2.0
     # Inference.
     num_top_queries: int | None = None  # detections kept per image before the threshold; None: num_queries
     eval_spatial_size: list[int] = field(default_factory=lambda: [640, 640])  # (height, width)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import PResNet
+from .checkpoints import load_state_dict_strictly, read_original_checkpoint, read_pretrained, read_transformers_checkpoint
 from .config import RTDETRv2Config, preset
 from .decoder import MSDeformableAttention, RTDETRTransformerv2
 from .encoder import HybridEncoder, RepVggBlock
@@ -25,7 +26,8 @@ class RTDETRv2(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = PResNet(config.backbone_block, config.backbone_depths, config.backbone_channels,
-                                config.backbone_stem_channels, config.backbone_return_idx)
+                                config.backbone_stem_channels, config.backbone_return_idx,
+                                config.backbone_stride_in_1x1)
         self.encoder = HybridEncoder(config)
         self.decoder = RTDETRTransformerv2(config)
 
@@ -35,12 +37,17 @@ class RTDETRv2(nn.Module):
         return cls(preset(name, **overrides))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **overrides) -> "RTDETRv2":
+    def from_pretrained(cls, name_or_path: str, preset: str | None = None, **overrides) -> "RTDETRv2":
         """Weights from a Hugging Face model directory or Hub id (e.g. "PekingU/rtdetr_v2_r18vd"), or an
         original training checkpoint (.pth; then pass ``preset=``). See python_model/checkpoints.py."""
-        from .checkpoints import load_pretrained
+        return cls.from_state_dict(*read_pretrained(name_or_path, preset, **overrides), source=name_or_path)
 
-        return load_pretrained(name_or_path, **overrides)
+    @classmethod
+    def from_state_dict(cls, config: RTDETRv2Config, state: dict, source: str = "checkpoint") -> "RTDETRv2":
+        """A model of `config` holding exactly `state` (every key present, no other, same shapes), in eval mode."""
+        model = cls(config)
+        load_state_dict_strictly(model, state, source)
+        return model.eval()
 
     def set_attention(self, backend: str | None = None, fused: bool | None = None) -> "RTDETRv2":
         """Chooses how the decoder's deformable attention runs: the rtdetrv2_kernels backend (None: the
@@ -109,6 +116,23 @@ class RTDETRv2(nn.Module):
         parameter = next(self.parameters())
         outputs = self(pixels.to(device=parameter.device, dtype=parameter.dtype))
         return self.postprocess(outputs, sizes, threshold)
+
+
+def load_transformers_model(directory: str, **overrides) -> RTDETRv2:
+    """A model from a directory written by transformers' save_pretrained; `overrides` change configuration
+    fields that do not affect the weights (attention_backend, fused_attention, num_top_queries, ...)."""
+    return RTDETRv2.from_state_dict(*read_transformers_checkpoint(directory, **overrides), source=directory)
+
+
+def load_original_checkpoint(path: str, config: RTDETRv2Config | str, **overrides) -> RTDETRv2:
+    """A model from an original training checkpoint; `config` is an RTDETRv2Config or a preset name ("r18vd",
+    "r50vd_m_dsp", ...): the checkpoint does not record the architecture."""
+    return RTDETRv2.from_state_dict(*read_original_checkpoint(path, config, **overrides), source=path)
+
+
+def load_pretrained(name_or_path: str, preset: str | None = None, **overrides) -> RTDETRv2:
+    """RTDETRv2.from_pretrained: a transformers directory or Hub id, or an original .pth with `preset`."""
+    return RTDETRv2.from_pretrained(name_or_path, preset, **overrides)
 
 
 def preprocess(images, size: Sequence[int] = (640, 640)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -175,6 +175,29 @@ def tiny_model(method="default", num_points=(3, 6, 3), **overrides):
     return RTDETRv2(preset("r18vd", **{**settings, **overrides}))
 
 
+# A python_model test batch: strides 8/16/32 give non-square levels 8x12, 4x6, 2x3 (and 1x2 as a fourth level).
+IMAGE = (2, 3, 64, 96)
+
+
+def tiny_transformers_model(block="basic", levels=3, layers=2, method="default", points=4, backbone=None,
+                            **config):
+    """transformers' RTDetrV2ForObjectDetection, small and with random weights (eval mode); `backbone` and
+    `config` override RTDetrResNetConfig and RTDetrV2Config fields."""
+    import transformers
+
+    widths = [8, 16, 24, 32] if block == "basic" else [16, 24, 32, 48]
+    backbone_config = transformers.RTDetrResNetConfig(**{
+        **dict(embedding_size=8, hidden_sizes=widths, depths=[1, 2, 1, 1], layer_type=block,
+               out_features=["stage2", "stage3", "stage4"]), **(backbone or {})})
+    model_config = transformers.RTDetrV2Config(**{**dict(
+        backbone_config=backbone_config, d_model=16, encoder_hidden_dim=16, encoder_in_channels=widths[1:],
+        decoder_in_channels=[16, 16, 16], encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
+        decoder_attention_heads=2, decoder_layers=layers, num_queries=12, num_labels=3, num_feature_levels=levels,
+        decoder_n_levels=levels, decoder_n_points=points, decoder_method=method), **config})
+    torch.manual_seed(0)
+    return randomize_(transformers.RTDetrV2ForObjectDetection(model_config).eval())
+
+
 def randomize_(model):
     """Random parameters and BatchNorm statistics, drawn from the global RNG. Models initialize many weights
     to constants (zero offsets, logits and box deltas, unit norms); random values everywhere make every term

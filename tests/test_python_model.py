@@ -4,17 +4,21 @@ published presets, training through the kernels, the fused attention core, and t
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, relative_error, tiny_model, training_loss
+from conftest import IMAGE, relative_error, tiny_model, tiny_transformers_model, training_loss
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import python_model  # noqa: E402
 import rtdetrv2_kernels  # noqa: E402
 from python_model import (  # noqa: E402
     PRESETS,
@@ -28,25 +32,6 @@ from python_model import (  # noqa: E402
 )
 from python_model.checkpoints import map_transformers_state_dict  # noqa: E402
 from python_model.layers import FrozenBatchNorm2d  # noqa: E402
-
-IMAGE = (2, 3, 64, 96)  # strides 8/16/32: non-square levels 8x12, 4x6, 2x3 (and 1x2 as a fourth level)
-
-
-def transformers_model(block="basic", levels=3, layers=2, method="default", points=4):
-    widths = [8, 16, 24, 32] if block == "basic" else [16, 24, 32, 48]
-    backbone = transformers.RTDetrResNetConfig(
-        embedding_size=8, hidden_sizes=widths, depths=[1, 2, 1, 1], layer_type=block,
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    config = transformers.RTDetrV2Config(
-        backbone_config=backbone, d_model=16, encoder_hidden_dim=16, encoder_in_channels=widths[1:],
-        decoder_in_channels=[16, 16, 16], encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
-        decoder_attention_heads=2, decoder_layers=layers, num_queries=12, num_labels=3, num_feature_levels=levels,
-        decoder_n_levels=levels, decoder_n_points=points, decoder_method=method,
-    )
-    torch.manual_seed(0)
-    return randomize_(transformers.RTDetrV2ForObjectDetection(config).eval())
-
 
 @pytest.fixture(scope="module")
 def images():
@@ -64,7 +49,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("settings", CONFIGS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
 def test_matches_transformers(settings, images, tmp_path):
-    reference = transformers_model(**settings)
+    reference = tiny_transformers_model(**settings)
     reference.save_pretrained(tmp_path)
     model = load_transformers_model(str(tmp_path))
     assert model.config.num_levels == settings["levels"]
@@ -88,7 +73,7 @@ def test_matches_transformers(settings, images, tmp_path):
 
 @pytest.mark.parametrize("method", ["default", "discrete"])
 def test_fused_attention_matches_the_unfused_path(method, images, tmp_path):
-    transformers_model(levels=4, method=method).save_pretrained(tmp_path)
+    tiny_transformers_model(levels=4, method=method).save_pretrained(tmp_path)
     model = load_transformers_model(str(tmp_path))
     calls = {"fused": 0, "plain": 0}
     fused_op, plain_op = rtdetrv2_kernels.ms_deform_attn_fused, rtdetrv2_kernels.ms_deform_attn
@@ -112,7 +97,7 @@ def test_fused_attention_matches_the_unfused_path(method, images, tmp_path):
 
 
 def test_backends_agree(images, tmp_path):
-    transformers_model(levels=3).save_pretrained(tmp_path)
+    tiny_transformers_model(levels=3).save_pretrained(tmp_path)
     model = load_transformers_model(str(tmp_path))
     with torch.no_grad():
         outputs = {b: model.set_attention(backend=b)(images) for b in rtdetrv2_kernels.available_backends()
@@ -156,7 +141,7 @@ def original_checkpoint(tmp_path, reference):
 
 
 def test_original_checkpoint_round_trip(images, tmp_path):
-    reference = transformers_model(layers=2)
+    reference = tiny_transformers_model(layers=2)
     path, state = original_checkpoint(tmp_path, reference)
     assert set(ORIGINAL_KEYS) <= set(state), sorted(set(ORIGINAL_KEYS) - set(state))
     small = dict(backbone_block="basic", backbone_depths=[1, 2, 1, 1], backbone_stem_channels=8,
@@ -183,7 +168,7 @@ def test_original_checkpoint_round_trip(images, tmp_path):
 
 
 def test_transformers_checkpoint_errors(tmp_path):
-    reference = transformers_model()
+    reference = tiny_transformers_model()
     reference.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="shape mismatch.*sampling_offsets"):
         load_transformers_model(str(tmp_path), num_points=[2, 2, 2])
@@ -196,9 +181,59 @@ def test_transformers_checkpoint_errors(tmp_path):
         load_transformers_model(str(tmp_path))
 
 
+def test_class_count_is_taken_as_transformers_takes_it(images, tmp_path):
+    # transformers 5 writes neither id2label nor num_labels for its default of 2 labels.
+    reference = tiny_transformers_model(num_labels=2)
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "id2label" not in config and "num_labels" not in config
+    model = load_transformers_model(str(tmp_path))
+    assert model.config.num_classes == 2
+    with torch.no_grad():
+        assert relative_error(model(images)["pred_logits"], reference(pixel_values=images).logits) <= 1e-4
+    config["id2label"] = {str(i): f"c{i}" for i in range(5)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="5 classes.*class heads have 2"):
+        load_transformers_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_downsample_in_bottleneck_is_honoured_where_transformers_honours_it(block, images, tmp_path):
+    # Only a bottleneck block has a 1x1 convolution to stride; for basic blocks the setting changes nothing.
+    reference = tiny_transformers_model(block, backbone=dict(downsample_in_bottleneck=True))
+    reference.save_pretrained(tmp_path)
+    model = load_transformers_model(str(tmp_path))
+    assert model.config.backbone_stride_in_1x1 == (block == "bottleneck")
+    with torch.no_grad():
+        expected = reference(pixel_values=images)
+        actual = model(images)
+    assert relative_error(actual["pred_logits"], expected.logits) <= 1e-4
+    assert relative_error(actual["pred_boxes"], expected.pred_boxes) <= 1e-4
+
+
+def test_python_model_imports_run_one_way():
+    # No two modules import each other, also through imports inside functions (model.py once imported
+    # checkpoints.py lazily while checkpoints.py imported model.py).
+    package = Path(python_model.__file__).parent
+    imports = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {alias.name.split(".")[0] if node.module is None else node.module.split(".")[0]
+                              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                              for alias in node.names}
+    imports.pop("__init__")
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in imports.get(start, ()))
+
+    cycles = sorted(m for m in imports if reaches(m, m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+    assert "checkpoints" in imports["model"] and "model" not in imports["checkpoints"]
+
+
 def test_hub_ids_download_with_huggingface_hub(tmp_path, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    transformers_model().save_pretrained(tmp_path)
+    tiny_transformers_model().save_pretrained(tmp_path)
     requested = []
 
     def fake_download(repo_id, allow_patterns=None, **kwargs):
@@ -281,7 +316,7 @@ def test_training_outputs_follow_the_original_layout(images):
 def test_eval_idx_stops_at_that_layer(images, tmp_path):
     """eval_idx (r50vd_m evaluates its third of six layers) gives that layer's predictions; transformers
     (which cannot build a one-layer decoder in 5.x) exposes them as its intermediate outputs."""
-    reference = transformers_model(layers=3)
+    reference = tiny_transformers_model(layers=3)
     reference.save_pretrained(tmp_path)
     model = load_transformers_model(str(tmp_path), eval_idx=1)
     with torch.no_grad():
@@ -319,7 +354,7 @@ def test_preprocess():
 def test_cli_predict(tmp_path):
     from PIL import Image
 
-    transformers_model().save_pretrained(tmp_path / "weights")
+    tiny_transformers_model().save_pretrained(tmp_path / "weights")
     Image.new("RGB", (96, 64), (30, 90, 200)).save(tmp_path / "image.png")
     command = [sys.executable, "-m", "python_model", "predict", "--weights", str(tmp_path / "weights"),
                "--image", str(tmp_path / "image.png"), "--out", str(tmp_path / "out.png"), "--threshold", "0.0",
