@@ -138,7 +138,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     now = datetime.datetime.now(datetime.timezone.utc)
     out = (args.out or REPO / "bench" / "results" / f"gpu-{now:%Y%m%d-%H%M}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or ("" if args.rehearse else present_gpu_arch())
     plan = steps(out, arch)
     known = [s.name for s in plan]
@@ -147,6 +146,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--steps: unknown {unknown}; known: {known}")
         plan = [s for s in plan if s.name in args.steps]
+    out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     header = {"date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": commit, "gpu": gpu_description(),

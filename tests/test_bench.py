@@ -101,9 +101,10 @@ def test_gpu_check_rehearsal_writes_its_report(tmp_path):
     assert sum(s["budget"] for s in report["steps"]) <= 9 * 60  # the budgets fit one 10-minute call
     assert report["mode"].startswith("rehearsal") and report["commit"]
     assert "| memcheck | not run (rehearsal: no GPU) |" in (tmp_path / "gpu_check.md").read_text()
-    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse", "--steps", "nope"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse", "--steps", "nope", "--out",
+                          str(tmp_path / "refused")], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--steps: unknown ['nope']" in bad.stderr
+    assert not (tmp_path / "refused").exists()  # a refused call leaves no empty report directory behind
 
 
 def test_gpu_check_steps_stop_at_their_limit_and_report_as_they_go(tmp_path):
