@@ -266,14 +266,20 @@ def map_original_state_dict(state: dict) -> dict:
     return {key: value for key, value in state.items() if not _ORIGINAL_DERIVED.search(key)}
 
 
-def read_original_checkpoint(path: str, config: RTDETRv2Config | str, **overrides) -> tuple[RTDETRv2Config, dict]:
-    """The configuration and state dict of an original training checkpoint. `config` is an RTDETRv2Config or
-    a preset name ("r18vd", "r50vd_m_dsp", ...): the checkpoint does not record the architecture."""
-    if isinstance(config, str):
-        config = preset(config, **overrides)
-    elif overrides:
-        config = config.replace(**overrides)
+def read_original_checkpoint(path: str, config: RTDETRv2Config | str | None, **overrides
+                             ) -> tuple[RTDETRv2Config, dict]:
+    """The configuration and state dict of an original training checkpoint. The original's do not record the
+    architecture: `config` is then an RTDETRv2Config or a preset name ("r18vd", "r50vd_m_dsp", ...).
+    python_model's trainer records it ("config"), and the recorded one is used."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint.get("config"), dict):
+        config = RTDETRv2Config.from_dict(checkpoint["config"])
+    elif config is None:
+        raise ValueError(f"{path} is an original training checkpoint: pass preset= (for example 'r18vd'), since "
+                         f"it does not record the architecture")
+    elif isinstance(config, str):
+        config = preset(config)
+    config = config.replace(**overrides) if overrides else config
     return config, map_original_state_dict(original_state_dict(checkpoint))
 
 
@@ -299,9 +305,6 @@ def read_pretrained(name_or_path: str, preset: str | None = None, **overrides) -
     if os.path.isdir(name_or_path):
         return read_transformers_checkpoint(name_or_path, **overrides)
     if os.path.isfile(name_or_path):
-        if preset is None:
-            raise ValueError(f"{name_or_path} is an original training checkpoint: pass preset= (for example "
-                             f"'r18vd'), since it does not record the architecture")
         return read_original_checkpoint(name_or_path, preset, **overrides)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) or name_or_path.startswith("."):
         raise FileNotFoundError(f"{name_or_path!r} is neither a file, a directory nor a Hub id (owner/name)")

@@ -1,9 +1,18 @@
-"""python -m python_model predict --weights PATH --image IMG [--out annotated.png] [--threshold 0.5] [--backend NAME]"""
+"""python -m python_model COMMAND:
+
+    predict   --weights PATH --image IMG [--out annotated.png] [--threshold 0.5] [--backend NAME]
+    train     --data DIR --preset r18vd [--weights CKPT] --epochs N --batch-size B --out RUN_DIR [--resume CKPT]
+    eval      --weights CKPT --data DIR [--split val]
+    synthetic DIR [--train 300 --val 60 --size 128]   (a small dataset of shapes, for trying training out)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+import torch
 
 from rtdetrv2_kernels import BACKENDS
 
@@ -22,6 +31,42 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
     predict.add_argument("--backend", choices=BACKENDS, help="rtdetrv2_kernels backend (default: the fastest here)")
     predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    train = commands.add_parser("train", help="train or fine-tune on COCO-format data")
+    train.add_argument("--data", required=True, help="a directory with train/ and val/ (images + instances.json), "
+                       "or COCO's layout (annotations/instances_train2017.json, train2017/, ...)")
+    train.add_argument("--preset", default="r18vd", choices=sorted(PRESETS), help="the architecture and its recipe")
+    train.add_argument("--weights", help="start from these weights (transformers directory / Hub id, or a .pth); "
+                       "class heads of another class count are replaced")
+    train.add_argument("--resume", help="continue a run from its last.pth")
+    train.add_argument("--epochs", type=int, help="default: the preset's recipe")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--image-size", type=int, default=640, help="training and evaluation side (default 640)")
+    train.add_argument("--amp", choices=["bf16", "fp16"], help="automatic mixed precision")
+    train.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--no-eval", action="store_true", help="skip the COCO evaluation after each epoch")
+    train.add_argument("--out", required=True, help="run directory: last.pth (every epoch) and log.jsonl")
+    train.add_argument("--device", help="torch device (default: cuda if available)")
+    train.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                       help="change a model configuration field, e.g. --set hidden_dim=128 (repeatable)")
+
+    evaluate = commands.add_parser("eval", help="COCO box metrics on a dataset split")
+    evaluate.add_argument("--weights", required=True, help="a checkpoint of `train`, a transformers directory, "
+                          "or an original .pth (with --preset)")
+    evaluate.add_argument("--preset", choices=sorted(PRESETS), help="the architecture of an original .pth")
+    evaluate.add_argument("--data", required=True, help="as for train")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--image-size", type=int, help="default: the model's eval_spatial_size")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu")
+
+    synthetic = commands.add_parser("synthetic", help="write a small synthetic COCO-format dataset")
+    synthetic.add_argument("out", help="directory to create (train/ and val/)")
+    synthetic.add_argument("--train", type=int, default=300, help="training images (default 300)")
+    synthetic.add_argument("--val", type=int, default=60, help="validation images (default 60)")
+    synthetic.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synthetic.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -61,10 +106,54 @@ def predict(args) -> int:
     return 0
 
 
+def _field(assignment: str) -> tuple[str, object]:
+    name, _, value = assignment.partition("=")
+    if not value:
+        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE (VALUE in JSON, e.g. hidden_dim=128)")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # a bare string, e.g. --set cross_attn_method=discrete
+
+
+def train(args) -> int:
+    from .train import TrainSettings, train as run
+
+    settings = TrainSettings(data=args.data, out=args.out, preset=args.preset, weights=args.weights,
+                             resume=args.resume, epochs=args.epochs, batch_size=args.batch_size,
+                             image_size=args.image_size, amp=args.amp, device=args.device, workers=args.workers,
+                             evaluate_every_epoch=not args.no_eval, max_steps=args.max_steps,
+                             model_overrides=dict(_field(a) for a in args.set))
+    result = run(settings)
+    print(f"last checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from .data import CocoDetection, EvalTransforms
+    from .evaluate import evaluate as run, format_metrics
+    from .model import load_pretrained
+    from .train import find_split
+
+    model = load_pretrained(args.weights, preset=args.preset).to(args.device)
+    size = [args.image_size] * 2 if args.image_size else model.config.eval_spatial_size
+    dataset = CocoDetection(*find_split(args.data, args.split), EvalTransforms(size))
+    print(format_metrics(run(model, dataset, args.batch_size, torch.device(args.device))))
+    return 0
+
+
+def synthetic(args) -> int:
+    from .synthetic import write_dataset
+
+    write_dataset(args.out, args.train, args.val, args.size, args.seed)
+    print(f"wrote {args.train} training and {args.val} validation images to {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return predict(args)
+        return {"predict": predict, "train": train, "eval": evaluate, "synthetic": synthetic}[args.command](args)
     except (OSError, ValueError) as error:  # unreadable files, checkpoints that do not fit: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
