@@ -188,8 +188,8 @@ def zoom_out(image: torch.Tensor, target: dict, p: float = 0.5, side_range=(1.0,
 def iou_crop(image: torch.Tensor, target: dict, p: float = 0.8, trials: int = 40,
              min_ious=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), scale=(0.3, 1.0), aspect=(0.5, 2.0)):
     """With probability p, SSD's crop: draw a minimum IoU (1.0: keep the whole image), then up to `trials`
-    crops of 0.3-1 of each side and aspect 0.5-2 until one holds a box center and overlaps a box by at least
-    that IoU; the boxes whose centers it holds are kept, clipped to it."""
+    crops of 0.3-1 of each side and aspect 0.5-2 until one holds a box center and overlaps one of the boxes
+    whose centers it holds by at least that IoU; those boxes are kept, clipped to it."""
     boxes = target["boxes"]
     if random.random() >= p or len(boxes) == 0:
         return image, target
@@ -201,13 +201,13 @@ def iou_crop(image: torch.Tensor, target: dict, p: float = 0.8, trials: int = 40
             return image, target
         for _ in range(trials):
             crop_w, crop_h = int(width * random.uniform(*scale)), int(height * random.uniform(*scale))
-            if crop_h == 0 or not aspect[0] <= crop_w / crop_h <= aspect[1] or crop_w == 0:
+            if crop_h == 0 or not aspect[0] <= crop_w / crop_h <= aspect[1]:
                 continue
             left, top = int((width - crop_w) * random.random()), int((height - crop_h) * random.random())
             crop = torch.tensor([left, top, left + crop_w, top + crop_h], dtype=boxes.dtype)
             inside = ((centers[:, 0] > crop[0]) & (centers[:, 0] < crop[2]) & (centers[:, 1] > crop[1])
                       & (centers[:, 1] < crop[3]))
-            if not inside.any() or _box_iou(boxes, crop).max() < min_iou:
+            if not inside.any() or _box_iou(boxes[inside], crop).max() < min_iou:
                 continue
             kept = _keep(target, inside)
             shifted = kept["boxes"] - crop[[0, 1, 0, 1]]

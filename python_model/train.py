@@ -13,10 +13,12 @@ DIR holds train/ and val/, each with its images and an instances.json, or COCO's
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -27,21 +29,30 @@ from .config import RTDETRv2Config, preset
 from .criterion import build_criterion
 from .data import TRAIN_SCALES, CocoDetection, EvalTransforms, MultiScaleCollate, TrainTransforms
 from .evaluate import evaluate, format_metrics
+from .layers import ConvNormLayer, FrozenBatchNorm2d
 from .model import RTDETRv2
 from .progress import Progress
 
 
+# The original's AdamW groups (configs/rtdetrv2/*.yml): a parameter takes the settings of the first pattern its
+# name matches (lr and weight decay unset there: the recipe's), the rest takes the recipe's.
+_NORMS_NO_DECAY = (r"^(?=.*(?:norm|bn)).*$", {"weight_decay": 0.0})
+_HEAD_NORMS_NO_DECAY = (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", {"weight_decay": 0.0})
+
+
 @dataclass
 class Recipe:
-    """One preset's optimization settings (rtdetrv2_pytorch/configs/rtdetrv2/*.yml)."""
+    """One preset's training settings, as the original's configuration resolves them."""
 
+    groups: tuple = ()  # (name pattern, AdamW settings) pairs, first match wins
     lr: float = 1e-4
-    backbone_lr: float = 1e-5  # the backbone's parameters outside its norms
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    no_decay: str = r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$"  # parameter names without weight decay
     epochs: int = 72
-    stop_epoch: int = 71  # the strong augmentations and the multi-scale batches stop here
+    stop_epoch: int = 71  # from this epoch on: no photometric distortion, zoom-out, IoU crop, multi-scale
+    multiscale: bool = True  # batches resized to a random TRAIN_SCALES side (r18vd trains at one size)
+    freeze_stem: bool = False  # the backbone's three stem convolutions do not train (ResNet-50/101: freeze_at 0)
+    train_backbone_norms: bool = False  # ResNet-18/34 train their backbone's BatchNorm (freeze_norm: False)
     warmup_steps: int = 2000
     clip_max_norm: float = 0.1
     ema_decay: float = 0.9999
@@ -49,20 +60,32 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "r18vd": Recipe(backbone_lr=1e-4, no_decay=r"^(?=.*(?:norm|bn)).*$", epochs=120, stop_epoch=117),
-    "r34vd": Recipe(backbone_lr=5e-5, no_decay=r"^(?=.*(?:norm|bn)).*$", epochs=120, stop_epoch=117),
-    "r50vd_m": Recipe(epochs=84, stop_epoch=81),
-    "r50vd": Recipe(),
-    "r101vd": Recipe(backbone_lr=1e-6),
+    "r18vd": Recipe(groups=(_NORMS_NO_DECAY,), epochs=120, stop_epoch=117, multiscale=False,
+                    train_backbone_norms=True),
+    "r34vd": Recipe(groups=((r"^(?=.*backbone)(?!.*norm|bn).*$", {"lr": 5e-5}),
+                            (r"^(?=.*backbone)(?=.*norm|bn).*$", {"lr": 5e-5, "weight_decay": 0.0}),
+                            (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", {"weight_decay": 0.0})),
+                    epochs=120, stop_epoch=117, train_backbone_norms=True),
+    "r50vd_m": Recipe(groups=((r"^(?=.*backbone)(?!.*norm).*$", {"lr": 1e-5}), _HEAD_NORMS_NO_DECAY),
+                      epochs=84, stop_epoch=81, freeze_stem=True),
+    "r50vd": Recipe(groups=((r"^(?=.*backbone)(?!.*norm).*$", {"lr": 1e-5}), _HEAD_NORMS_NO_DECAY), freeze_stem=True),
+    "r101vd": Recipe(groups=((r"^(?=.*backbone)(?!.*norm|bn).*$", {"lr": 1e-6}), _HEAD_NORMS_NO_DECAY),
+                     freeze_stem=True),
 }
+# The discrete-sampling models are fine-tuned from their bilinear counterparts, briefly.
+_DSP_SCHEDULE = {"r18vd": (36, 33), "r34vd": (12, 10), "r50vd_m": (36, 33), "r50vd": (12, 10)}
 
 
 def recipe_for(preset_name: str) -> Recipe:
-    """A preset's recipe; the sp/dsp variants train as their base model."""
+    """A preset's recipe: sp variants train as r18vd; dsp variants as their base, on a short schedule."""
     base = re.sub(r"_(sp\d|dsp)$", "", preset_name)
     if base not in RECIPES:
         raise ValueError(f"no training recipe for preset {preset_name!r}; known: {sorted(RECIPES)}")
-    return RECIPES[base]
+    recipe = RECIPES[base]
+    if preset_name.endswith("_dsp"):
+        epochs, stop = _DSP_SCHEDULE[base]
+        recipe = dataclasses.replace(recipe, epochs=epochs, stop_epoch=stop)
+    return recipe
 
 
 @dataclass
@@ -75,7 +98,7 @@ class TrainSettings:
     epochs: int | None = None  # default: the recipe's
     batch_size: int = 16
     image_size: int = 640
-    scales: tuple[int, ...] | None = None  # default: TRAIN_SCALES scaled by image_size / 640
+    scales: tuple[int, ...] | None = None  # default: the recipe's (TRAIN_SCALES scaled by image_size / 640, or none)
     amp: str | None = None  # "bf16" or "fp16"
     device: str | None = None
     workers: int = 2
@@ -102,8 +125,9 @@ class ModelEMA:
     that early updates follow the model closely."""
 
     def __init__(self, model: torch.nn.Module, decay: float, warmups: int):
-        self.module = RTDETRv2(model.config)
-        self.module.load_state_dict(model.state_dict())
+        self.module = RTDETRv2(model.config)  # frozen backbone norms: what inference and checkpoints hold
+        state = model.state_dict()
+        self.module.load_state_dict({name: state[name] for name in self.module.state_dict()})
         self.module.eval().requires_grad_(False)
         self.decay, self.warmups, self.updates = decay, warmups, 0
 
@@ -113,10 +137,8 @@ class ModelEMA:
         decay = self.decay * (1 - math.exp(-self.updates / self.warmups))
         state = model.state_dict()
         for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
+            if value.dtype.is_floating_point:  # parameters and float buffers; counters keep their first value
                 value.lerp_(state[name].detach(), 1 - decay)
-            else:
-                value.copy_(state[name])
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -127,22 +149,32 @@ class ModelEMA:
 
 
 def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
-    """AdamW groups as the original's regexes make them: the backbone (outside its norms) at backbone_lr,
-    the no_decay pattern without weight decay, everything else at lr with weight decay."""
-    backbone, no_decay, rest = [], [], []
-    pattern = re.compile(recipe.no_decay)
+    """AdamW parameter groups: each parameter in the first of recipe.groups whose pattern its name matches,
+    the rest in a group of the recipe's own settings."""
+    patterns = [(re.compile(pattern), settings) for pattern, settings in recipe.groups]
+    members = [[] for _ in range(len(patterns) + 1)]
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if pattern.match(name):
-            no_decay.append(parameter)
-        elif name.startswith("backbone.") and "norm" not in name:
-            backbone.append(parameter)
-        else:
-            rest.append(parameter)
-    groups = [{"params": backbone, "lr": recipe.backbone_lr}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": rest}]
+        if parameter.requires_grad:
+            index = next((i for i, (pattern, _) in enumerate(patterns) if pattern.match(name)), len(patterns))
+            members[index].append(parameter)
+    groups = [{"params": params, **settings} for params, (_, settings) in zip(members, patterns)]
+    groups.append({"params": members[-1]})
     return [g for g in groups if g["params"]]
+
+
+def unfreeze_backbone_norms(model: RTDETRv2) -> None:
+    """Replaces the backbone's frozen norms by BatchNorm2d with the same statistics and affine map, which
+    then train (and track batch statistics) as the original's ResNet-18/34 do. Checkpoints gain the norms'
+    num_batches_tracked counters, which loading drops again (checkpoints.py)."""
+    for module in model.backbone.modules():
+        if isinstance(module, ConvNormLayer) and isinstance(module.norm, FrozenBatchNorm2d):
+            frozen = module.norm
+            norm = torch.nn.BatchNorm2d(frozen.weight.numel(), eps=frozen.eps).to(frozen.weight.device)
+            norm.train(frozen.training)
+            with torch.no_grad():
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(norm, name).copy_(getattr(frozen, name))
+            module.norm = norm
 
 
 def class_dependent(key: str) -> bool:
@@ -172,22 +204,30 @@ def initial_model(settings: TrainSettings, config: RTDETRv2Config, log) -> RTDET
     return model
 
 
-def save_checkpoint(path: str, model, ema, optimizer, warmup, epoch: int, step: int) -> None:
-    """The original solver's keys (model, ema {module, updates}, optimizer, lr_warmup_scheduler, last_epoch),
-    plus this model's configuration so that loading needs no preset."""
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_warmup_scheduler": warmup.state_dict(), "last_epoch": epoch, "step": step,
-                "config": model.config.to_dict()}, path + ".tmp")
+def save_checkpoint(path: str, model, ema, optimizer, warmup, scaler, epoch: int, step: int) -> None:
+    """The original solver's keys (date, last_epoch, model, ema {module, updates}, optimizer,
+    lr_warmup_scheduler, scaler with fp16), plus the step and this model's configuration, so that loading
+    needs no preset."""
+    checkpoint = {"date": datetime.datetime.now().isoformat(), "last_epoch": epoch, "model": model.state_dict(),
+                  "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lr_warmup_scheduler": warmup.state_dict(), "step": step, "config": model.config.to_dict()}
+    if scaler.is_enabled():
+        checkpoint["scaler"] = scaler.state_dict()
+    torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)  # a run killed while saving keeps the previous checkpoint
 
 
 def train(settings: TrainSettings, log=print) -> dict:
-    """Trains; returns {"epochs": per-epoch records (loss, time, metrics), "checkpoint": the last path}."""
+    """Trains; returns {"epochs": per-epoch records (loss, time, metrics), "checkpoint": last.pth's path}.
+    The run directory gets last.pth after every epoch, best.pth whenever the EMA's AP improves, and
+    log.jsonl (one record per epoch)."""
     recipe = dataclasses.replace(recipe_for(settings.preset), **settings.recipe_overrides)
     epochs = settings.epochs or recipe.epochs
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = (settings.image_size, settings.image_size)
-    scales = settings.scales or tuple(int(round(s * settings.image_size / 640 / 32)) * 32 for s in TRAIN_SCALES)
+    scales = settings.scales
+    if scales is None and recipe.multiscale:
+        scales = tuple(max(32, int(round(s * settings.image_size / 640 / 32)) * 32) for s in TRAIN_SCALES)
     train_dir, train_json = find_split(settings.data, "train")
     train_set = CocoDetection(train_dir, train_json, TrainTransforms(size, recipe.stop_epoch))
     val_set = None
@@ -196,6 +236,10 @@ def train(settings: TrainSettings, log=print) -> dict:
     config = preset(settings.preset, num_classes=len(train_set.class_names), labels=train_set.class_names,
                     eval_spatial_size=list(size), **settings.model_overrides)
     model = initial_model(settings, config, log).to(device).train()
+    if recipe.train_backbone_norms:
+        unfreeze_backbone_norms(model)
+    if recipe.freeze_stem:
+        model.backbone.conv1.requires_grad_(False)
     criterion = build_criterion(config)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe), lr=recipe.lr, betas=recipe.betas,
                                   weight_decay=recipe.weight_decay)
@@ -210,15 +254,17 @@ def train(settings: TrainSettings, log=print) -> dict:
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         warmup.load_state_dict(checkpoint["lr_warmup_scheduler"])
+        if "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step = checkpoint["last_epoch"] + 1, checkpoint["step"]
         log(f"resuming {settings.resume} at epoch {start_epoch}")
-    collate = MultiScaleCollate(scales, recipe.stop_epoch)
+    collate = MultiScaleCollate(scales or (), recipe.stop_epoch)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
                                          num_workers=settings.workers, collate_fn=collate)
     if len(loader) == 0:
         raise ValueError(f"{train_json}: {len(train_set)} images make no full batch of {settings.batch_size}")
     os.makedirs(settings.out, exist_ok=True)
-    history, path = [], None
+    history, path, best = [], None, -1.0
     for epoch in range(start_epoch, epochs):
         train_set.set_epoch(epoch)
         collate.set_epoch(epoch)
@@ -246,10 +292,13 @@ def train(settings: TrainSettings, log=print) -> dict:
         record = {"epoch": epoch, "steps": step, "loss": total / max(bar.done, 1),
                   "seconds": time.perf_counter() - started}
         path = os.path.join(settings.out, "last.pth")
-        save_checkpoint(path, model, ema, optimizer, warmup, epoch, step)
+        save_checkpoint(path, model, ema, optimizer, warmup, scaler, epoch, step)
         if val_set is not None:
             record["metrics"] = evaluate(ema.module, val_set, settings.batch_size, device, settings.progress)
             log(f"epoch {epoch}: loss {record['loss']:.4f}  EMA on val: {format_metrics(record['metrics'])}")
+            if record["metrics"]["AP"] > best:
+                best = record["metrics"]["AP"]
+                shutil.copyfile(path, os.path.join(settings.out, "best.pth"))
         else:
             log(f"epoch {epoch}: loss {record['loss']:.4f}")
         history.append(record)

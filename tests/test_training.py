@@ -19,14 +19,21 @@ pytest.importorskip("pycocotools")
 
 from python_model import data as pipeline  # noqa: E402
 from python_model.data import CocoDetection, EvalTransforms, MultiScaleCollate, TrainTransforms  # noqa: E402
+from python_model.checkpoints import map_original_state_dict  # noqa: E402
 from python_model.evaluate import coco_metrics, evaluate  # noqa: E402
 from python_model.synthetic import write_dataset, write_split  # noqa: E402
-from python_model.train import TrainSettings, train  # noqa: E402
+from python_model.train import (  # noqa: E402
+    TrainSettings,
+    parameter_groups,
+    recipe_for,
+    train,
+    unfreeze_backbone_norms,
+)
 
 TINY = dict(backbone_depths=[1, 1, 1, 1], backbone_stem_channels=8, backbone_channels=[8, 16, 24, 32],
             encoder_hidden_dim=16, encoder_heads=2, encoder_ffn_dim=32, hidden_dim=16, decoder_in_channels=[16] * 3,
             decoder_heads=2, num_decoder_layers=2, decoder_ffn_dim=32, num_queries=30, num_denoising=20)
-FAST = dict(warmup_steps=5, lr=2e-3, backbone_lr=2e-3, clip_max_norm=1.0)
+FAST = dict(warmup_steps=5, lr=2e-3, clip_max_norm=1.0, groups=())  # one group: every parameter at lr
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +218,8 @@ def test_a_short_training_run_learns_resumes_and_loads(dataset_dir, tmp_path):
 
     torch.manual_seed(0)
     untrained = RTDETRv2(preset("r18vd", num_classes=3, labels=model.config.labels, **TINY))
-    trained = RTDETRv2.from_state_dict(model.config, final["model"])
+    # The trained backbone norms' counters are dropped, as for the original's ResNet-18 checkpoints.
+    trained = RTDETRv2.from_state_dict(model.config, map_original_state_dict(final["model"]))
     before, after = training_loss(untrained, images, targets), training_loss(trained, images, targets)
     print(f"loss before {before:.3f}, after {after:.3f}")
     assert after < 0.95 * before
@@ -243,7 +251,7 @@ def test_fine_tuning_to_other_classes_replaces_the_class_heads(dataset_dir, tmp_
     messages = []
     result = train(TrainSettings(data=str(other), out=str(tmp_path / "tuned"), weights=base["checkpoint"], epochs=1,
                                  batch_size=4, image_size=64, workers=0, progress=False, evaluate_every_epoch=False,
-                                 max_steps=1, model_overrides=TINY, recipe_overrides=dict(FAST, lr=0.0, backbone_lr=0.0)),
+                                 max_steps=1, model_overrides=TINY, recipe_overrides=dict(FAST, lr=0.0)),
                    log=messages.append)
     assert any("class heads" in m and "for 2" in m for m in messages), messages
     tuned = torch.load(result["checkpoint"], weights_only=True)["model"]
@@ -274,3 +282,50 @@ def test_cli_synthetic_train_eval(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "python_model", "train", "--data", str(tmp_path / "nothing"), "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "no train split" in bad.stderr
+
+
+# (tensors, parameters, lr, weight decay) of each AdamW group, as the original's configurations resolve them
+# for its own model (counted with rtdetrv2_pytorch; None: the optimizer's default of 1e-4).
+ORIGINAL_GROUPS = {
+    "r18vd": [(162, 31360, None, 0.0), (164, 20153104, None, None)],
+    "r34vd": [(39, 21290848, 5e-5, None), (78, 17280, 5e-5, 0.0), (181, 41764, None, 0.0), (106, 10091776, None, None)],
+    "r50vd_m": [(52, 23445504, 1e-5, None), (134, 26112, None, 0.0), (213, 13093644, None, None)],
+    "r50vd": [(52, 23445504, 1e-5, None), (126, 32256, None, 0.0), (209, 19385100, None, None)],
+    "r101vd": [(103, 42385408, 1e-6, None), (126, 42752, None, 0.0), (209, 34099596, None, None)],
+}
+
+
+@pytest.mark.parametrize("name", ORIGINAL_GROUPS)
+def test_optimizer_groups_are_the_originals(name):
+    from python_model import RTDETRv2, preset
+
+    model = RTDETRv2(preset(name))
+    recipe = recipe_for(name)
+    if recipe.train_backbone_norms:
+        unfreeze_backbone_norms(model)
+    if recipe.freeze_stem:
+        model.backbone.conv1.requires_grad_(False)
+    groups = [(len(g["params"]), sum(p.numel() for p in g["params"]), g.get("lr"), g.get("weight_decay"))
+              for g in parameter_groups(model, recipe)]
+    assert groups == ORIGINAL_GROUPS[name]
+
+
+def test_unfrozen_backbone_norms_compute_the_same_in_eval_mode():
+    from conftest import tiny_model
+
+    model = tiny_model().eval()
+    images = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        before = model(images)["pred_logits"]
+        unfreeze_backbone_norms(model)
+        after = model(images)["pred_logits"]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_recipes_of_the_variants():
+    assert recipe_for("r18vd_sp2") == recipe_for("r18vd")
+    dsp = recipe_for("r50vd_m_dsp")
+    assert (dsp.epochs, dsp.stop_epoch, dsp.groups) == (36, 33, recipe_for("r50vd_m").groups)
+    with pytest.raises(ValueError, match="no training recipe"):
+        recipe_for("r200vd")
