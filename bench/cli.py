@@ -19,7 +19,7 @@ import torch
 
 from rtdetrv2_kernels.backends import unavailable_reason
 
-from . import cases, fused, model, peers, report, selfcheck, timing
+from . import cases, fused, model, peers, report, selfcheck, timing, training
 from .cases import PASSES, REFERENCE, SHAPES, Problem, Runner
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -78,6 +78,8 @@ def parse_args(argv):
                         help="skip timing ms_deform_attn_fused against its eager equivalent")
     parser.add_argument("--no-model", action="store_true",
                         help="skip timing python_model's RT-DETRv2 against transformers' end to end")
+    parser.add_argument("--no-training", action="store_true",
+                        help="skip timing a whole training step of python_model against transformers'")
     parser.add_argument("--no-charts", action="store_true", help="write no PNG charts")
     parser.add_argument("--out", type=Path,
                         help="directory for benchmark.md, benchmark.json and the charts "
@@ -189,8 +191,9 @@ def main(argv=None) -> int:
     sweep_steps = 0 if args.no_sweep else sum(len(v) for v in SWEEPS[args.quick].values()) * len(args.devices)
     fused_steps = 0 if args.no_fused else len(args.devices)
     model_steps = 0 if args.no_model else len(args.devices)
-    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps + model_steps)
-    rows, scaling, fused_rows, model_rows = [], [], [], []
+    training_steps = 0 if args.no_training else len(args.devices)
+    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps + model_steps + training_steps)
+    rows, scaling, fused_rows, model_rows, training_rows = [], [], [], [], []
     for device, problems in plan.items():
         bandwidth = None
         if any(problem.shape.floor for problem in problems):
@@ -209,10 +212,14 @@ def main(argv=None) -> int:
         if not args.no_model:
             model_rows += model.time_models(device, args.rounds, args.budget, args.threads, quick=args.quick)
             progress.step(f"end-to-end model on {device}")
+        if not args.no_training:
+            training_rows += training.time_training(device, args.rounds, args.budget, args.threads, quick=args.quick)
+            progress.step(f"training step on {device}")
 
-    table = report.markdown(info, rows, scaling, fused_rows, model_rows)
+    table = report.markdown(info, rows, scaling, fused_rows, model_rows, training_rows)
     print(table)
     out = args.out or report.ROOT / "bench" / "results" / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    for path in report.write(out, info, rows, scaling, fused_rows, model_rows, charts=not args.no_charts):
+    for path in report.write(out, info, rows, scaling, fused_rows, model_rows, training_rows,
+                             charts=not args.no_charts):
         print(f"wrote {path}")
     return 0

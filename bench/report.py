@@ -12,7 +12,7 @@ import torch
 
 import rtdetrv2_kernels
 
-from . import fused, model, peers
+from . import fused, model, peers, training
 from .cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,8 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict], model_rows: list[dict]) -> str:
+def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict], model_rows: list[dict],
+             training_rows: list[dict] = ()) -> str:
     peer_columns = [name for name in peers.NAMES if any(r.get(f"vs {name}") for r in rows)]
     lines = ["# rtdetrv2_kernels benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
@@ -108,16 +109,18 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list
         lines += ["", fused.markdown(fused_rows)]
     if model_rows:
         lines += ["", model.markdown(model_rows)]
+    if training_rows:
+        lines += ["", training.markdown(training_rows)]
     return "\n".join(lines) + "\n"
 
 
 def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict],
-          model_rows: list[dict], charts: bool) -> list[Path]:
+          model_rows: list[dict], training_rows: list[dict], charts: bool) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "benchmark.md", out / "benchmark.json"]
-    written[0].write_text(markdown(info, rows, scaling, fused_rows, model_rows))
+    written[0].write_text(markdown(info, rows, scaling, fused_rows, model_rows, training_rows))
     written[1].write_text(json.dumps(dict(environment=info, results=rows, scaling=scaling, fused=fused_rows,
-                                          model=model_rows),
+                                          model=model_rows, training=training_rows),
                                      indent=2))
     if charts:
         written += _charts(out, info, rows, scaling)

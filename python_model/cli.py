@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="torch device (default: cuda if available)")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                        help="change a model configuration field, e.g. --set hidden_dim=128 (repeatable)")
+    train.add_argument("--recipe", action="append", default=[], metavar="FIELD=JSON",
+                       help="change a training recipe field (python_model.train.Recipe), e.g. --recipe lr=4e-4")
 
     evaluate = commands.add_parser("eval", help="COCO box metrics on a dataset split")
     evaluate.add_argument("--weights", required=True, help="a checkpoint of `train`, a transformers directory, "
@@ -123,7 +125,8 @@ def train(args) -> int:
                              resume=args.resume, epochs=args.epochs, batch_size=args.batch_size,
                              image_size=args.image_size, amp=args.amp, device=args.device, workers=args.workers,
                              evaluate_every_epoch=not args.no_eval, max_steps=args.max_steps,
-                             model_overrides=dict(_field(a) for a in args.set))
+                             model_overrides=dict(_field(a) for a in args.set),
+                             recipe_overrides=dict(_field(a) for a in args.recipe))
     result = run(settings)
     print(f"last checkpoint: {result['checkpoint']}")
     return 0

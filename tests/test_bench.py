@@ -48,8 +48,12 @@ def test_cli_quick_run_writes_every_report(tmp_path):
     assert [(r["model"], r["image"]) for r in report["model"]] == [("r18vd", 320)]
     assert all(r["python_model ms"] > 0 and r["transformers ms"] > 0 and r["speedup deployed"] > 0
                for r in report["model"])
+    # A whole training step of both models (quick: R18, batch 1 at 256x256), after the patch's loss check.
+    assert [(r["model"], r["batch"], r["image"]) for r in report["training"]] == [("r18vd", 1, 256)]
+    assert all(r[f"{name} ms"] > 0 for r in report["training"]
+               for name in ("python_model", "transformers", "transformers patched"))
     markdown = (out / "benchmark.md").read_text()
-    assert "## End-to-end model" in markdown
+    assert "## End-to-end model" in markdown and "## Training step" in markdown
     assert "| tiny | default | float32 | cpu | forward | cpu |" in markdown
     pytest.importorskip("matplotlib")
     for chart in ("speedup_forward.png", "speedup_forward_backward.png", "peak_memory.png", "scaling.png"):
