@@ -73,8 +73,7 @@ def time_models(device: str, rounds: int, budget_s: float, threads: int, quick: 
                                        "transformers": run(theirs, True)}, device, rounds, budget_s, threads)
             row = {"model": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
                    "image": size}
-            for label, timed in measured.items():
-                row[f"{label} ms"], row[f"{label} spread"] = timed.median * 1e3, timed.spread
+            timing.record(row, measured)
             row["speedup"] = row["transformers ms"] / row["python_model ms"]
             row["speedup deployed"] = row["transformers ms"] / row["python_model deployed ms"]
             rows.append(row)
@@ -83,18 +82,11 @@ def time_models(device: str, rounds: int, budget_s: float, threads: int, quick: 
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["## End-to-end model", "",
-             "python_model's RT-DETRv2 (decoder on this package's fused op), as loaded and after `deploy()` "
-             "(norms folded into convolutions, RepVGG branches merged), against transformers' "
-             "RTDetrV2ForObjectDetection with the same weights: inference, median ms per call (± interquartile "
-             "range over the median); speedups are transformers' time over ours.", "",
-             "| model | device | dtype | batch | image | python_model ms | deployed ms | transformers ms | speedup | "
-             "speedup deployed |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(row, label):
-        return f"{row[label + ' ms']:.1f} ± {100 * row[label + ' spread']:.0f}%"
-
-    lines += [f"| {r['model']} | {r['device']} | {r['dtype']} | {r['batch']} | {r['image']} | "
-              f"{cell(r, 'python_model')} | {cell(r, 'python_model deployed')} | {cell(r, 'transformers')} | "
-              f"{r['speedup']:.2f}x | {r['speedup deployed']:.2f}x |" for r in rows]
-    return "\n".join(lines)
+    return timing.comparison_table(
+        "End-to-end model",
+        "python_model's RT-DETRv2 (decoder on this package's fused op), as loaded and after `deploy()` (norms "
+        "folded into convolutions, RepVGG branches merged), against transformers' RTDetrV2ForObjectDetection with "
+        "the same weights: inference, median ms per call (± interquartile range over the median); speedups are "
+        "transformers' time over ours.",
+        rows, ["model", "device", "dtype", "batch", "image"], ["python_model", "python_model deployed", "transformers"],
+        ["speedup", "speedup deployed"])

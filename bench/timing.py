@@ -164,3 +164,25 @@ def copy_bandwidth(device: str, threads: int) -> float:
     seconds = measure({"copy": lambda: target.copy_(source)}, device, rounds=5, budget_s=0.5,
                       threads=threads)["copy"].median
     return 2 * source.numel() * source.element_size() / seconds
+
+
+def record(row: dict, measured: dict[Hashable, Timing]) -> dict:
+    """Adds each implementation's median ms and spread to a report row, as "<name> ms" / "<name> spread"."""
+    for label, timed in measured.items():
+        row[f"{label} ms"], row[f"{label} spread"] = timed.median * 1e3, timed.spread
+    return row
+
+
+def comparison_table(title: str, text: str, rows: list[dict], settings: list[str], timed: list[str],
+                     speedups: list[str], digits: int = 1) -> str:
+    """A markdown section: one line per row with its `settings` columns, each `timed` implementation's
+    median ms and spread ("12.3 ± 4%") and the `speedups` columns ("1.50x")."""
+    header = [*settings, *(f"{label} ms" for label in timed), *speedups]
+    lines = [f"## {title}", "", text, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(settings) + "---:|" * (len(timed) + len(speedups))]
+    for row in rows:
+        cells = [str(row[name]) for name in settings]
+        cells += [f"{row[label + ' ms']:.{digits}f} ± {100 * row[label + ' spread']:.0f}%" for label in timed]
+        cells += [f"{row[name]:.2f}x" for name in speedups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

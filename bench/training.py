@@ -93,8 +93,7 @@ def time_training(device: str, rounds: int, budget_s: float, threads: int, quick
         measured = timing.measure(steps, device, rounds, budget_s, threads)
         row = {"model": PRESET, "device": device, "amp": "none" if amp is None else str(amp).replace("torch.", ""),
                "batch": batch, "image": size}
-        for label, timed in measured.items():
-            row[f"{label} ms"], row[f"{label} spread"] = timed.median * 1e3, timed.spread
+        timing.record(row, measured)
         row["speedup"] = row["transformers ms"] / row["python_model ms"]
         row["speedup patched"] = row["transformers ms"] / row["transformers patched ms"]
         rows.append(row)
@@ -103,19 +102,12 @@ def time_training(device: str, rounds: int, budget_s: float, threads: int, quick
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["## Training step", "",
-             "One training step of the whole detector (forward with targets and contrastive denoising, the "
-             "matching criterion, backward, AdamW step), same weights and batch: python_model on this package's "
-             "kernels, transformers' RTDetrV2ForObjectDetection as it is, and transformers with "
-             "`rtdetrv2_kernels.integrations.transformers` patched in. Median ms per step (± interquartile range "
-             "over the median); speedups are transformers' time over the other's.", "",
-             "| model | device | amp | batch | image | python_model ms | transformers ms | transformers patched ms "
-             "| speedup | speedup patched |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(row, label):
-        return f"{row[label + ' ms']:.0f} ± {100 * row[label + ' spread']:.0f}%"
-
-    lines += [f"| {r['model']} | {r['device']} | {r['amp']} | {r['batch']} | {r['image']} | "
-              f"{cell(r, 'python_model')} | {cell(r, 'transformers')} | {cell(r, 'transformers patched')} | "
-              f"{r['speedup']:.2f}x | {r['speedup patched']:.2f}x |" for r in rows]
-    return "\n".join(lines)
+    return timing.comparison_table(
+        "Training step",
+        "One training step of the whole detector (forward with targets and contrastive denoising, the matching "
+        "criterion, backward, AdamW step), same weights and batch: python_model on this package's kernels, "
+        "transformers' RTDetrV2ForObjectDetection as it is, and transformers with "
+        "`rtdetrv2_kernels.integrations.transformers` patched in. Median ms per step (± interquartile range over "
+        "the median); speedups are transformers' time over the other's.",
+        rows, ["model", "device", "amp", "batch", "image"], ["python_model", "transformers", "transformers patched"],
+        ["speedup", "speedup patched"], digits=0)
