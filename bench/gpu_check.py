@@ -8,7 +8,8 @@ would otherwise pass and every GPU test skip), the GPU tests of those backends (
 configuration mode: no autotuning), the benchmark of the named inference and training shapes (fp32 and
 bf16, against the PyTorch path and torch-ms-deform-attn when installed, or built from PEER_SDIST),
 compute-sanitizer memcheck of one small case per kernel (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that the
-caching allocator hides no out-of-bounds access), and the end-to-end model. The report (gpu_check.md,
+caching allocator hides no out-of-bounds access), the end-to-end model, and a whole training step of it
+against transformers' (batch 16, 640x640, bf16; when scipy is installed for the matching). The report (gpu_check.md,
 gpu_check.json and each step's log) is rewritten after every step, so a call cut short still returns what
 finished. Exits non-zero if a step failed or ran out of time.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +36,9 @@ BENCH_SHAPES = ["rtdetrv2-infer-b1", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-64
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_fused.py", "tests/test_deterministic.py",
                 "tests/test_registration.py"]
 # One small case per kernel (plain and fused, both methods, forward and backward, the deterministic path).
+# The model and training-step sections of `python -m bench` alone (its self-check needs one shape).
+MODEL_ONLY = ["--shapes", "rtdetrv2-infer-b1", "--dtypes", "float32", "--budget", "0.3", "--rounds", "3", "--no-sweep",
+              "--no-fused", "--no-charts", "--no-memory"]
 MEMCHECK_TESTS = ["tests/test_kernels.py::test_matches_reference", "tests/test_fused.py::test_empty_and_nonfinite",
                   "tests/test_deterministic.py::test_cuda_deterministic_fused_backward_repeats_bitwise_and_matches_the_default_mode"]
 
@@ -71,16 +76,17 @@ def steps(out: Path, arch: str) -> list[Step]:
         Step("backends", 20, [python(), "-c", "import rtdetrv2_kernels as rk, sys; b = rk.available_backends(); "
                                               "print('backends:', b); sys.exit(0 if {'cuda', 'triton'} <= set(b) "
                                               "else 'cuda or triton is missing: the GPU tests would only skip')"]),
-        Step("tests", 150, [*pytest_gpu, "-k", "cuda or triton", *KERNEL_TESTS], env=test_env),
-        Step("benchmark", 100, [python(), "-m", "bench", "--devices", "cuda", "--shapes", *BENCH_SHAPES,
-                                "--dtypes", "float32", "bfloat16", "--budget", "0.5", "--rounds", "3", "--no-sweep",
-                                "--no-model", "--no-charts", "--out", str(out / "benchmark")]),
+        Step("tests", 140, [*pytest_gpu, "-k", "cuda or triton", *KERNEL_TESTS], env=test_env),
+        Step("benchmark", 90, [python(), "-m", "bench", "--devices", "cuda", "--shapes", *BENCH_SHAPES,
+                               "--dtypes", "float32", "bfloat16", "--budget", "0.5", "--rounds", "3", "--no-sweep",
+                               "--no-model", "--no-training", "--no-charts", "--out", str(out / "benchmark")]),
         Step("memcheck", 80, ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", *pytest_gpu, "-x",
                               "-k", "cuda and not emulated", *MEMCHECK_TESTS],
              env={**test_env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-        Step("model", 50, [python(), "-m", "bench", "--devices", "cuda", "--shapes", "rtdetrv2-infer-b1",
-                           "--dtypes", "float32", "--budget", "0.3", "--rounds", "3", "--no-sweep", "--no-fused",
-                           "--no-charts", "--no-memory", "--out", str(out / "model")]),
+        Step("model", 40, [python(), "-m", "bench", "--devices", "cuda", *MODEL_ONLY, "--no-training",
+                           "--out", str(out / "model")]),
+        *([Step("training", 30, [python(), "-m", "bench", "--devices", "cuda", *MODEL_ONLY, "--no-model",
+                                 "--out", str(out / "training")])] if importlib.util.find_spec("scipy") else []),
     ]
 
 

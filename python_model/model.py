@@ -124,9 +124,10 @@ def load_transformers_model(directory: str, **overrides) -> RTDETRv2:
     return RTDETRv2.from_state_dict(*read_transformers_checkpoint(directory, **overrides), source=directory)
 
 
-def load_original_checkpoint(path: str, config: RTDETRv2Config | str, **overrides) -> RTDETRv2:
+def load_original_checkpoint(path: str, config: RTDETRv2Config | str | None = None, **overrides) -> RTDETRv2:
     """A model from an original training checkpoint; `config` is an RTDETRv2Config or a preset name ("r18vd",
-    "r50vd_m_dsp", ...): the checkpoint does not record the architecture."""
+    "r50vd_m_dsp", ...), since the original's checkpoints do not record the architecture (python_model's
+    trainer's do, and need none)."""
     return RTDETRv2.from_state_dict(*read_original_checkpoint(path, config, **overrides), source=path)
 
 

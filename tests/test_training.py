@@ -192,7 +192,7 @@ def training_loss(model, images, targets):
 
 
 def test_a_short_training_run_learns_resumes_and_loads(dataset_dir, tmp_path):
-    from python_model import load_pretrained
+    from python_model import load_original_checkpoint, load_pretrained
 
     settings = TrainSettings(data=dataset_dir, out=str(tmp_path / "run"), epochs=3, batch_size=4, image_size=64,
                              workers=0, progress=False, model_overrides=TINY, recipe_overrides=FAST)
@@ -209,6 +209,7 @@ def test_a_short_training_run_learns_resumes_and_loads(dataset_dir, tmp_path):
     assert [r["epoch"] for r in resumed["epochs"]] == [2] and resumed["epochs"][0]["steps"] == 24
 
     model = load_pretrained(resumed["checkpoint"])  # the recorded configuration: no preset needed
+    assert load_original_checkpoint(resumed["checkpoint"]).config == model.config
     assert model.config.labels == ["square", "disc", "triangle"] and not model.training
     final = torch.load(resumed["checkpoint"], weights_only=True)
     assert all(torch.equal(v, final["ema"]["module"][k]) for k, v in model.state_dict().items())
