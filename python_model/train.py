@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -282,7 +283,11 @@ def train(settings: TrainSettings, log=print) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_max_norm)
                 scaler.step(optimizer)
                 scaler.update()
-                warmup.step()
+                with warnings.catch_warnings():
+                    # fp16: the scaler skips the steps whose gradients overflowed (the first ones, while it
+                    # finds its scale); the warm-up counts steps regardless, as the original's does.
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                    warmup.step()
                 ema.update(model)
                 step += 1
                 total += losses["loss"].item()

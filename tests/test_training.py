@@ -5,6 +5,7 @@ synthetic data (the loss falls; checkpoints resume and load for prediction; fine
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -330,3 +331,13 @@ def test_recipes_of_the_variants():
     assert (dsp.epochs, dsp.stop_epoch, dsp.groups) == (36, 33, recipe_for("r50vd_m").groups)
     with pytest.raises(ValueError, match="no training recipe"):
         recipe_for("r200vd")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_steps(dataset_dir, tmp_path, amp):
+    result = train(TrainSettings(data=dataset_dir, out=str(tmp_path / amp), epochs=1, batch_size=4, image_size=64,
+                                 workers=0, progress=False, evaluate_every_epoch=False, max_steps=2, amp=amp,
+                                 model_overrides=TINY, recipe_overrides=FAST))
+    assert math.isfinite(result["epochs"][0]["loss"])
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
+    assert ("scaler" in checkpoint) == (amp == "fp16")  # fp16 trains with a gradient scaler, saved for resuming
