@@ -286,7 +286,7 @@ def train(settings: TrainSettings, log=print) -> dict:
                 with warnings.catch_warnings():
                     # fp16: the scaler skips the steps whose gradients overflowed (the first ones, while it
                     # finds its scale); the warm-up counts steps regardless, as the original's does.
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                     warmup.step()
                 ema.update(model)
                 step += 1
