@@ -4,11 +4,46 @@ the C++ ops (registered in _registration.py) and the Triton ops, plain and fused
 Every pair follows one convention: forward(value, spatial_shapes, <per-point tensors>, num_points, ...)
 returns (B, Q, H*C), and backward(grad_output, <the forward's arguments>) returns the gradients of the
 forward's tensor arguments, in order.
+
+The backward kernels compute first derivatives only. When a backward pass itself builds a graph
+(create_graph=True: gradient penalties, double backward), the gradients come from differentiating the
+PyTorch reference instead, so that they can be differentiated again.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
+
+
+def _level_pairs(flat):
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def plain_reference(value, spatial_shapes, locations, weights, num_points, method):
+    """The plain op's forward, as the reference computes it, from the op's own arguments."""
+    return ms_deform_attn_reference(value, _level_pairs(spatial_shapes), locations, weights, num_points, method)
+
+
+def fused_reference(value, spatial_shapes, reference, offsets, logits, num_points, offset_scale, method):
+    """The fused op's forward, as the reference computes it, from the op's own arguments."""
+    return ms_deform_attn_fused_reference(value, _level_pairs(spatial_shapes), reference, offsets, logits,
+                                          num_points, offset_scale, method)
+
+
+def _differentiable_gradients(reference, inputs, positions, grad_output):
+    """The gradients of the tensor inputs at `positions`, differentiable again (create_graph=True). An input
+    the reference's output does not depend on (discrete locations) gets zeros, as the kernels give."""
+    tensors = [inputs[i] for i in positions]
+    wanted = [t for t in tensors if t.requires_grad]
+    found = iter(torch.autograd.grad(reference(*inputs), wanted, grad_output, create_graph=True,
+                                     allow_unused=True) if wanted else ())
+    gradients = []
+    for tensor in tensors:
+        gradient = next(found) if tensor.requires_grad else None
+        gradients.append(torch.zeros_like(tensor) if gradient is None and tensor.requires_grad else gradient)
+    return gradients
 
 
 def forward_fake(value, spatial_shapes, per_point, *options):
@@ -21,8 +56,9 @@ def backward_fake(grad_output, *inputs):
     return tuple(t.new_empty(t.shape) for t in inputs if isinstance(t, torch.Tensor))
 
 
-def register_autograd(forward_op, backward_op) -> None:
-    """Makes backward_op the gradient of forward_op (a qualified name or a custom op)."""
+def register_autograd(forward_op, backward_op, reference) -> None:
+    """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
+    forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
 
     def setup_context(ctx, inputs, output):
         ctx.tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
@@ -34,7 +70,11 @@ def register_autograd(forward_op, backward_op) -> None:
         for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
             inputs[position] = tensor
         grads = [None] * len(inputs)
-        for position, grad in zip(ctx.tensor_positions, backward_op(grad_output, *inputs)):
+        if torch.is_grad_enabled():  # the backward pass builds a graph: second derivatives will be asked for
+            found = _differentiable_gradients(reference, inputs, ctx.tensor_positions, grad_output)
+        else:
+            found = backward_op(grad_output, *inputs)
+        for position, grad in zip(ctx.tensor_positions, found):
             grads[position] = grad
         return tuple(grads)
 
@@ -42,8 +82,8 @@ def register_autograd(forward_op, backward_op) -> None:
 
 
 OP_PAIRS = (
-    ("ms_deform_attn_forward", "ms_deform_attn_backward"),
-    ("ms_deform_attn_fused_forward", "ms_deform_attn_fused_backward"),
+    ("ms_deform_attn_forward", "ms_deform_attn_backward", plain_reference),
+    ("ms_deform_attn_fused_forward", "ms_deform_attn_fused_backward", fused_reference),
 )
 
 
@@ -51,7 +91,7 @@ def register_op_pairs(namespace: str) -> None:
     """Fake kernels and autograd for the four ops of csrc/ms_deform_attn_schema.h, as defined under
     `namespace` (rtdetrv2_kernels, or the test suite's emulated CUDA builds)."""
     ops = getattr(torch.ops, namespace)
-    for forward, backward in OP_PAIRS:
+    for forward, backward, reference in OP_PAIRS:
         torch.library.register_fake(f"{namespace}::{forward}")(forward_fake)
         torch.library.register_fake(f"{namespace}::{backward}")(backward_fake)
-        register_autograd(f"{namespace}::{forward}", getattr(ops, backward))
+        register_autograd(f"{namespace}::{forward}", getattr(ops, backward), reference)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op_formulas import backward_fake, forward_fake, register_autograd
+from ._op_formulas import backward_fake, forward_fake, fused_reference, plain_reference, register_autograd
 from ._validation import check_fused_inputs, check_inputs
 
 
@@ -521,7 +521,7 @@ def triton_ms_deform_attn_backward(
 
 
 triton_ms_deform_attn_backward.register_fake(backward_fake)
-register_autograd(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward)
+register_autograd(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward, plain_reference)
 
 
 # ------------------------------------------------------------------------------------------ the fused op
@@ -598,4 +598,4 @@ def triton_ms_deform_attn_fused_backward(
 
 
 triton_ms_deform_attn_fused_backward.register_fake(backward_fake)
-register_autograd(triton_ms_deform_attn_fused_forward, triton_ms_deform_attn_fused_backward)
+register_autograd(triton_ms_deform_attn_fused_forward, triton_ms_deform_attn_fused_backward, fused_reference)

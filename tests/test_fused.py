@@ -86,6 +86,18 @@ def test_gradcheck_fp64(backend, reference):
     )
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in backends_for("cpu")] + EMULATED_BACKENDS)
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_second_derivatives(backend, method):
+    # create_graph=True: differentiable gradients (from the reference), never a silent None.
+    shapes, points = [(2, 3), (2, 2)], [1, 2]
+    tensors = [t.requires_grad_() for t in make_fused_inputs(batch=1, queries=2, heads=1, channels=2, shapes=shapes,
+                                                             points=points, reference="boxes")]
+    assert torch.autograd.gradgradcheck(
+        lambda v, r, o, a: ms_deform_attn_fused(v, shapes, r, o, a, points, 0.5, method, backend=backend), tensors,
+        eps=1e-6, atol=1e-6)
+
+
 def test_matches_transformers_rtdetrv2_cross_attention():
     """Hugging Face's RTDetrV2MultiscaleDeformableAttention (written elsewhere) against its own linear layers
     feeding ms_deform_attn_fused, for both sampling methods."""

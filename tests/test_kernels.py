@@ -85,6 +85,39 @@ def test_cpu_channel_counts(channels, dtype, method):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
+def test_second_derivatives(backend, device, method):
+    # create_graph=True (gradient penalties, double backward): the gradients must be differentiable again,
+    # not silently None. The kernels compute first derivatives only; the reference supplies these.
+    shapes, points = [(2, 4), (3, 2)], [2, 1]
+    inputs = make_inputs(batch=1, queries=2, heads=2, channels=2, shapes=shapes, points=points, device=device,
+                         borders=False)
+    inputs = tuple(t.requires_grad_() for t in inputs)
+
+    def fn(v, l, w):
+        return ms_deform_attn(v, shapes, l, w, points, method, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_first_derivatives_come_from_the_kernels(monkeypatch):
+    # Only a backward pass that builds a graph goes through the reference.
+    from rtdetrv2_kernels import _op_formulas
+
+    calls = []
+    original = _op_formulas.ms_deform_attn_reference
+    monkeypatch.setattr(_op_formulas, "ms_deform_attn_reference", lambda *a: calls.append(1) or original(*a))
+    backend = backends_for("cpu")[0]
+    inputs = tuple(t.requires_grad_() for t in make_inputs())
+    output = ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend)
+    torch.autograd.grad(output.sum(), inputs)
+    assert calls == [] or backend == "torch"
+    torch.autograd.grad(ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend).sum(), inputs,
+                        create_graph=True)
+    assert calls or backend == "torch"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
 def test_gradcheck(backend, device, method):
     # Small enough for the Triton interpreter: gradcheck runs the op twice per input element.
     shapes, points = [(2, 4), (3, 2)], [2, 1]
