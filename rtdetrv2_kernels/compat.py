@@ -253,6 +253,10 @@ def deformable_attention_core_func_v2(
             f"value must be a (B, S, H, C) tensor or a sequence of (B, H, C, H_l*W_l) tensors, "
             f"got {type(value).__name__}"
         )
+    if method == "discrete" and isinstance(sampling_locations, torch.Tensor):
+        # The original rounds the locations to integers, which passes them no gradient (and freezes the
+        # offset layers); the op's zeros would let weight decay move those layers.
+        sampling_locations = sampling_locations.detach()
     if method == "discrete" and original_discrete_clamp and isinstance(sampling_locations, torch.Tensor) \
             and sampling_locations.dim() == 5 and isinstance(num_points_list, Sequence):
         if len(num_points_list) == len(shapes) and sampling_locations.shape[3] == sum(num_points_list):

@@ -49,6 +49,10 @@ _applied: list[tuple[object, str, object, str]] = []
 def multi_scale_deformable_attention_v2(value, value_spatial_shapes, sampling_locations, attention_weights,
                                         num_points_list, method="default"):
     """transformers' RT-DETRv2 / D-FINE core: locations (B, Q, H, P, 2) with per-level point counts."""
+    if method == "discrete":
+        # transformers rounds the locations to integers, which passes them no gradient; the op's zeros would
+        # reach the offset layers and let AdamW's weight decay move parameters it never touched before.
+        sampling_locations = sampling_locations.detach()
     return _package.ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights,
                                    num_points_list, method)
 
