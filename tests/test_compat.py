@@ -108,6 +108,58 @@ def test_v1_matches_grid_sample_oracle(backend, device):
         assert_close(a, e, torch.float64, name)
 
 
+def distance_to_knots(locations, shapes):
+    """Per entry, how far (in pixels) a v1-layout location lies from the nearest integer pixel coordinate,
+    where the bilinear interpolant has a kink and its derivative is one-sided."""
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=locations.dtype)[:, None, :]  # (L, 1, 2)
+    pixel = locations * sizes - 0.5
+    return (pixel - pixel.round()).abs()
+
+
+def test_v1_oracle_comparison_is_away_from_knots():
+    # Where test_v1_matches_grid_sample_oracle compares location gradients exactly: no point near a kink.
+    assert distance_to_knots(v1_inputs()[1], SHAPES).min() > 1e-4
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_v1_at_pixel_knots_location_gradients_are_one_sided(backend, device):
+    """Deformable DETR's initial offsets: whole pixels from pixel-centre references, so every point sits
+    within rounding of a kink. Outputs and the value and weight gradients agree as anywhere; a location
+    gradient is the derivative from one side or the other (which side depends on how each implementation
+    rounds loc * W - 0.5), so each entry must equal one of the two one-sided derivatives."""
+    value, _, weights = v1_inputs()
+    batch, queries, heads, levels, points = weights.shape
+    generator = torch.Generator().manual_seed(4)
+    sizes = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float32)[:, None, :]  # (L, 1, 2)
+    centres = (torch.randint(0, 2, (batch, queries, heads, levels, 1, 2), generator=generator) + 0.5) / sizes
+    shifts = torch.randint(-2, 3, (batch, queries, heads, levels, points, 2), generator=generator)
+    locations = (centres + shifts / sizes).double()  # rounded in fp32, as Deformable DETR computes them
+    assert distance_to_knots(locations, SHAPES).max() < 1e-5
+    spatial_shapes, starts = torch.tensor(SHAPES, device=device), torch.tensor(cumulative(SIZES), device=device)
+
+    def oracle(v, l, w):
+        return v1_oracle(v, SHAPES, cumulative(SIZES), l, w)
+
+    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, spatial_shapes, starts, l, w, backend=backend),
+                      *(t.to(device) for t in (value, locations, weights)))
+    expected = grads_of(oracle, value, locations, weights)
+    for index, name in ((0, "output"), (1, "grad_value"), (3, "grad_weights")):
+        assert_close(actual[index], expected[index], torch.float64, name)
+    # The derivative from either side along each axis: the oracle a hundredth of a pixel off the knot along
+    # that axis alone (the interpolant is linear in x within a cell, whatever y's side, and vice versa).
+    gradient = actual[2].cpu()
+    one_sided = []
+    for axis in (0, 1):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[axis] = 0.01
+        sides = [grads_of(oracle, value, locations + sign * step / sizes.double(), weights)[2][..., axis]
+                 for sign in (1, -1)]
+        nearest = torch.minimum((gradient[..., axis] - sides[0]).abs(), (gradient[..., axis] - sides[1]).abs())
+        assert nearest.max() <= 1e-9 * max(side.abs().max() for side in sides), f"axis {axis}"
+        one_sided += sides
+    assert not torch.allclose(one_sided[0], one_sided[1])  # the two sides differ: the points are at kinks
+
+
 # Level 2 first, then level 0, three unused rows, then level 1; and two levels sharing the same rows.
 OUT_OF_ORDER = [SIZES[2], SIZES[2] + SIZES[0] + 3, 0]
 
