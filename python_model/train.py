@@ -126,7 +126,8 @@ class ModelEMA:
     that early updates follow the model closely."""
 
     def __init__(self, model: torch.nn.Module, decay: float, warmups: int):
-        self.module = RTDETRv2(model.config)  # frozen backbone norms: what inference and checkpoints hold
+        # Frozen backbone norms, as inference and checkpoints hold them; on the model's device.
+        self.module = RTDETRv2(model.config).to(next(model.parameters()).device)
         state = model.state_dict()
         self.module.load_state_dict({name: state[name] for name in self.module.state_dict()})
         self.module.eval().requires_grad_(False)
