@@ -21,15 +21,17 @@ def _level_pairs(flat):
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+# The reference with bilinear sampling by corner gathers, which every torch can differentiate twice.
 def plain_reference(value, spatial_shapes, locations, weights, num_points, method):
     """The plain op's forward, as the reference computes it, from the op's own arguments."""
-    return ms_deform_attn_reference(value, _level_pairs(spatial_shapes), locations, weights, num_points, method)
+    return ms_deform_attn_reference(value, _level_pairs(spatial_shapes), locations, weights, num_points, method,
+                                    bilinear="gather")
 
 
 def fused_reference(value, spatial_shapes, reference, offsets, logits, num_points, offset_scale, method):
     """The fused op's forward, as the reference computes it, from the op's own arguments."""
     return ms_deform_attn_fused_reference(value, _level_pairs(spatial_shapes), reference, offsets, logits,
-                                          num_points, offset_scale, method)
+                                          num_points, offset_scale, method, bilinear="gather")
 
 
 def _differentiable_gradients(reference, inputs, positions, grad_output):

@@ -23,6 +23,29 @@ def _bilinear(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tenso
     return F.grid_sample(value_level, 2 * locations - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _bilinear_by_gather(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+    """_bilinear as index arithmetic and gathers of the four corners: the same values and first derivatives
+    (one-sided at whole pixels, as grid_sample), and differentiable twice on every torch (grid_sample's
+    own double backward is missing before torch 2.12)."""
+    n, channels, height, width = value_level.shape
+    _, queries, points, _ = locations.shape
+    locations = torch.nan_to_num(locations, nan=-1.0, posinf=2.0, neginf=-1.0).clamp(-1.0, 2.0)
+    x = locations[..., 0] * width - 0.5
+    y = locations[..., 1] * height - 0.5
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    flat = value_level.reshape(n, channels, height * width)
+    sampled = 0
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        cx, cy = x0 + dx, y0 + dy
+        inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+        weight = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * inside
+        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long().reshape(n, 1, queries * points)
+        corner = flat.gather(2, index.expand(n, channels, -1)).reshape(n, channels, queries, points)
+        sampled = sampled + corner * weight[:, None]
+    return sampled
+
+
 def _nearest(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
     """(N, C, H_l, W_l) read at the nearest pixel of (N, Q, p, 2) locations, per axis clamped -> (N, C, Q, p)."""
     n, channels, height, width = value_level.shape
@@ -48,8 +71,12 @@ def ms_deform_attn_reference(
     attention_weights: torch.Tensor,
     num_points: Sequence[int],
     method: str = "default",
+    *,
+    bilinear: str = "grid_sample",
 ) -> torch.Tensor:
-    """value (B, S, H, C), sampling_locations (B, Q, H, P, 2), attention_weights (B, Q, H, P) -> (B, Q, H*C)."""
+    """value (B, S, H, C), sampling_locations (B, Q, H, P, 2), attention_weights (B, Q, H, P) -> (B, Q, H*C).
+    bilinear: "grid_sample", or "gather" (corner gathers: the same result, differentiable twice on every
+    torch)."""
     batch, _, heads, channels = value.shape
     queries, total_points = sampling_locations.shape[1], sampling_locations.shape[3]
     out_dtype = value.dtype
@@ -58,7 +85,9 @@ def ms_deform_attn_reference(
     sampling_locations = sampling_locations.to(compute_dtype)
     attention_weights = attention_weights.to(compute_dtype)
 
-    sample = _nearest if method == "discrete" else _bilinear
+    if bilinear not in ("grid_sample", "gather"):
+        raise ValueError(f"bilinear must be 'grid_sample' or 'gather', got {bilinear!r}")
+    sample = _nearest if method == "discrete" else _bilinear if bilinear == "grid_sample" else _bilinear_by_gather
     value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
     location_levels = sampling_locations.split(list(num_points), dim=3)
     sampled = []
@@ -118,9 +147,11 @@ def ms_deform_attn_fused_reference(
     num_points: Sequence[int],
     offset_scale: float = 0.5,
     method: str = "default",
+    *,
+    bilinear: str = "grid_sample",
 ) -> torch.Tensor:
     """The fused op (see ``rtdetrv2_kernels.ms_deform_attn_fused``) as its prologue then the plain op."""
     locations, weights = fused_prologue_reference(
         spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale
     )
-    return ms_deform_attn_reference(value, spatial_shapes, locations, weights, num_points, method)
+    return ms_deform_attn_reference(value, spatial_shapes, locations, weights, num_points, method, bilinear=bilinear)

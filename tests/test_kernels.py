@@ -87,7 +87,11 @@ def test_cpu_channel_counts(channels, dtype, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_second_derivatives(backend, device, method):
     # create_graph=True (gradient penalties, double backward): the gradients must be differentiable again,
-    # not silently None. The kernels compute first derivatives only; the reference supplies these.
+    # not silently None. The kernels compute first derivatives only; the reference (its gather form)
+    # supplies these. The "torch" backend is the grid_sample reference itself: it needs grid_sample's own
+    # double backward, which older torch releases lack.
+    if backend == "torch" and method == "default" and not grid_sample_twice_differentiable():
+        pytest.skip(f"torch {torch.__version__}: grid_sample has no double backward")
     shapes, points = [(2, 4), (3, 2)], [2, 1]
     inputs = make_inputs(batch=1, queries=2, heads=2, channels=2, shapes=shapes, points=points, device=device,
                          borders=False)
@@ -99,13 +103,38 @@ def test_second_derivatives(backend, device, method):
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+def grid_sample_twice_differentiable() -> bool:
+    image = torch.rand(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    grid = torch.rand(1, 1, 1, 2, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(torch.nn.functional.grid_sample(image, grid, align_corners=False).sum(), grid,
+                                      create_graph=True)
+    try:
+        torch.autograd.grad(gradient.sum(), image)
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_gather_form_of_the_reference_equals_grid_sample():
+    inputs = tuple(t.requires_grad_() for t in make_inputs())  # with pixel centres and level edges
+    for method in METHODS:
+        results = [run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method,
+                                                                           bilinear=form), *inputs)
+                   for form in ("grid_sample", "gather")]
+        for name, a, e in zip(NAMES, *results):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=f"{method} {name}")
+    with pytest.raises(ValueError, match="bilinear must be"):
+        ms_deform_attn_reference(*inputs[:1], SHAPES, *inputs[1:], POINTS, bilinear="nearest")
+
+
 def test_first_derivatives_come_from_the_kernels(monkeypatch):
     # Only a backward pass that builds a graph goes through the reference.
     from rtdetrv2_kernels import _op_formulas
 
     calls = []
     original = _op_formulas.ms_deform_attn_reference
-    monkeypatch.setattr(_op_formulas, "ms_deform_attn_reference", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(_op_formulas, "ms_deform_attn_reference",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     backend = backends_for("cpu")[0]
     inputs = tuple(t.requires_grad_() for t in make_inputs())
     output = ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend)
