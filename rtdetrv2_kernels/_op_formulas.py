@@ -17,20 +17,21 @@ import torch
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 
-def _level_pairs(flat):
+def level_pairs(flat):
+    """[(H_0, W_0), ...] from the ops' flat spatial_shapes [H_0, W_0, H_1, W_1, ...]."""
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
 # The reference with bilinear sampling by corner gathers, which every torch can differentiate twice.
 def plain_reference(value, spatial_shapes, locations, weights, num_points, method):
     """The plain op's forward, as the reference computes it, from the op's own arguments."""
-    return ms_deform_attn_reference(value, _level_pairs(spatial_shapes), locations, weights, num_points, method,
+    return ms_deform_attn_reference(value, level_pairs(spatial_shapes), locations, weights, num_points, method,
                                     bilinear="gather")
 
 
 def fused_reference(value, spatial_shapes, reference, offsets, logits, num_points, offset_scale, method):
     """The fused op's forward, as the reference computes it, from the op's own arguments."""
-    return ms_deform_attn_fused_reference(value, _level_pairs(spatial_shapes), reference, offsets, logits,
+    return ms_deform_attn_fused_reference(value, level_pairs(spatial_shapes), reference, offsets, logits,
                                           num_points, offset_scale, method, bilinear="gather")
 
 

@@ -26,7 +26,7 @@ def _bilinear(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tenso
 def _bilinear_by_gather(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
     """_bilinear as index arithmetic and gathers of the four corners: the same values and first derivatives
     (one-sided at whole pixels, as grid_sample), and differentiable twice on every torch (grid_sample's
-    own double backward is missing before torch 2.12)."""
+    own double backward is missing in torch 2.11, present in 2.14)."""
     n, channels, height, width = value_level.shape
     _, queries, points, _ = locations.shape
     locations = torch.nan_to_num(locations, nan=-1.0, posinf=2.0, neginf=-1.0).clamp(-1.0, 2.0)

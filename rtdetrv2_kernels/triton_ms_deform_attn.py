@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op_formulas import backward_fake, forward_fake, fused_reference, plain_reference, register_autograd
+from ._op_formulas import (
+    backward_fake,
+    forward_fake,
+    fused_reference,
+    level_pairs,
+    plain_reference,
+    register_autograd,
+)
 from ._validation import check_fused_inputs, check_inputs
 
 
@@ -458,7 +465,7 @@ def _level_constants(value, num_points, method, reference_points=None):
 
 def _prepare(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
     # A direct call of the op must not be able to index out of bounds: check like the public API does.
-    pairs = [spatial_shapes[i : i + 2] for i in range(0, len(spatial_shapes), 2)]
+    pairs = level_pairs(spatial_shapes)
     check_inputs(value, pairs, sampling_locations, attention_weights, list(num_points), method)
     if value.stride(3) != 1:
         value = value.contiguous()
@@ -527,7 +534,7 @@ register_autograd(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward,
 # ------------------------------------------------------------------------------------------ the fused op
 def _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
                    offset_scale, method):
-    pairs = [spatial_shapes[i : i + 2] for i in range(0, len(spatial_shapes), 2)]
+    pairs = level_pairs(spatial_shapes)
     check_fused_inputs(value, pairs, reference_points, sampling_offsets, attention_logits, list(num_points),
                        offset_scale, method)
     if value.stride(3) != 1:
