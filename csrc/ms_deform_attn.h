@@ -12,12 +12,14 @@
 
 namespace rtdetrv2_kernels {
 
+// The levels as the host knows them. points is always filled; height, width and start are empty in the
+// tensor form on a GPU, whose shapes and starts stay in device memory (points_only_level_table).
 struct LevelTable {
   std::vector<int32_t> height;
   std::vector<int32_t> width;
   std::vector<int64_t> start;   // first row of the level in value's sequence dimension
   std::vector<int64_t> points;  // sampling points per head on this level
-  int64_t num_levels() const { return static_cast<int64_t>(height.size()); }
+  int64_t num_levels() const { return static_cast<int64_t>(points.size()); }
 };
 
 inline bool is_discrete(const std::string& method) {
@@ -39,9 +41,9 @@ inline LevelTable make_level_table(at::IntArrayRef spatial_shapes, at::IntArrayR
   for (size_t l = 0; l < num_levels; ++l) {
     const int64_t h = spatial_shapes[2 * l];
     const int64_t w = spatial_shapes[2 * l + 1];
-    TORCH_CHECK(h > 0 && w > 0 && h * w <= std::numeric_limits<int32_t>::max(),
-                "rtdetrv2_kernels: level ", l, " has size ", h, "x", w,
-                "; sizes must be positive with height*width < 2^31");
+    TORCH_CHECK_VALUE(h > 0 && w > 0 && h <= std::numeric_limits<int32_t>::max() / w,
+                      "rtdetrv2_kernels: level ", l, " has size ", h, "x", w,
+                      "; sizes must be positive with height*width < 2^31");
     TORCH_CHECK(num_points[l] > 0, "rtdetrv2_kernels: num_points[", l, "] must be positive, got ",
                 num_points[l]);
     table.height.push_back(static_cast<int32_t>(h));
@@ -62,9 +64,6 @@ inline void check_inputs(const at::Tensor& value, const LevelTable& levels, cons
               attention_weights.sizes());
   int64_t total_points = 0;
   for (int64_t p : levels.points) total_points += p;
-  const int64_t total_rows = levels.start.back() + static_cast<int64_t>(levels.height.back()) * levels.width.back();
-  TORCH_CHECK(value.size(1) == total_rows, "rtdetrv2_kernels: value has S=", value.size(1),
-              " but the spatial shapes sum to ", total_rows);
   const int64_t B = value.size(0), H = value.size(2), Q = sampling_locations.size(1);
   TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef({B, Q, H, total_points, 2}),
               "rtdetrv2_kernels: sampling_locations must be (B, Q, H, P, 2) = (", B, ", Q, ", H, ", ", total_points,
@@ -79,6 +78,62 @@ inline void check_inputs(const at::Tensor& value, const LevelTable& levels, cons
               "rtdetrv2_kernels: value, sampling_locations and attention_weights must be on one device");
 }
 
+// The list form packs the levels back to back: value's rows must be exactly theirs.
+inline void check_rows_match_levels(const at::Tensor& value, const LevelTable& levels) {
+  const int64_t total_rows = levels.start.back() + static_cast<int64_t>(levels.height.back()) * levels.width.back();
+  TORCH_CHECK(value.size(1) == total_rows, "rtdetrv2_kernels: value has S=", value.size(1),
+              " but the spatial shapes sum to ", total_rows);
+}
+
+// The tensor form (the *_tensor_levels ops): what the host can check of the table without reading it.
+inline void check_level_tensors(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                const at::Tensor& level_start_index, at::IntArrayRef num_points) {
+  const int64_t num_levels = static_cast<int64_t>(num_points.size());
+  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == num_levels && spatial_shapes.size(1) == 2,
+                    "rtdetrv2_kernels: spatial_shapes must be (L, 2) with L = ", num_levels,
+                    " (the entries of num_points), got ", spatial_shapes.sizes());
+  TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == num_levels,
+                    "rtdetrv2_kernels: level_start_index must be (L,) with L = ", num_levels, ", got ",
+                    level_start_index.sizes());
+  for (const at::Tensor* table : {&spatial_shapes, &level_start_index}) {
+    TORCH_CHECK_TYPE(table->scalar_type() == at::kLong,
+                     "rtdetrv2_kernels: spatial_shapes and level_start_index must be int64, got ", table->scalar_type());
+    TORCH_CHECK_VALUE(table->device() == value.device(),
+                      "rtdetrv2_kernels: spatial_shapes and level_start_index must be on value's device (",
+                      value.device(), "), got ", table->device());
+  }
+}
+
+// The tensor form's table where the kernels run on the host: read, and checked as make_level_table checks the
+// list form, except that each level may start anywhere in value's rows as long as all of it lies inside them.
+inline LevelTable read_level_tensors(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                     const at::Tensor& level_start_index, at::IntArrayRef num_points) {
+  check_level_tensors(value, spatial_shapes, level_start_index, num_points);
+  const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
+  LevelTable table = make_level_table(at::IntArrayRef(shapes.const_data_ptr<int64_t>(), shapes.numel()), num_points);
+  const int64_t rows = value.dim() > 1 ? value.size(1) : 0;
+  const int64_t* start = starts.const_data_ptr<int64_t>();
+  for (int64_t l = 0; l < table.num_levels(); ++l) {
+    const int64_t size = static_cast<int64_t>(table.height[l]) * table.width[l];
+    TORCH_CHECK_VALUE(start[l] >= 0 && start[l] <= rows - size, "rtdetrv2_kernels: level_start_index[", l,
+                      "] = ", start[l], " puts level ", l, " (", size, " rows) outside value's ", rows, " rows");
+    table.start[l] = start[l];
+  }
+  return table;
+}
+
+// The tensor form's table where the kernels run on a GPU: only the point counts, which are host arguments.
+// The shapes and starts stay in device memory, and the kernels check each level against value's rows.
+inline LevelTable points_only_level_table(at::IntArrayRef num_points) {
+  LevelTable table;
+  for (size_t l = 0; l < num_points.size(); ++l) {
+    TORCH_CHECK(num_points[l] > 0, "rtdetrv2_kernels: num_points[", l, "] must be positive, got ", num_points[l]);
+    table.points.push_back(num_points[l]);
+  }
+  TORCH_CHECK(!table.points.empty(), "rtdetrv2_kernels: num_points must hold one count per level");
+  return table;
+}
+
 // The inputs as every kernel reads them: checked, with the level table built, value's channels and the
 // whole of locations and weights contiguous. An expanded or sliced value is used in place (the kernels take
 // any batch, row and head stride); only a value whose channels are strided is copied.
@@ -88,14 +143,22 @@ struct KernelInputs {
   at::Tensor value, locations, weights;
 };
 
-inline KernelInputs prepare_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
-                                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                                   at::IntArrayRef num_points, c10::string_view method) {
-  LevelTable levels = make_level_table(spatial_shapes, num_points);
+inline KernelInputs prepare_inputs(LevelTable levels, const at::Tensor& value, const at::Tensor& sampling_locations,
+                                   const at::Tensor& attention_weights, c10::string_view method) {
   check_inputs(value, levels, sampling_locations, attention_weights);
   const bool discrete = is_discrete(std::string(method));
   return {std::move(levels), discrete, value.stride(3) == 1 ? value : value.contiguous(),
           sampling_locations.contiguous(), attention_weights.contiguous()};
+}
+
+// The list form: spatial_shapes flattened, levels back to back.
+inline KernelInputs prepare_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                   at::IntArrayRef num_points, c10::string_view method) {
+  LevelTable levels = make_level_table(spatial_shapes, num_points);
+  KernelInputs in = prepare_inputs(std::move(levels), value, sampling_locations, attention_weights, method);
+  check_rows_match_levels(in.value, in.levels);
+  return in;
 }
 
 // The fused op: in.locations and in.weights hold the raw sampling_offsets and attention_logits.

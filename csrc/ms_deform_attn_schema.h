@@ -1,5 +1,5 @@
 #pragma once
-// The schemas of the four ops, in one place: csrc/ms_deform_attn.cpp defines them under rtdetrv2_kernels,
+// The schemas of the ops, in one place: csrc/ms_deform_attn.cpp defines them under rtdetrv2_kernels,
 // the test suite's emulated CUDA build (tests/emulated_cuda/) under a namespace of its own.
 #include <torch/library.h>
 
@@ -16,6 +16,17 @@ inline void define_ms_deform_attn_ops(torch::Library& m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
       "Tensor sampling_locations, Tensor attention_weights, int[] num_points, str method) "
       "-> (Tensor, Tensor, Tensor)");
+  // The plain op with the level table in tensors, for callers whose shapes live on the device
+  // (Deformable DETR's convention): spatial_shapes (L, 2) and level_start_index (L,), int64 on value's device.
+  // Levels may sit anywhere in value's rows. The kernels read the table where it lives, so no call needs a
+  // host-device sync (docs/semantics.md, "Level shapes in tensors").
+  m.def(
+      "ms_deform_attn_forward_tensor_levels(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, int[] num_points, str method) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward_tensor_levels(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, int[] num_points, "
+      "str method) -> (Tensor, Tensor, Tensor)");
   // The fused op (docs/semantics.md): reference_points (B, Q, 1 or L, 4 or 2), raw sampling_offsets
   // (B, Q, H, P, 2) and attention_logits (B, Q, H, P) in place of locations and weights.
   m.def(

@@ -69,11 +69,12 @@ RTDETRV2_HOST_DEVICE BilinearCorners<acc_t> bilinear_corners(acc_t loc_x, acc_t 
 }
 
 // Nearest pixel index along one axis, floor(loc * size + 0.5) clamped into [0, size - 1];
-// -1 for NaN (the sample reads nothing).
+// -1 for NaN and for an empty axis (the sample reads nothing).
 template <typename acc_t>
 RTDETRV2_HOST_DEVICE int32_t nearest_clamped_index(acc_t loc, int32_t size) {
   const acc_t t = loc * static_cast<acc_t>(size) + acc_t(0.5);
-  if (!(t == t)) return -1;
+  // size <= 0: a level the CUDA kernels found invalid in a device-resident table (they give it size 0).
+  if (!(t == t) || size <= 0) return -1;
   // Clamped in floating point, so infinities and huge values never reach the int conversion; in between,
   // t is in [1, size - 1) where truncation is the floor.
   if (t < acc_t(1)) return 0;

@@ -1,9 +1,10 @@
 """Fake (meta) kernels and the autograd wiring shared by every forward/backward op pair of this package:
 the C++ ops (registered in _registration.py) and the Triton ops, plain and fused alike.
 
-Every pair follows one convention: forward(value, spatial_shapes, <per-point tensors>, num_points, ...)
+Every pair follows one convention: forward(value, <level table>, <per-point tensors>, num_points, ...)
 returns (B, Q, H*C), and backward(grad_output, <the forward's arguments>) returns the gradients of the
-forward's tensor arguments, in order.
+forward's floating-point tensor arguments, in order. The level table is spatial_shapes as a flat int list, or
+(the tensor-levels op) spatial_shapes and level_start_index as integer tensors, which get no gradient.
 
 The backward kernels compute first derivatives only. When a backward pass itself builds a graph
 (create_graph=True: gradient penalties, double backward), the gradients come from differentiating the
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
+from .reference import levels_in_order, ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 
 def level_pairs(flat):
@@ -27,6 +28,14 @@ def plain_reference(value, spatial_shapes, locations, weights, num_points, metho
     """The plain op's forward, as the reference computes it, from the op's own arguments."""
     return ms_deform_attn_reference(value, level_pairs(spatial_shapes), locations, weights, num_points, method,
                                     bilinear="gather")
+
+
+def tensor_levels_reference(value, spatial_shapes, level_start_index, locations, weights, num_points, method):
+    """The tensor-levels op's forward, as the reference computes it. Reads the level table on the host: it
+    serves second derivatives only (create_graph=True), never a kernel call."""
+    shapes = [tuple(pair) for pair in spatial_shapes.tolist()]
+    value = levels_in_order(value, shapes, level_start_index.tolist())
+    return ms_deform_attn_reference(value, shapes, locations, weights, num_points, method, bilinear="gather")
 
 
 def fused_reference(value, spatial_shapes, reference, offsets, logits, num_points, offset_scale, method):
@@ -49,14 +58,20 @@ def _differentiable_gradients(reference, inputs, positions, grad_output):
     return gradients
 
 
-def forward_fake(value, spatial_shapes, per_point, *options):
-    """(B, Q, H*C): Q is the second size of the first per-point tensor (locations or reference points)."""
+def _differentiable(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def forward_fake(value, *arguments):
+    """(B, Q, H*C): Q is the second size of the first per-point tensor (locations or reference points), the
+    first floating-point tensor after value. Only sizes are read, never a level table's values."""
     batch, _, heads, channels = value.shape
+    per_point = next(x for x in arguments if _differentiable(x))
     return value.new_empty((batch, per_point.shape[1], heads * channels))
 
 
 def backward_fake(grad_output, *inputs):
-    return tuple(t.new_empty(t.shape) for t in inputs if isinstance(t, torch.Tensor))
+    return tuple(t.new_empty(t.shape) for t in inputs if _differentiable(t))
 
 
 def register_autograd(forward_op, backward_op, reference) -> None:
@@ -65,6 +80,7 @@ def register_autograd(forward_op, backward_op, reference) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.gradient_positions = [i for i, x in enumerate(inputs) if _differentiable(x)]
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
         ctx.options = [None if isinstance(x, torch.Tensor) else x for x in inputs]
 
@@ -74,10 +90,10 @@ def register_autograd(forward_op, backward_op, reference) -> None:
             inputs[position] = tensor
         grads = [None] * len(inputs)
         if torch.is_grad_enabled():  # the backward pass builds a graph: second derivatives will be asked for
-            found = _differentiable_gradients(reference, inputs, ctx.tensor_positions, grad_output)
+            found = _differentiable_gradients(reference, inputs, ctx.gradient_positions, grad_output)
         else:
             found = backward_op(grad_output, *inputs)
-        for position, grad in zip(ctx.tensor_positions, found):
+        for position, grad in zip(ctx.gradient_positions, found):
             grads[position] = grad
         return tuple(grads)
 
@@ -86,12 +102,13 @@ def register_autograd(forward_op, backward_op, reference) -> None:
 
 OP_PAIRS = (
     ("ms_deform_attn_forward", "ms_deform_attn_backward", plain_reference),
+    ("ms_deform_attn_forward_tensor_levels", "ms_deform_attn_backward_tensor_levels", tensor_levels_reference),
     ("ms_deform_attn_fused_forward", "ms_deform_attn_fused_backward", fused_reference),
 )
 
 
 def register_op_pairs(namespace: str) -> None:
-    """Fake kernels and autograd for the four ops of csrc/ms_deform_attn_schema.h, as defined under
+    """Fake kernels and autograd for the op pairs of csrc/ms_deform_attn_schema.h, as defined under
     `namespace` (rtdetrv2_kernels, or the test suite's emulated CUDA builds)."""
     ops = getattr(torch.ops, namespace)
     for forward, backward, reference in OP_PAIRS:

@@ -1,7 +1,8 @@
 """Argument checks for ms_deform_attn: every message names the argument and what was expected.
 
 Only shapes, dtypes and devices are inspected, never tensor values on a device, so checking costs no
-host-device sync (a spatial_shapes tensor on a GPU is the one exception; see docs/semantics.md).
+host-device sync (a spatial_shapes tensor on a GPU given to ms_deform_attn is the one exception; see
+docs/semantics.md; compat.ms_deform_attn_v1 keeps such a table on the device).
 """
 
 from __future__ import annotations
@@ -90,10 +91,7 @@ def check_inputs(value, spatial_shapes, sampling_locations, attention_weights, n
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
-    if value.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"value must be float16, bfloat16, float32 or float64, got {value.dtype}")
-    for name, tensor in ((locations_name, sampling_locations), (weights_name, attention_weights)):
-        _check_like_value(name, tensor, value)
+    check_dtypes_and_devices(value, {locations_name: sampling_locations, weights_name: attention_weights})
 
     shapes = level_shapes(spatial_shapes)
     points = points_per_level(num_points, len(shapes))
@@ -134,6 +132,14 @@ def widen_under_autocast(*tensors):
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     return tuple(t.to(widest) for t in tensors)
+
+
+def check_dtypes_and_devices(value: torch.Tensor, others: dict[str, torch.Tensor]) -> None:
+    """value has a float dtype, and every tensor in `others` (by name) value's dtype and device."""
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"value must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    for name, tensor in others.items():
+        _check_like_value(name, tensor, value)
 
 
 def _check_like_value(name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:

@@ -40,17 +40,34 @@ _IMPLEMENTATIONS = {
 }
 
 
+def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
+    """Calls torch.ops.<namespace>.ms_deform_attn_forward_tensor_levels: (value, spatial_shapes (L, 2),
+    level_start_index (L,), locations, weights, points, method), the table as int64 tensors on value's device."""
+
+    def run(*arguments):
+        return getattr(torch.ops, namespace).ms_deform_attn_forward_tensor_levels(*arguments)
+
+    return run
+
+
+# The backends whose kernels read a level table from tensors where they live (compat's Deformable-DETR
+# layout); the others take level shapes as Python ints.
+_TENSOR_LEVEL_IMPLEMENTATIONS = {"cuda": _tensor_levels_op(), "cpu": _tensor_levels_op()}
+
+
 # Backends outside BACKENDS, by name: the device type they run on. Only the test suite adds any (the CUDA
 # kernels emulated on the CPU, tests/emulated_cuda/); users never see them in available_backends().
 _EXTRA_DEVICE_TYPES: dict[str, str] = {}
 
 
 def register_extra_backend(name: str, namespace: str, device_type: str) -> None:
-    """Makes `name` a backend running torch.ops.<namespace>'s ms_deform_attn_forward and
-    ms_deform_attn_fused_forward (schemas and autograd as the rtdetrv2_kernels ops) on `device_type` tensors."""
+    """Makes `name` a backend running torch.ops.<namespace>'s ms_deform_attn_forward,
+    ms_deform_attn_forward_tensor_levels and ms_deform_attn_fused_forward (schemas and autograd as the
+    rtdetrv2_kernels ops) on `device_type` tensors."""
     _EXTRA_DEVICE_TYPES[name] = device_type
     _IMPLEMENTATIONS[name] = _custom_op("ms_deform_attn_forward", namespace)
     _FUSED_IMPLEMENTATIONS[name] = _custom_op("ms_deform_attn_fused_forward", namespace)
+    _TENSOR_LEVEL_IMPLEMENTATIONS[name] = _tensor_levels_op(namespace)
     _RESOLVED.clear()
 
 
@@ -183,3 +200,9 @@ def fused_implementation(backend: str):
     sampling_offsets, attention_logits, points, offset_scale, method) -> output. The reference while
     torch.onnx.export traces."""
     return _FUSED_IMPLEMENTATIONS[_backend_to_run(backend)]
+
+
+def tensor_levels_implementation(backend: str):
+    """The function running the plain op on `backend` with the level table in tensors, or None where the
+    backend has none (its caller then reads the table on the host). None while torch.onnx.export traces."""
+    return _TENSOR_LEVEL_IMPLEMENTATIONS.get(_backend_to_run(backend))

@@ -16,7 +16,9 @@ import torch
 
 import rtdetrv2_kernels as _package  # the op is looked up per call, so a test can watch it
 
-from ._validation import _as_int, _check_tensor, level_shapes
+from ._validation import _as_int, _check_tensor, check_dtypes_and_devices, level_shapes, widen_under_autocast
+from .backends import resolve_backend, tensor_levels_implementation
+from .reference import levels_in_order
 
 __all__ = [
     "MSDeformAttnFunction",
@@ -74,26 +76,8 @@ def _read_layout(spatial_shapes, level_start_index):
     return shapes, [_as_int(s, f"level_start_index[{i}]") for i, s in enumerate(level_start_index)]
 
 
-def _levels_in_order(value: torch.Tensor, shapes, starts: list[int]) -> torch.Tensor:
-    """value with level l's rows moved to the cumulative position the op expects, from starts on the host.
-    In order (the usual case) this is value itself, or a view of its first sum(H_l * W_l) rows: no copy."""
-    sizes = [h * w for h, w in shapes]
-    rows = value.shape[1]
-    for level, (start, size) in enumerate(zip(starts, sizes)):
-        if start < 0 or start + size > rows:
-            raise ValueError(
-                f"level_start_index[{level}] = {start} puts level {level} ({size} rows) outside value's "
-                f"{rows} rows"
-            )
-    cumulative = [sum(sizes[:level]) for level in range(len(sizes))]
-    if starts == cumulative:
-        return value if rows == sum(sizes) else value.narrow(1, 0, sum(sizes))
-    # One copy of value; slicing (rather than index_select) keeps the backward deterministic.
-    return torch.cat([value.narrow(1, start, size) for start, size in zip(starts, sizes)], dim=1)
-
-
 def _gather_levels_on_device(value: torch.Tensor, shapes, starts: torch.Tensor) -> torch.Tensor:
-    """As _levels_in_order, with the starts left on the device: always one gather (a copy of value) and
+    """As levels_in_order, with the starts left on the device: always one gather (a copy of value) and
     no host sync. The starts are not range-checked here (that would need their values); an out-of-range
     start fails inside index_select."""
     sizes = [h * w for h, w in shapes]
@@ -124,6 +108,36 @@ def _check_v1_tensors(value, sampling_locations, attention_weights, num_levels: 
         )
 
 
+def _check_shapes_tensor(spatial_shapes: torch.Tensor) -> int:
+    """The number of levels of an (L, 2) integer spatial_shapes tensor, checked without reading it."""
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] == 0:
+        raise ValueError(f"spatial_shapes must have shape (L, 2) with L >= 1, got {tuple(spatial_shapes.shape)}")
+    if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype.is_complex or spatial_shapes.dtype == torch.bool:
+        raise TypeError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+    return spatial_shapes.shape[0]
+
+
+def _v1_with_level_tensors(run, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """ms_deform_attn_v1 on a backend whose kernels read the level table where it lives: shapes and starts
+    go to value's device as int64 tensors (a conversion there, or a copy from the host of starts given as
+    ints), never to the host, so nothing waits for the device and torch.compile traces the call whole."""
+    num_levels = _check_shapes_tensor(spatial_shapes)
+    _check_start_index(level_start_index, num_levels)
+    value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations, attention_weights)
+    _check_v1_tensors(value, sampling_locations, attention_weights, num_levels)
+    check_dtypes_and_devices(value, {"sampling_locations": sampling_locations, "attention_weights": attention_weights})
+    shapes = spatial_shapes.to(device=value.device, dtype=torch.long)
+    if isinstance(level_start_index, torch.Tensor):
+        starts = level_start_index.to(device=value.device, dtype=torch.long)
+    else:
+        starts = torch.tensor([_as_int(s, f"level_start_index[{i}]") for i, s in enumerate(level_start_index)],
+                              dtype=torch.long, device=value.device)
+    points = [sampling_locations.shape[4]] * num_levels
+    # (B, Q, H, L, P, ...) -> (B, Q, H, L*P, ...): level-major, which is the op's point order.
+    return run(value, shapes, starts, sampling_locations.flatten(3, 4), attention_weights.flatten(3, 4), points,
+               "default")
+
+
 def ms_deform_attn_v1(
     value: torch.Tensor,
     spatial_shapes,
@@ -144,19 +158,34 @@ def ms_deform_attn_v1(
         attention_weights: (B, Q, H, L, P), used as given.
         backend: as for :func:`rtdetrv2_kernels.ms_deform_attn`.
 
-    Cost of level_start_index: when it is on the host, or when spatial_shapes is a device tensor (which the
-    op must read anyway; both come over in one copy), the starts are checked on the host and levels already
-    in order cost nothing. Only device starts with host shapes are used without reading them: value is then
-    gathered into order on the device (one copy of value, no sync), in order or not.
+    A spatial_shapes tensor stays where it is on the "cpu" and "cuda" backends: their kernels read the level
+    table from it, so a GPU call costs no host-device sync, can be captured in a CUDA graph, and
+    torch.compile(fullgraph=True) traces it. The host cannot check that table without reading it: on a GPU
+    a level that is empty or does not lie wholly inside value's rows contributes zero (CPU tensors are read
+    and checked, with errors as for lists). Other backends ("triton", "torch") read the tensor on the host.
+
+    With spatial_shapes as pairs of ints (the fast path), starts on the host are checked there, and levels
+    already in order cost nothing; device starts are used without reading them: value is then gathered into
+    order on the device (one copy of value, no sync).
     """
+    if isinstance(spatial_shapes, torch.Tensor) and isinstance(value, torch.Tensor):
+        run = tensor_levels_implementation(resolve_backend(backend, value.device.type))
+        if run is not None:
+            return _v1_with_level_tensors(run, value, spatial_shapes, level_start_index, sampling_locations,
+                                          attention_weights)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"compat.ms_deform_attn_v1: spatial_shapes as a tensor under torch.compile needs a backend whose "
+                f"kernels read it on the device ('cpu' or 'cuda'); backend {backend!r} resolved to one that reads "
+                "it on the host. Pass the shapes as a list of (height, width) pairs, or choose 'cuda'/'cpu'."
+            )
     shapes, starts = _read_layout(spatial_shapes, level_start_index)
     _check_v1_tensors(value, sampling_locations, attention_weights, len(shapes))
     if isinstance(starts, torch.Tensor):
         value = _gather_levels_on_device(value, shapes, starts)
     else:
-        value = _levels_in_order(value, shapes, starts)
+        value = levels_in_order(value, shapes, starts)
     points = sampling_locations.shape[4]
-    # (B, Q, H, L, P, ...) -> (B, Q, H, L*P, ...): level-major, which is the op's point order.
     return _package.ms_deform_attn(
         value, shapes, sampling_locations.flatten(3, 4), attention_weights.flatten(3, 4), points, backend=backend
     )

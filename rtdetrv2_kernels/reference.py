@@ -64,6 +64,24 @@ def _nearest(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor
     return sampled.view(n, channels, queries, points) * presence[:, None]
 
 
+def levels_in_order(value: torch.Tensor, shapes, starts: list[int]) -> torch.Tensor:
+    """value with level l's rows moved to the cumulative position the op expects, from starts on the host.
+    In order (the usual case) this is value itself, or a view of its first sum(H_l * W_l) rows: no copy."""
+    sizes = [h * w for h, w in shapes]
+    rows = value.shape[1]
+    for level, (start, size) in enumerate(zip(starts, sizes)):
+        if start < 0 or start + size > rows:
+            raise ValueError(
+                f"level_start_index[{level}] = {start} puts level {level} ({size} rows) outside value's "
+                f"{rows} rows"
+            )
+    cumulative = [sum(sizes[:level]) for level in range(len(sizes))]
+    if starts == cumulative:
+        return value if rows == sum(sizes) else value.narrow(1, 0, sum(sizes))
+    # One copy of value; slicing (rather than index_select) keeps the backward deterministic.
+    return torch.cat([value.narrow(1, start, size) for start, size in zip(starts, sizes)], dim=1)
+
+
 def ms_deform_attn_reference(
     value: torch.Tensor,
     spatial_shapes: Sequence[tuple[int, int]],

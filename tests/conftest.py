@@ -116,6 +116,20 @@ def make_inputs(
     )
 
 
+# Where the tensor-levels op finds SHAPES' levels in a value of PLACED_ROWS rows: level 2 first, then level 0
+# after 3 unused rows, then level 1 after 1, and 3 unused rows at the end.
+PLACED_STARTS = [18, 51, 0]
+PLACED_ROWS = 70
+
+
+def place_levels(value, shapes=SHAPES, starts=PLACED_STARTS, rows=PLACED_ROWS):
+    """value (B, sum of H_l*W_l, H, C), levels in order, with level l moved to rows starts[l] onwards of a
+    zero (B, rows, H, C) tensor: Deformable DETR's level_start_index layout. Differentiable in value."""
+    sizes = [h * w for h, w in shapes]
+    targets = torch.cat([torch.arange(start, start + size) for start, size in zip(starts, sizes)])
+    return value.new_zeros(value.shape[0], rows, *value.shape[2:]).index_copy(1, targets.to(value.device), value)
+
+
 FUSED_POINTS = [3, 6, 2]
 
 

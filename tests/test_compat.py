@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backend_params, make_inputs
+from conftest import GPU_KERNELS, assert_close, backend_params, capture_cuda_graph, make_inputs
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rtdetrv2_kernels
 from rtdetrv2_kernels import compat
+from rtdetrv2_kernels.backends import tensor_levels_implementation
+from rtdetrv2_kernels.reference import levels_in_order
 
 SHAPES = [(4, 8), (8, 2), (3, 5)]  # W > H, H > W, odd sizes
 SIZES = [h * w for h, w in SHAPES]
@@ -184,14 +188,14 @@ def test_v1_device_gather_matches_host_reordering():
     CPU-only machine it is exercised directly, with CPU tensors."""
     value, _, _ = v1_inputs(padding=max(SIZES) + 3)
     for starts in (OUT_OF_ORDER, [0, 0, 0], cumulative(SIZES)):
-        host = compat._levels_in_order(value, SHAPES, starts)
+        host = levels_in_order(value, SHAPES, starts)
         device = compat._gather_levels_on_device(value, SHAPES, torch.tensor(starts))
         assert torch.equal(host, device)
 
 
 def test_v1_in_order_levels_are_not_copied():
     value, _, _ = v1_inputs(padding=5)
-    ordered = compat._levels_in_order(value, SHAPES, cumulative(SIZES))
+    ordered = levels_in_order(value, SHAPES, cumulative(SIZES))
     assert ordered.data_ptr() == value.data_ptr() and ordered.shape[1] == sum(SIZES)
 
 
@@ -203,6 +207,180 @@ def test_v1_device_starts(shapes_on):
     actual = compat.ms_deform_attn_v1(value, torch.tensor(SHAPES, device=shapes_on),
                                       torch.tensor(OUT_OF_ORDER, device="cuda"), locations, weights)
     assert_close(actual, expected, torch.float64, "output")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The level table in tensors, as Deformable DETR passes it (on the GPU): the "cpu" and "cuda" kernels read
+# it where it lives.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tensor_level_params():
+    """(backend, device) for the backends whose kernels take the level table as tensors: the CPU kernels, the
+    CUDA kernels on a GPU and emulated."""
+    return [p for p in backend_params() if tensor_levels_implementation(p.values[0]) is not None]
+
+
+@pytest.mark.parametrize("backend,device", tensor_level_params())
+@pytest.mark.parametrize("starts", [OUT_OF_ORDER, [0, 0, 0], None], ids=["permuted-padded", "overlapping", "in-order"])
+def test_v1_tensor_levels_honour_level_start_index(backend, device, starts):
+    padding = 0 if starts is None else max(SIZES) + 3
+    starts = cumulative(SIZES) if starts is None else starts
+    value, locations, weights = (t.to(device) for t in v1_inputs(padding=padding))
+    table = torch.tensor(SHAPES, device=device), torch.tensor(starts, device=device)
+    expected = grads_of(lambda v, l, w: v1_oracle(v, SHAPES, starts, l, w), value, locations, weights)
+    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, *table, l, w, backend=backend),
+                      value, locations, weights)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert_close(a, e, torch.float64, name)
+
+
+class _NoHostReads(TorchFunctionMode):
+    """Fails on any Python-level read of tensor values on the host (what a GPU call pays a sync for)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__index__,
+             torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"a host read of a tensor: Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+class _NoScalarReads(TorchDispatchMode):
+    """Fails on the aten op behind every C++-side scalar read (item(), a data-dependent int)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("a host read of a tensor: aten._local_scalar_dense")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in tensor_level_params() if p.values[0] != "cpu"])
+def test_v1_tensor_levels_never_read_the_table_on_the_host(backend, device):
+    # The CUDA path, forward and backward: nothing reads the table (or any tensor) back to the host, so a GPU
+    # call needs no sync and can be captured in a CUDA graph. On a GPU the sync detector also watches.
+    value, locations, weights = (t.to(device).requires_grad_() for t in v1_inputs(padding=max(SIZES) + 3))
+    table = torch.tensor(SHAPES, device=device), torch.tensor(OUT_OF_ORDER, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with _NoHostReads(), _NoScalarReads():
+            output = compat.ms_deform_attn_v1(value, *table, locations, weights, backend=backend)
+            output.backward(torch.ones_like(output))
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    expected = v1_oracle(value.detach(), SHAPES, OUT_OF_ORDER, locations.detach(), weights.detach())
+    assert_close(output, expected, torch.float64, "output")
+
+
+@pytest.mark.parametrize("backend,device", tensor_level_params())
+@pytest.mark.parametrize("entry", ["MSDeformAttnFunction", "ms_deform_attn_v1"])
+def test_v1_tensor_levels_compile_fullgraph(backend, device, entry, monkeypatch):
+    # Deformable DETR's call, shapes and starts as tensors: one graph, no "data-dependent expression" error.
+    monkeypatch.setenv(rtdetrv2_kernels.ENV_VAR, backend)  # MSDeformAttnFunction.apply has no backend argument
+    value, locations, weights = (t.to(device) for t in v1_inputs(padding=max(SIZES) + 3))
+    table = torch.tensor(SHAPES, device=device), torch.tensor(OUT_OF_ORDER, device=device)
+
+    def layer(v, shapes, starts, l, w):
+        if entry == "MSDeformAttnFunction":
+            out = compat.MSDeformAttnFunction.apply(v, shapes, starts, l, w, 64)
+        else:
+            out = compat.ms_deform_attn_v1(v, shapes, starts, l, w)
+        return (out.relu() * 2).sum()
+
+    torch._dynamo.reset()
+    # Inductor where it generates code users run; graph capture alone (aot_eager) for the emulated kernels.
+    compiler = "aot_eager" if backend.startswith("cuda-emulated") else "inductor"
+    compiled = torch.compile(layer, fullgraph=True, backend=compiler)
+    eager_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    compiled_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    expected = layer(eager_inputs[0], *table, *eager_inputs[1:])
+    actual = compiled(compiled_inputs[0], *table, *compiled_inputs[1:])
+    assert_close(actual, expected, torch.float64, "output")
+    expected.backward()
+    actual.backward()
+    for name, a, e in zip(("value", "locations", "weights"), compiled_inputs, eager_inputs):
+        assert_close(a.grad, e.grad, torch.float64, f"grad of {name}")
+
+
+def test_v1_tensor_levels_on_a_host_reading_backend_say_so_under_compile():
+    value, locations, weights = v1_inputs()
+    table = torch.tensor(SHAPES), torch.tensor(cumulative(SIZES))
+    compiled = torch.compile(lambda *args: compat.ms_deform_attn_v1(*args, backend="torch"), fullgraph=True,
+                             backend="aot_eager")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="needs a backend whose kernels read it on the device"):
+        compiled(value, *table, locations, weights)
+
+
+@pytest.mark.parametrize("backend,device", tensor_level_params())
+def test_v1_tensor_levels_second_derivatives(backend, device):
+    shapes = [(2, 3), (1, 2)]
+    value, locations, weights = (t.to(device).requires_grad_()
+                                 for t in v1_inputs(batch=1, queries=2, heads=1, channels=2, shapes=shapes, padding=2))
+    table = torch.tensor(shapes, device=device), torch.tensor([3, 0], device=device)
+
+    def fn(v, l, w):
+        return compat.ms_deform_attn_v1(v, *table, l, w, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (value, locations, weights), eps=1e-6, atol=1e-6)
+
+
+# A level table no level of which may be read as given: on the host (CPU tensors) each is an error naming it;
+# on the device (CUDA kernels) the kernels cannot raise, and the level reads as empty.
+BAD_TABLES = {
+    "start-past-the-end": ([SIZES[2], SIZES[2] + SIZES[0] + 3, sum(SIZES) + 60], SHAPES, 2, "level_start_index"),
+    "one-row-short": ([0, SIZES[0], SIZES[0] + SIZES[1] + 4], SHAPES, 2, "level_start_index"),
+    "negative-start": ([-1, SIZES[0], SIZES[0] + SIZES[1]], SHAPES, 0, "level_start_index"),
+    "negative-height": (cumulative(SIZES), [SHAPES[0], (-8, 2), SHAPES[2]], 1, "level 1 has size -8x2"),
+    "int32-overflow": (cumulative(SIZES), [SHAPES[0], SHAPES[1], (2**20, 2**12)], 2, "level 2 has size"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TABLES, ids=list(BAD_TABLES))
+@pytest.mark.parametrize("backend,device", tensor_level_params())
+def test_v1_tensor_levels_bad_table(backend, device, case):
+    starts, shapes, bad_level, message = BAD_TABLES[case]
+    value, locations, weights = (t.to(device) for t in v1_inputs(padding=3))
+    table = torch.tensor(shapes, device=device), torch.tensor(starts, device=device)
+    if device == "cpu" and backend == "cpu":
+        with pytest.raises(ValueError, match=message):
+            compat.ms_deform_attn_v1(value, *table, locations, weights, backend=backend)
+        return
+    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, *table, l, w, backend=backend),
+                      value, locations, weights)
+    # As if the bad level's weights were zero (its locations and weights then get zero gradients too).
+    good = [level for level in range(len(SHAPES)) if level != bad_level]
+    keep = torch.zeros(len(SHAPES), 1, dtype=weights.dtype, device=device)
+    keep[good] = 1
+
+    def oracle(v, l, w):
+        ok_shapes = [shapes[level] if level != bad_level else (1, 1) for level in range(len(SHAPES))]
+        ok_starts = [starts[level] if level != bad_level else 0 for level in range(len(SHAPES))]
+        return v1_oracle(v, ok_shapes, ok_starts, l, w * keep)
+
+    expected = grads_of(oracle, value, locations, weights)
+    expected[2] = expected[2] * keep[..., None]
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert_close(a, e, torch.float64, name)
+
+
+@pytest.mark.skipif("cuda" not in GPU_KERNELS, reason="needs a GPU and the cuda backend")
+def test_v1_tensor_levels_capture_in_a_cuda_graph():
+    value, locations, weights = (t.cuda().float() for t in v1_inputs(padding=max(SIZES) + 3))
+    table = torch.tensor(SHAPES, device="cuda"), torch.tensor(OUT_OF_ORDER, device="cuda")
+    graph, captured = capture_cuda_graph(lambda: compat.ms_deform_attn_v1(value, *table, locations, weights,
+                                                                          backend="cuda"))
+    fresh = v1_inputs(padding=max(SIZES) + 3, seed=5)
+    with torch.no_grad():
+        for target, source in zip((value, locations, weights), fresh):
+            target.copy_(source)
+    graph.replay()
+    expected = v1_oracle(value.double(), SHAPES, OUT_OF_ORDER, locations.double(), weights.double())
+    assert_close(captured, expected, torch.float32, "replayed output")
 
 
 @pytest.mark.parametrize("starts", [None, OUT_OF_ORDER], ids=["in-order", "permuted-padded"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import (
     FUSED_POINTS,
+    PLACED_STARTS,
     POINTS,
     SHAPES,
     SKIP_EMULATION,
@@ -20,10 +21,12 @@ from conftest import (
     make_fused_inputs,
     make_inputs,
     needs_emulation,
+    place_levels,
     run_with_grads,
 )
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference, ms_deform_attn_reference
+from rtdetrv2_kernels.backends import tensor_levels_implementation
 
 pytestmark = needs_emulation
 if not SKIP_EMULATION:
@@ -64,7 +67,7 @@ def variant_cases():
     for dtype in DTYPES:
         for label, channels in channel_counts(dtype).items():
             for deterministic in [False, True] if is_shuffle(dtype, channels) else [False]:
-                for op in ("plain", "fused"):
+                for op in ("plain", "tensor-levels", "fused"):
                     for method in ("default", "discrete"):
                         mode = "fixed-point" if deterministic else "atomic"
                         cases.append(pytest.param(dtype, channels, deterministic, op, method,
@@ -80,12 +83,17 @@ def run_case(backend, dtype, channels, deterministic, op, method):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        if op == "plain":
+        if op in ("plain", "tensor-levels"):
             inputs = make_inputs(batch=2, queries=3, heads=2, channels=channels, dtype=dtype)
             expected = run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method),
                                       *(t.double() for t in inputs))
-            actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, method, backend=backend),
-                                    *inputs)
+            if op == "plain":
+                actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, method,
+                                                                       backend=backend), *inputs)
+            else:  # the levels out of order in a padded value, the table in tensors
+                run = tensor_levels_implementation(backend)
+                table = torch.tensor(SHAPES), torch.tensor(PLACED_STARTS)
+                actual = run_with_grads(lambda v, l, w: run(place_levels(v), *table, l, w, POINTS, method), *inputs)
             return actual, expected
         inputs = make_fused_inputs(batch=2, queries=3, heads=2, channels=channels, dtype=dtype,
                                    reference="boxes" if method == "default" else "points", per_level=method == "discrete")
@@ -128,7 +136,7 @@ def test_the_variant_matrix_launches_every_instantiation(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("op", ["plain", "fused"])
+@pytest.mark.parametrize("op", ["plain", "tensor-levels", "fused"])
 def test_opcheck(arch, op):
     ops = emulated_cuda.load(arch)
     flat = [size for shape in SHAPES for size in shape]
@@ -136,6 +144,11 @@ def test_opcheck(arch, op):
         value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
         torch.library.opcheck(ops.ms_deform_attn_forward.default, (value.requires_grad_(), flat,
                               locations.requires_grad_(), weights.requires_grad_(), POINTS, "default"))
+    elif op == "tensor-levels":
+        value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
+        torch.library.opcheck(ops.ms_deform_attn_forward_tensor_levels.default, (
+            place_levels(value).requires_grad_(), torch.tensor(SHAPES), torch.tensor(PLACED_STARTS),
+            locations.requires_grad_(), weights.requires_grad_(), POINTS, "default"))
     else:
         value, ref, offsets, logits = make_fused_inputs(batch=2, queries=3, heads=2, channels=5)
         torch.library.opcheck(ops.ms_deform_attn_fused_forward.default, (value.requires_grad_(), flat,

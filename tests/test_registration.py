@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, backends_for, make_inputs
+from conftest import PLACED_STARTS, POINTS, SHAPES, backends_for, make_inputs, needs_cpu_kernels, place_levels
 
 import rtdetrv2_kernels
 from rtdetrv2_kernels import ms_deform_attn
@@ -32,6 +32,21 @@ def test_opcheck_forward_and_backward(backend, method):
     grad_output = torch.randn(2, 3, 10, dtype=torch.float64)
     torch.library.opcheck(backward, (grad_output, value.detach(), FLAT_SHAPES, locations.detach(),
                                      weights.detach(), POINTS, method))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_opcheck_tensor_levels(method):
+    # The op compat's Deformable-DETR layout runs on: the level table as int64 tensors, which get no gradient.
+    value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
+    ops = torch.ops.rtdetrv2_kernels
+    table = (torch.tensor(SHAPES), torch.tensor(PLACED_STARTS))
+    value = place_levels(value)
+    torch.library.opcheck(ops.ms_deform_attn_forward_tensor_levels.default, (
+        value.requires_grad_(), *table, locations.requires_grad_(), weights.requires_grad_(), POINTS, method))
+    grad_output = torch.randn(2, 3, 10, dtype=torch.float64)
+    torch.library.opcheck(ops.ms_deform_attn_backward_tensor_levels.default, (
+        grad_output, value.detach(), *table, locations.detach(), weights.detach(), POINTS, method))
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))

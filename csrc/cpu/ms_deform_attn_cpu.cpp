@@ -541,22 +541,14 @@ PlainPoints<scalar_t> plain_points(const KernelInputs& in) {
   return {in.weights.size(3), in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>()};
 }
 
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
-                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                                      at::IntArrayRef num_points, c10::string_view method) {
-  const KernelInputs in =
-      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+at::Tensor plain_forward_cpu(const KernelInputs& in) {
   return forward_cpu(in, in.locations.size(1), [&](auto* tag) {
     return plain_points<std::remove_pointer_t<decltype(tag)>>(in);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
-    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
-    c10::string_view method) {
-  const KernelInputs in =
-      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_backward_cpu(const at::Tensor& grad_output,
+                                                                  const KernelInputs& in) {
   at::Tensor grad_locations = at::empty_like(in.locations);
   at::Tensor grad_weights = at::empty_like(in.weights);
   at::Tensor grad_value = backward_cpu(grad_output, in, in.locations.size(1), [&](auto* tag) {
@@ -567,6 +559,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     return source;
   });
   return {grad_value, grad_locations, grad_weights};
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                      at::IntArrayRef num_points, c10::string_view method) {
+  return plain_forward_cpu(
+      prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, at::IntArrayRef spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points,
+    c10::string_view method) {
+  return plain_backward_cpu(
+      grad_output, prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method));
+}
+
+// The level table in CPU tensors costs nothing to read here: it is read and checked like the list form.
+at::Tensor ms_deform_attn_forward_tensor_levels_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                                    const at::Tensor& level_start_index,
+                                                    const at::Tensor& sampling_locations,
+                                                    const at::Tensor& attention_weights, at::IntArrayRef num_points,
+                                                    c10::string_view method) {
+  return plain_forward_cpu(prepare_inputs(read_level_tensors(value, spatial_shapes, level_start_index, num_points),
+                                          value, sampling_locations, attention_weights, method));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_tensor_levels_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    at::IntArrayRef num_points, c10::string_view method) {
+  return plain_backward_cpu(
+      grad_output, prepare_inputs(read_level_tensors(value, spatial_shapes, level_start_index, num_points), value,
+                                  sampling_locations, attention_weights, method));
 }
 
 at::Tensor ms_deform_attn_fused_forward_cpu(const at::Tensor& value, at::IntArrayRef spatial_shapes,
@@ -612,6 +638,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
 TORCH_LIBRARY_IMPL(rtdetrv2_kernels, CPU, m) {
   m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+  m.impl("ms_deform_attn_forward_tensor_levels", &ms_deform_attn_forward_tensor_levels_cpu);
+  m.impl("ms_deform_attn_backward_tensor_levels", &ms_deform_attn_backward_tensor_levels_cpu);
   m.impl("ms_deform_attn_fused_forward", &ms_deform_attn_fused_forward_cpu);
   m.impl("ms_deform_attn_fused_backward", &ms_deform_attn_fused_backward_cpu);
 }

@@ -8,7 +8,8 @@
 // the location and weight gradients over the group's lanes with warp shuffles when the group size is a power
 // of two up to 32 (atomics otherwise). Under torch.use_deterministic_algorithms(True) grad_value accumulates
 // in 64-bit fixed point instead, whose integer additions give the same bits in any order (FixedPointSink).
-// Level shapes travel in the kernel arguments, so no launch needs a device table or a sync.
+// Level shapes travel in the kernel arguments (LevelParams), so no launch needs a device table or a sync; the
+// tensor form of the op reads them from device memory instead (DeviceLevels), which needs no sync either.
 #include "cuda_runtime.h"  // first: in the emulated build it defines __CUDA_ARCH__ for what follows
 
 #include <cfloat>
@@ -25,17 +26,50 @@ namespace {
 constexpr int kMaxLevels = 16;
 constexpr int kThreadsPerBlock = 256;
 
+// What a kernel reads of one level: its size and its first row in value.
+struct LevelGeometry {
+  int32_t height, width;
+  int64_t start;
+};
+
+// The level table as kernel arguments (the list form, checked on the host).
 struct LevelParams {
   int32_t height[kMaxLevels];
   int32_t width[kMaxLevels];
   int32_t points[kMaxLevels];
   int64_t start[kMaxLevels];
   int32_t num_levels;
+
+  __device__ __forceinline__ LevelGeometry level(int l) const { return {height[l], width[l], start[l]}; }
 };
 
-LevelParams make_level_params(const LevelTable& table) {
+// The level table in device memory (the tensor form): shapes (L, 2) and starts (L,) in int64, read by each
+// thread as it reaches a level. The host cannot check them without a sync, so the kernel does: a level that
+// is empty, too large for int32 offsets or not wholly inside value's rows reads as size 0x0, which no sample
+// reads (sampling.h), so the level contributes zero and gets zero gradients.
+struct DeviceLevels {
+  const int64_t* shapes;
+  const int64_t* starts;
+  int64_t rows;
+  int32_t points[kMaxLevels];
+  int32_t num_levels;
+
+  __device__ __forceinline__ LevelGeometry level(int l) const {
+    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1], start = starts[l];
+    const bool valid = height > 0 && width > 0 && height <= INT32_MAX / width && start >= 0 &&
+                       start <= rows - height * width;
+    if (!valid) return {0, 0, 0};
+    return {static_cast<int32_t>(height), static_cast<int32_t>(width), start};
+  }
+};
+
+void check_level_count(const LevelTable& table) {
   TORCH_CHECK(table.num_levels() <= kMaxLevels, "rtdetrv2_kernels: the CUDA kernels support up to ", kMaxLevels,
               " levels, got ", table.num_levels());
+}
+
+LevelParams make_level_params(const LevelTable& table) {
+  check_level_count(table);
   LevelParams params{};
   params.num_levels = static_cast<int32_t>(table.num_levels());
   for (int64_t l = 0; l < table.num_levels(); ++l) {
@@ -47,9 +81,20 @@ LevelParams make_level_params(const LevelTable& table) {
   return params;
 }
 
-// Sizes and value's strides (in elements); lanes = channel groups of VEC per (batch, query, head).
+// table holds the point counts only (points_only_level_table); the tensors are checked for shape, dtype and
+// device, and made contiguous by the caller, who keeps them alive for the launch.
+DeviceLevels make_device_levels(const LevelTable& table, const at::Tensor& shapes, const at::Tensor& starts,
+                                int64_t rows) {
+  check_level_count(table);
+  DeviceLevels levels{shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), rows, {}, 0};
+  levels.num_levels = static_cast<int32_t>(table.num_levels());
+  for (int64_t l = 0; l < table.num_levels(); ++l) levels.points[l] = static_cast<int32_t>(table.points[l]);
+  return levels;
+}
+
+// Sizes and value's strides (in elements); lanes = channel groups of VEC per (batch, query, head); rows = S.
 struct Geometry {
-  int64_t queries, heads, channels, points, lanes;
+  int64_t queries, heads, channels, points, lanes, rows;
   int64_t stride_b, stride_s, stride_h;
 };
 
@@ -73,7 +118,8 @@ __device__ __forceinline__ Vec<scalar_t, VEC> load_row(const scalar_t* rows, int
 
 // Where the kernels' per-point inputs come from. Each calls f(level, point, weight, loc_x, loc_y) for the
 // points of one (batch, query, head), levels in order. PlainPoints reads the plain op's locations and
-// weights; FusedPoints computes them from the fused op's inputs (fused_prologue.h).
+// weights, with either level table; FusedPoints computes them from the fused op's inputs (fused_prologue.h),
+// whose level shapes are kernel arguments.
 template <typename scalar_t>
 struct PlainPoints {
   using acc_t = at::opmath_type<scalar_t>;
@@ -81,8 +127,8 @@ struct PlainPoints {
   const scalar_t* weights;
   int64_t points;
 
-  template <typename F>
-  __device__ __forceinline__ void visit(int64_t bqh, const LevelParams& levels, const F& f) const {
+  template <typename Levels, typename F>
+  __device__ __forceinline__ void visit(int64_t bqh, const Levels& levels, const F& f) const {
     int64_t p = 0;
     for (int l = 0; l < levels.num_levels; ++l) {
       for (int i = 0; i < levels.points[l]; ++i, ++p) {
@@ -113,10 +159,10 @@ struct FusedPoints {
   }
 };
 
-template <typename scalar_t, int VEC, bool kDiscrete, typename Points>
+template <typename scalar_t, int VEC, bool kDiscrete, typename Points, typename Levels>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(const scalar_t* __restrict__ value, const Points points, scalar_t* __restrict__ output,
-                   Geometry g, LevelParams levels, int64_t total_lanes) {
+                   Geometry g, Levels levels, int64_t total_lanes) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (tid >= total_lanes) return;
@@ -129,8 +175,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
   points.visit(bqh, levels, [&](int64_t l, int64_t, acc_t w, acc_t loc_x, acc_t loc_y) {
-    const int32_t height = levels.height[l], width = levels.width[l];
-    const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
+    const LevelGeometry level = levels.level(l);
+    const int32_t height = level.height, width = level.width;
+    const scalar_t* rows = value_bh + level.start * g.stride_s;
     if constexpr (kDiscrete) {
       const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
       const auto v = load_row<scalar_t, VEC>(rows, offset, g.stride_s, offset >= 0);
@@ -260,12 +307,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // grad_locations and grad_weights are in acc_t and zeroed when kShuffle is false; grad_value is contiguous
 // (B, S, H, C), added to through the sink. With kShuffle every lane of a warp runs the whole
 // loop (inactive lanes on zeros) so that the shuffles see full warps.
-template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle, typename Points, typename Sink>
+template <typename scalar_t, int VEC, bool kDiscrete, bool kShuffle, typename Points, typename Levels, typename Sink>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const Points points, const Sink grad_value_sink,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
-                    at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g, LevelParams levels,
+                    at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g, Levels levels,
                     int64_t total_lanes) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -276,11 +323,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t bqh = lane_id / g.lanes;
   const int64_t h = bqh % g.heads;
   const int64_t b = bqh / (g.heads * g.queries);
-  const int64_t S = levels.start[levels.num_levels - 1] +
-                    static_cast<int64_t>(levels.height[levels.num_levels - 1]) * levels.width[levels.num_levels - 1];
   const scalar_t* value_bh = value + b * g.stride_b + h * g.stride_h + lane * VEC;
   const Sink grad_value = grad_value_sink.ready();
-  const int64_t grad_bh = (b * S * g.heads + h) * g.channels + lane * VEC;
+  const int64_t grad_bh = (b * g.rows * g.heads + h) * g.channels + lane * VEC;
   const int64_t grad_stride_s = g.heads * g.channels;
   acc_t grad_out[VEC];
   {
@@ -291,9 +336,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int lanes = static_cast<int>(g.lanes);
   const bool first_lane = lane == 0;
   points.visit(bqh, levels, [&](int64_t l, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y) {
-    const int32_t height = levels.height[l], width = levels.width[l];
-    const scalar_t* rows = value_bh + levels.start[l] * g.stride_s;
-    const int64_t grad_rows = grad_bh + levels.start[l] * grad_stride_s;
+    const LevelGeometry level = levels.level(l);
+    const int32_t height = level.height, width = level.width;
+    const scalar_t* rows = value_bh + level.start * g.stride_s;
+    const int64_t grad_rows = grad_bh + level.start * grad_stride_s;
     const int64_t point = bqh * g.points + p;
     acc_t grad_w = 0, grad_x = 0, grad_y = 0;
     if constexpr (kDiscrete) {
@@ -365,7 +411,7 @@ int vector_width(const at::Tensor& value, const at::Tensor& other) {
 Geometry make_geometry(const KernelInputs& in, int vec) {
   const at::Tensor& value = in.value;
   return {in.locations.size(1), value.size(2), value.size(3), in.locations.size(3), value.size(3) / vec,
-          value.stride(0), value.stride(1), value.stride(2)};
+          value.size(1), value.stride(0), value.stride(1), value.stride(2)};
 }
 
 int64_t blocks_for(int64_t threads) { return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock; }
@@ -388,10 +434,10 @@ void dispatch_width_and_method(int vec, bool discrete, const F& f) {
   }
 }
 
-// Output (B, Q, H*C) for any point source: make_points(tag) builds it for scalar type decltype(*tag).
-template <typename MakePoints>
-at::Tensor forward_cuda(const KernelInputs& in, const MakePoints& make_points) {
-  const LevelParams levels = make_level_params(in.levels);
+// Output (B, Q, H*C) for any point source and level table: make_points(tag) builds the source for scalar type
+// decltype(*tag).
+template <typename Levels, typename MakePoints>
+at::Tensor forward_cuda(const KernelInputs& in, const Levels& levels, const MakePoints& make_points) {
   at::Tensor output =
       at::empty({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}, in.value.options());
   if (output.numel() == 0) return output;
@@ -402,7 +448,7 @@ at::Tensor forward_cuda(const KernelInputs& in, const MakePoints& make_points) {
     const Geometry g = make_geometry(in, vec);
     const int64_t total = output.numel() / vec;
     dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-      gpu::launch<forward_kernel<scalar_t, VEC, kDiscrete, std::decay_t<decltype(points)>>>(
+      gpu::launch<forward_kernel<scalar_t, VEC, kDiscrete, std::decay_t<decltype(points)>, Levels>>(
           blocks_for(total), kThreadsPerBlock, stream, in.value.const_data_ptr<scalar_t>(), points,
           output.mutable_data_ptr<scalar_t>(), g, levels, total);
     });
@@ -414,11 +460,10 @@ at::Tensor forward_cuda(const KernelInputs& in, const MakePoints& make_points) {
 // weight_mass() returns a device scalar (double) bounding, for every (batch, head), the sum over queries and
 // points of |attention weight|: with max |grad_output| it bounds every element of grad_value, which the
 // deterministic mode needs to choose its fixed-point scale.
-template <typename MakePoints, typename WeightMass>
+template <typename Levels, typename MakePoints, typename WeightMass>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_in, const KernelInputs& in,
-                                                             const MakePoints& make_points,
+                                                             const Levels& levels, const MakePoints& make_points,
                                                              const WeightMass& weight_mass) {
-  const LevelParams levels = make_level_params(in.levels);
   const at::Tensor grad_output = grad_output_in.contiguous();
   TORCH_CHECK(grad_output.sizes() ==
                   at::IntArrayRef({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}),
@@ -464,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
       // Shuffles need whole warps: with kShuffle, launch a multiple of 32 lanes.
       const auto run = [&]<bool kShuffle, typename Sink>(const Sink& sink) {
         const int64_t threads = kShuffle ? blocks_for(total) * kThreadsPerBlock : total;
-        gpu::launch<backward_kernel<scalar_t, VEC, kDiscrete, kShuffle, Points, Sink>>(
+        gpu::launch<backward_kernel<scalar_t, VEC, kDiscrete, kShuffle, Points, Levels, Sink>>(
             blocks_for(threads), kThreadsPerBlock, stream, grad_output.const_data_ptr<scalar_t>(),
             in.value.const_data_ptr<scalar_t>(), points, sink, grad_locations.mutable_data_ptr<acc_t>(),
             grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
@@ -490,17 +535,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
 }
 
+template <typename scalar_t>
+PlainPoints<scalar_t> plain_points(const KernelInputs& in) {
+  return {in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(), in.weights.size(3)};
+}
+
+template <typename Levels>
+at::Tensor plain_forward_cuda(const KernelInputs& in, const Levels& levels) {
+  return forward_cuda(in, levels, [&](auto* tag) { return plain_points<std::remove_pointer_t<decltype(tag)>>(in); });
+}
+
+template <typename Levels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_backward_cuda(const at::Tensor& grad_output,
+                                                                   const KernelInputs& in, const Levels& levels) {
+  auto [grad_value, grad_locations, grad_weights] = backward_cuda(
+      grad_output, in, levels, [&](auto* tag) { return plain_points<std::remove_pointer_t<decltype(tag)>>(in); },
+      [&] { return in.weights.abs().to(at::kDouble).sum({1, 3}).amax(); });
+  const auto dtype = in.value.scalar_type();
+  return {grad_value, grad_locations.to(dtype), grad_weights.to(dtype)};
+}
+
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
                                        at::IntArrayRef num_points, c10::string_view method) {
   const gpu::DeviceGuard guard(value.device());
   const KernelInputs in =
       prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
-  return forward_cuda(in, [&](auto* tag) {
-    using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    return PlainPoints<scalar_t>{in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
-                                 in.weights.size(3)};
-  });
+  return plain_forward_cuda(in, make_level_params(in.levels));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
@@ -510,16 +571,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const gpu::DeviceGuard guard(value.device());
   const KernelInputs in =
       prepare_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method);
-  auto [grad_value, grad_locations, grad_weights] = backward_cuda(
-      grad_output, in,
-      [&](auto* tag) {
-        using scalar_t = std::remove_pointer_t<decltype(tag)>;
-        return PlainPoints<scalar_t>{in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
-                                     in.weights.size(3)};
-      },
-      [&] { return in.weights.abs().to(at::kDouble).sum({1, 3}).amax(); });
-  const auto dtype = in.value.scalar_type();
-  return {grad_value, grad_locations.to(dtype), grad_weights.to(dtype)};
+  return plain_backward_cuda(grad_output, in, make_level_params(in.levels));
+}
+
+// The tensor form: the table's values are never read on the host (no sync; capturable in a CUDA graph).
+struct TensorLevelInputs {
+  KernelInputs in;
+  at::Tensor shapes, starts;  // contiguous; alive for the launches
+  DeviceLevels levels;
+};
+
+TensorLevelInputs prepare_tensor_level_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                              const at::Tensor& level_start_index,
+                                              const at::Tensor& sampling_locations,
+                                              const at::Tensor& attention_weights, at::IntArrayRef num_points,
+                                              c10::string_view method) {
+  check_level_tensors(value, spatial_shapes, level_start_index, num_points);
+  KernelInputs in = prepare_inputs(points_only_level_table(num_points), value, sampling_locations,
+                                   attention_weights, method);
+  at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
+  const DeviceLevels levels = make_device_levels(in.levels, shapes, starts, in.value.size(1));
+  return {std::move(in), std::move(shapes), std::move(starts), levels};
+}
+
+at::Tensor ms_deform_attn_forward_tensor_levels_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                                     const at::Tensor& level_start_index,
+                                                     const at::Tensor& sampling_locations,
+                                                     const at::Tensor& attention_weights, at::IntArrayRef num_points,
+                                                     c10::string_view method) {
+  const gpu::DeviceGuard guard(value.device());
+  const TensorLevelInputs inputs = prepare_tensor_level_inputs(value, spatial_shapes, level_start_index,
+                                                               sampling_locations, attention_weights, num_points, method);
+  return plain_forward_cuda(inputs.in, inputs.levels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_tensor_levels_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    at::IntArrayRef num_points, c10::string_view method) {
+  const gpu::DeviceGuard guard(value.device());
+  const TensorLevelInputs inputs = prepare_tensor_level_inputs(value, spatial_shapes, level_start_index,
+                                                               sampling_locations, attention_weights, num_points, method);
+  return plain_backward_cuda(grad_output, inputs.in, inputs.levels);
 }
 
 template <typename scalar_t>
@@ -537,7 +630,7 @@ at::Tensor ms_deform_attn_fused_forward_cuda(const at::Tensor& value, at::IntArr
   const KernelInputs in = prepare_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
                                                attention_logits, num_points, method);
   const at::Tensor reference = reference_points.contiguous();
-  return forward_cuda(in, [&](auto* tag) {
+  return forward_cuda(in, make_level_params(in.levels), [&](auto* tag) {
     return fused_points<std::remove_pointer_t<decltype(tag)>>(in, reference, offset_scale);
   });
 }
@@ -553,8 +646,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
                                                attention_logits, num_points, method);
   const at::Tensor reference = reference_points.contiguous();
   // The softmaxed weights of each (batch, query, head) sum to 1 (to rounding, which the 2^62 bound absorbs).
+  const LevelParams levels = make_level_params(in.levels);
   auto [grad_value, grad_locations, grad_weights] = backward_cuda(
-      grad_output, in,
+      grad_output, in, levels,
       [&](auto* tag) { return fused_points<std::remove_pointer_t<decltype(tag)>>(in, reference, offset_scale); },
       [&] { return at::scalar_tensor(static_cast<double>(in.locations.size(1)), in.value.options().dtype(at::kDouble)); });
   const int64_t B = in.value.size(0), Q = in.locations.size(1), H = in.value.size(2);
@@ -565,7 +659,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
   at::Tensor grad_logits = at::empty_like(in.weights);
   const int64_t total_bqh = B * Q * H;
   if (total_bqh > 0) {
-    const LevelParams levels = make_level_params(in.levels);
     const gpu::Stream stream = gpu::current_stream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_fused_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -584,6 +677,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
 TORCH_LIBRARY_IMPL(RTDETRV2_CUDA_OPS, RTDETRV2_CUDA_DISPATCH_KEY, m) {
   m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+  m.impl("ms_deform_attn_forward_tensor_levels", &ms_deform_attn_forward_tensor_levels_cuda);
+  m.impl("ms_deform_attn_backward_tensor_levels", &ms_deform_attn_backward_tensor_levels_cuda);
   m.impl("ms_deform_attn_fused_forward", &ms_deform_attn_fused_forward_cuda);
   m.impl("ms_deform_attn_fused_backward", &ms_deform_attn_fused_backward_cuda);
 }

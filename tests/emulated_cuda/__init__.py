@@ -5,7 +5,7 @@ Test tooling, not part of the package: it makes the CUDA sources execute (and be
     import emulated_cuda
     ops = emulated_cuda.load(90)   # torch.ops.rtdetrv2_kernels_emulated_sm90, built on first use and cached
 
-The four ops take exactly the arguments of the torch.ops.rtdetrv2_kernels ops of the same names; their
+The ops take exactly the arguments of the torch.ops.rtdetrv2_kernels ops of the same names; their
 fake kernels and autograd are registered as for those, and each build is also a backend of ms_deform_attn
 named "cuda-emulated-sm80" / "cuda-emulated-sm90" (on CPU tensors). RTDETRV2_EMULATION_SANITIZE=address
 builds with AddressSanitizer and UndefinedBehaviorSanitizer (the process must preload libasan, see

@@ -1,5 +1,5 @@
 // ThreadSanitizer over the emulated CUDA kernels (race_check.py builds this with -fsanitize=thread; TSan
-// cannot be preloaded into CPython). Runs the four ops through the dispatcher on a few small shapes, in
+// cannot be preloaded into CPython). Runs the six ops through the dispatcher on a few small shapes, in
 // every dtype, both methods and both accumulation modes, each emulated thread a TSan fiber of its own, so
 // that two lanes, warps or blocks touching one address without an atomic are reported. `race_check
 // planted` runs a kernel with a planted race instead, which must be reported.
@@ -46,6 +46,19 @@ void run_shape(at::ScalarType dtype, int64_t channels, const std::string& method
                                                             const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                                                             c10::string_view)>()
       .call(grad_output, value, shapes, locations, weights, points, method);
+  // The tensor form: the same levels in reverse order, the table in int64 tensors.
+  const at::Tensor reversed = at::cat({value.narrow(1, 16, 3), value.narrow(1, 8, 8), value.narrow(1, 0, 8)}, 1);
+  const at::Tensor shape_table = at::tensor(shapes, at::kLong).view({3, 2});
+  const at::Tensor start_table = at::tensor(std::vector<int64_t>{11, 3, 0}, at::kLong);
+  op("ms_deform_attn_forward_tensor_levels")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        at::IntArrayRef, c10::string_view)>()
+      .call(reversed, shape_table, start_table, locations, weights, points, method);
+  op("ms_deform_attn_backward_tensor_levels")
+      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            at::IntArrayRef, c10::string_view)>()
+      .call(grad_output, reversed, shape_table, start_table, locations, weights, points, method);
   const at::Tensor boxes = at::cat({at::rand({B, Q, 1, 2}, options), at::rand({B, Q, 1, 2}, options) * 0.5 + 0.1}, -1);
   const at::Tensor offsets = at::randn({B, Q, H, P, 2}, options);
   op("ms_deform_attn_fused_forward")
@@ -58,7 +71,7 @@ void run_shape(at::ScalarType dtype, int64_t channels, const std::string& method
           const at::Tensor&, at::IntArrayRef, double, c10::string_view)>()
       .call(grad_output, value, shapes, boxes, offsets, weights, points, 0.5, method);
   at::globalContext().setDeterministicAlgorithms(false, false);
-  launches += 4;
+  launches += 6;
 }
 
 }  // namespace
