@@ -19,7 +19,7 @@ import torch
 
 from rtdetrv2_kernels.backends import unavailable_reason
 
-from . import cases, fused, model, peers, report, selfcheck, timing, training
+from . import cases, deployment, fused, model, peers, report, selfcheck, timing, training
 from .cases import PASSES, REFERENCE, SHAPES, Problem, Runner
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -80,6 +80,8 @@ def parse_args(argv):
                         help="skip timing python_model's RT-DETRv2 against transformers' end to end")
     parser.add_argument("--no-training", action="store_true",
                         help="skip timing a whole training step of python_model against transformers'")
+    parser.add_argument("--no-deployment", action="store_true",
+                        help="skip timing the exported detector in onnxruntime and OpenVINO (CPU)")
     parser.add_argument("--no-charts", action="store_true", help="write no PNG charts")
     parser.add_argument("--out", type=Path,
                         help="directory for benchmark.md, benchmark.json and the charts "
@@ -192,7 +194,9 @@ def main(argv=None) -> int:
     fused_steps = 0 if args.no_fused else len(args.devices)
     model_steps = 0 if args.no_model else len(args.devices)
     training_steps = 0 if args.no_training else len(args.devices)
-    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps + model_steps + training_steps)
+    run_deployment = not args.no_deployment and "cpu" in args.devices
+    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps + model_steps + training_steps
+                        + run_deployment)
     rows, scaling, fused_rows, model_rows, training_rows = [], [], [], [], []
     for device, problems in plan.items():
         bandwidth = None
@@ -216,10 +220,18 @@ def main(argv=None) -> int:
             training_rows += training.time_training(device, args.rounds, args.budget, args.threads, quick=args.quick)
             progress.step(f"training step on {device}")
 
-    table = report.markdown(info, rows, scaling, fused_rows, model_rows, training_rows)
+    deployment_rows, deployment_skipped = [], None
+    if run_deployment:
+        deployment_skipped = deployment.unavailable_reason()
+        if deployment_skipped is None:
+            deployment_rows = deployment.time_deployment(args.rounds, args.budget, args.threads, quick=args.quick)
+        progress.step("exported detector in deployment runtimes")
+
+    sections = dict(fused_rows=fused_rows, model_rows=model_rows, training_rows=training_rows,
+                    deployment_rows=deployment_rows, deployment_skipped=deployment_skipped)
+    table = report.markdown(info, rows, scaling, **sections)
     print(table)
     out = args.out or report.ROOT / "bench" / "results" / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    for path in report.write(out, info, rows, scaling, fused_rows, model_rows, training_rows,
-                             charts=not args.no_charts):
+    for path in report.write(out, info, rows, scaling, sections, charts=not args.no_charts):
         print(f"wrote {path}")
     return 0

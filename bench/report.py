@@ -12,7 +12,7 @@ import torch
 
 import rtdetrv2_kernels
 
-from . import fused, model, peers, training
+from . import deployment, fused, model, peers, training
 from .cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,9 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict], model_rows: list[dict],
-             training_rows: list[dict] = ()) -> str:
+def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict] = (),
+             model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
+             deployment_skipped: str | None = None) -> str:
     peer_columns = [name for name in peers.NAMES if any(r.get(f"vs {name}") for r in rows)]
     lines = ["# rtdetrv2_kernels benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
@@ -111,16 +112,21 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list
         lines += ["", model.markdown(model_rows)]
     if training_rows:
         lines += ["", training.markdown(training_rows)]
+    if deployment_rows or deployment_skipped:
+        lines += ["", deployment.markdown(deployment_rows, deployment_skipped)]
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict],
-          model_rows: list[dict], training_rows: list[dict], charts: bool) -> list[Path]:
+def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], sections: dict, charts: bool) -> list[Path]:
+    """benchmark.md, benchmark.json and the charts; sections: markdown()'s keyword arguments."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "benchmark.md", out / "benchmark.json"]
-    written[0].write_text(markdown(info, rows, scaling, fused_rows, model_rows, training_rows))
-    written[1].write_text(json.dumps(dict(environment=info, results=rows, scaling=scaling, fused=fused_rows,
-                                          model=model_rows, training=training_rows),
+    written[0].write_text(markdown(info, rows, scaling, **sections))
+    written[1].write_text(json.dumps(dict(environment=info, results=rows, scaling=scaling,
+                                          fused=sections.get("fused_rows", []), model=sections.get("model_rows", []),
+                                          training=sections.get("training_rows", []),
+                                          deployment=sections.get("deployment_rows", []),
+                                          deployment_skipped=sections.get("deployment_skipped")),
                                      indent=2))
     if charts:
         written += _charts(out, info, rows, scaling)

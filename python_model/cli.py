@@ -4,11 +4,14 @@
     train     --data DIR --preset r18vd [--weights CKPT] --epochs N --batch-size B --out RUN_DIR [--resume CKPT]
     eval      --weights CKPT --data DIR [--split val]
     synthetic DIR [--train 300 --val 60 --size 128]   (a small dataset of shapes, for trying training out)
+    export    --weights PATH --out model.onnx [--method default|discrete] [--bilinear gather|grid_sample]
+              [--dynamic-batch] [--opset N] [--half] [--postprocess]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 
@@ -62,6 +65,26 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, help="default: the model's eval_spatial_size")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="cpu")
+
+    export = commands.add_parser("export", help="write the deployed detector as an ONNX graph and check it")
+    export.add_argument("--weights", required=True, help="as for predict")
+    export.add_argument("--preset", choices=sorted(PRESETS), help="the architecture of an original .pth checkpoint")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--method", choices=["default", "discrete"],
+                        help="the decoder's sampling (default: the checkpoint's; discrete = RT-DETRv2's deployment form)")
+    export.add_argument("--bilinear", choices=["gather", "grid_sample"], default="gather",
+                        help="how bilinear sampling is written: corner gathers (default; for TensorRT and NPU "
+                        "toolchains) or GridSample nodes")
+    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed at --batch)")
+    export.add_argument("--batch", type=int, default=1, help="the batch size of the graph, or of the sample input")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's; 17 for older runtimes)")
+    export.add_argument("--half", action="store_true", help="float16 weights and input")
+    export.add_argument("--postprocess", action="store_true",
+                        help="top-k detections inside the graph: inputs images and image_sizes, outputs scores, "
+                        "labels and boxes in pixels")
+    export.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                        help="input size (default: the model's eval_spatial_size)")
+    export.add_argument("--no-check", action="store_true", help="skip running the written graph in onnxruntime")
 
     synthetic = commands.add_parser("synthetic", help="write a small synthetic COCO-format dataset")
     synthetic.add_argument("out", help="directory to create (train/ and val/)")
@@ -145,6 +168,56 @@ def evaluate(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from .export import DeployedDetector, compare, export_onnx, graph_operators
+    from .model import load_pretrained
+
+    overrides = {} if args.method is None else {"cross_attn_method": args.method}
+    if args.image_size:
+        overrides["eval_spatial_size"] = list(args.image_size)
+    model = load_pretrained(args.weights, preset=args.preset, **overrides).deploy()
+    detector = DeployedDetector(model, postprocess=args.postprocess)  # float32: what the graph is checked against
+    exported = DeployedDetector(copy.deepcopy(model).half(), args.postprocess) if args.half else detector
+    config = model.config
+    print(f"exporting {args.weights}: {config.cross_attn_method} sampling"
+          f"{'' if config.cross_attn_method == 'discrete' else f' written as {args.bilinear}'}, input "
+          f"{'B' if args.dynamic_batch else args.batch}x3x{config.eval_spatial_size[0]}x{config.eval_spatial_size[1]}"
+          f" {'float16' if args.half else 'float32'}, opset {args.opset or 'default'}")
+    try:
+        path = export_onnx(exported, args.out, bilinear=args.bilinear, dynamic_batch=args.dynamic_batch,
+                           opset=args.opset, batch=args.batch)
+    except Exception as error:  # the exporters' own errors (an operator without a form at this opset, ...)
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        print(f"error: the export failed: {type(error).__name__}: {message}", file=sys.stderr)
+        return 1
+    operators = graph_operators(path)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; GridSample {'present' if 'GridSample' in operators else 'absent'}): "
+          f"inputs {', '.join(detector.input_names())}; outputs {', '.join(detector.output_names())}")
+    if args.no_check:
+        return 0
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("not checked: onnxruntime is not installed (pip install onnxruntime)", file=sys.stderr)
+        return 0
+    batches = [args.batch, args.batch + 1] if args.dynamic_batch else [args.batch]
+    tolerance = 1e-2 if args.half else 1e-4
+    worst = 0.0
+    for batch in batches:
+        comparison = compare(path, detector, "onnxruntime", batch=batch)
+        print(f"check against the PyTorch model (float32): {comparison.describe()}")
+        if comparison.worst() > tolerance:
+            comparison = compare(path, detector, "onnxruntime", batch=batch, any_query_order=True)
+            print(f"  in another query order (near-tied query scores, as with untrained weights): "
+                  f"{comparison.describe()}")
+        worst = max(worst, comparison.worst())
+    if worst > tolerance:
+        print(f"error: the graph differs from the PyTorch model by {worst:.2e} (relative), more than {tolerance:g}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def synthetic(args) -> int:
     from .synthetic import write_dataset
 
@@ -156,7 +229,8 @@ def synthetic(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"predict": predict, "train": train, "eval": evaluate, "synthetic": synthetic}[args.command](args)
+        commands = {"predict": predict, "train": train, "eval": evaluate, "synthetic": synthetic, "export": export}
+        return commands[args.command](args)
     except (OSError, ValueError) as error:  # unreadable files, checkpoints that do not fit: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2

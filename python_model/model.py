@@ -86,16 +86,13 @@ class RTDETRv2(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         return self.decoder(self.encoder(self.backbone(images)), targets)
 
-    @torch.no_grad()
-    def postprocess(self, outputs: dict, image_sizes, threshold: float | None = None) -> list[dict]:
-        """Per image: the `num_top_queries` (default: as many as queries) best (query, class) pairs by sigmoid
-        score (no NMS), as
-        {"scores": (K,), "labels": (K,), "boxes": (K, 4) xyxy in pixels of the original image}.
-        image_sizes: (B, 2) (height, width) of the original images; threshold drops lower scores."""
+    def top_detections(self, outputs: dict, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batched core of postprocess, in tensor operations only (an exported graph holds it):
+        (scores (B, K), labels (B, K), boxes (B, K, 4) xyxy in pixels) of the K = `num_top_queries` (default:
+        as many as queries) best (query, class) pairs by sigmoid score, best first; image_sizes (B, 2) holds
+        each original image's (height, width)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(-1, 2)
-        if sizes.shape[0] != logits.shape[0]:
-            raise ValueError(f"image_sizes has {sizes.shape[0]} entries for a batch of {logits.shape[0]}")
+        sizes = image_sizes.to(dtype=boxes.dtype, device=boxes.device).reshape(-1, 2)
         scale = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (w, h, w, h)
         boxes = box_cxcywh_to_xyxy(boxes) * scale
         num_classes = logits.shape[-1]
@@ -103,8 +100,19 @@ class RTDETRv2(nn.Module):
         scores, index = torch.topk(torch.sigmoid(logits).flatten(1), top, dim=-1)
         labels = index % num_classes
         boxes = boxes.gather(1, (index // num_classes).unsqueeze(-1).expand(-1, -1, 4))
+        return scores, labels, boxes
+
+    @torch.no_grad()
+    def postprocess(self, outputs: dict, image_sizes, threshold: float | None = None) -> list[dict]:
+        """Per image: the `num_top_queries` (default: as many as queries) best (query, class) pairs by sigmoid
+        score (no NMS), as
+        {"scores": (K,), "labels": (K,), "boxes": (K, 4) xyxy in pixels of the original image}.
+        image_sizes: (B, 2) (height, width) of the original images; threshold drops lower scores."""
+        sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
+        if sizes.shape[0] != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"image_sizes has {sizes.shape[0]} entries for a batch of {outputs['pred_logits'].shape[0]}")
         results = []
-        for image_scores, image_labels, image_boxes in zip(scores, labels, boxes):
+        for image_scores, image_labels, image_boxes in zip(*self.top_detections(outputs, sizes)):
             keep = image_scores > threshold if threshold is not None else slice(None)
             results.append({"scores": image_scores[keep], "labels": image_labels[keep], "boxes": image_boxes[keep]})
         return results

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _extension
+from ._export_options import export_options
 from ._validation import check_fused_inputs, check_inputs, widen_under_autocast
 from .backends import BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
@@ -21,6 +22,7 @@ __all__ = [
     "ms_deform_attn_fused_reference",
     "available_backends",
     "empty_cache",
+    "export_options",
     "BACKENDS",
     "ENV_VAR",
 ]

@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from . import _build_config, _extension
+from ._export_options import export_bilinear
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
@@ -173,16 +174,19 @@ def _resolve(backend: str | None, device_type: str) -> str:
     raise AssertionError("the torch backend is always available")
 
 
-def _backend_to_run(backend: str) -> str:
-    # torch.onnx.export (either exporter) cannot translate the custom ops: while it traces, the reference,
-    # made of standard operators, runs in their place. torch.compile folds the check to False.
-    return "torch" if torch.onnx.is_in_onnx_export() else backend
+# torch.onnx.export (either exporter) cannot translate the custom ops: while it traces, the reference, made of
+# standard operators, runs in their place. torch.compile folds the check to False.
+def _exported(reference):
+    """The reference as an export writes it: bilinear sampling in the form export_options chose."""
+    return functools.partial(reference, bilinear=export_bilinear())
 
 
 def implementation(backend: str):
     """The function running `backend`: (value, level shapes, locations, weights, points, method) -> output.
-    The reference while torch.onnx.export traces."""
-    return _IMPLEMENTATIONS[_backend_to_run(backend)]
+    The reference while torch.onnx.export traces (bilinear sampling as export_options says)."""
+    if torch.onnx.is_in_onnx_export():
+        return _exported(ms_deform_attn_reference)
+    return _IMPLEMENTATIONS[backend]
 
 
 # As for the plain op, "cpu" and "cuda" are one C++ op whose kernel the dispatcher picks by device. The C++
@@ -198,11 +202,13 @@ _FUSED_IMPLEMENTATIONS = {
 def fused_implementation(backend: str):
     """The function running ms_deform_attn_fused on `backend`: (value, level shapes, reference_points,
     sampling_offsets, attention_logits, points, offset_scale, method) -> output. The reference while
-    torch.onnx.export traces."""
-    return _FUSED_IMPLEMENTATIONS[_backend_to_run(backend)]
+    torch.onnx.export traces (bilinear sampling as export_options says)."""
+    if torch.onnx.is_in_onnx_export():
+        return _exported(ms_deform_attn_fused_reference)
+    return _FUSED_IMPLEMENTATIONS[backend]
 
 
 def tensor_levels_implementation(backend: str):
     """The function running the plain op on `backend` with the level table in tensors, or None where the
     backend has none (its caller then reads the table on the host). None while torch.onnx.export traces."""
-    return _TENSOR_LEVEL_IMPLEMENTATIONS.get(_backend_to_run(backend))
+    return None if torch.onnx.is_in_onnx_export() else _TENSOR_LEVEL_IMPLEMENTATIONS.get(backend)

@@ -34,16 +34,21 @@ def _bilinear_by_gather(value_level: torch.Tensor, locations: torch.Tensor) -> t
     y = locations[..., 1] * height - 0.5
     x0, y0 = torch.floor(x), torch.floor(y)
     fx, fy = x - x0, y - y0
-    flat = value_level.reshape(n, channels, height * width)
+    # Corners and indices in integers: an exported graph run in reduced precision (OpenVINO's CPU plugin
+    # computes float math in bf16 by default) would otherwise round an index past the level's end.
+    x0, y0 = x0.long(), y0.long()  # |x0| <= 2 * width after the clamp above: exact
+    # Rows of C channels, one per (image-head, pixel): each corner is one Gather of Q*p rows (an index per
+    # row, not per channel as gathering along the pixel axis of (N, C, hw) would need).
+    rows = value_level.flatten(2).transpose(1, 2).reshape(n * height * width, channels)
+    first_row = (torch.arange(n, device=value_level.device) * (height * width)).view(n, 1, 1)
     sampled = 0
     for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
         cx, cy = x0 + dx, y0 + dy
         inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
         weight = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * inside
-        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long().reshape(n, 1, queries * points)
-        corner = flat.gather(2, index.expand(n, channels, -1)).reshape(n, channels, queries, points)
-        sampled = sampled + corner * weight[:, None]
-    return sampled
+        index = first_row + cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)
+        sampled = sampled + rows[index.reshape(-1)].view(n, queries, points, channels) * weight[..., None]
+    return sampled.permute(0, 3, 1, 2)
 
 
 def _nearest(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
@@ -53,9 +58,11 @@ def _nearest(value_level: torch.Tensor, locations: torch.Tensor) -> torch.Tensor
     sizes = locations.new_tensor([width, height])
     pixel = torch.floor(locations * sizes + 0.5)
     readable = ~pixel.isnan().any(dim=-1)  # a NaN coordinate reads nothing
-    pixel = torch.minimum(torch.nan_to_num(pixel, nan=0.0).clamp(min=0.0), sizes - 1)
+    pixel = torch.minimum(torch.nan_to_num(pixel, nan=0.0).clamp(min=0.0), sizes - 1)  # finite: castable
+    # Clamped again as integers, for runtimes that run the float math in reduced precision (see above).
     index = pixel.long()
-    index = (index[..., 1] * width + index[..., 0]).reshape(n, 1, queries * points)
+    column, row = index[..., 0].clamp(0, width - 1), index[..., 1].clamp(0, height - 1)
+    index = (row * width + column).reshape(n, 1, queries * points)
     sampled = value_level.reshape(n, channels, height * width).gather(2, index.expand(n, channels, -1))
     # The pixel does not move with small changes of the location: its gradient is zero, not absent. Routing
     # the (finite) pixel through the result gives the locations a zero gradient, as the kernels do, so the

@@ -1,11 +1,13 @@
 """ONNX export and onnxruntime helpers shared by tests/test_onnx.py (the op) and tests/test_model_export.py
-(python_model). Callers skip first when onnx, onnxruntime or onnxscript is missing."""
+(python_model). Callers skip first when onnx, onnxruntime, openvino or onnxscript is missing."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
+
+from python_model import export as export_module
 
 
 def export(module, inputs, **kwargs):
@@ -16,13 +18,25 @@ def export(module, inputs, **kwargs):
     return program.model_proto
 
 
+def export_at(module, inputs, tmp_path, opset=None, dynamic_batch=False, bilinear="gather"):
+    """The ModelProto that python_model.export.write_onnx writes (the exporter chosen by opset, the opset
+    checked), with generic input and output names."""
+    import onnx
+
+    names = [f"input{i}" for i in range(len(inputs))]
+    path = export_module.write_onnx(module, inputs, tmp_path / "graph.onnx", opset=opset, dynamic_batch=dynamic_batch,
+                                    input_names=names, output_names=["output"], bilinear=bilinear)
+    return onnx.load(str(path))
+
+
 def run_onnxruntime(model, inputs):
     """Every output of the model run by onnxruntime on CPU."""
-    import onnxruntime as ort
+    return export_module.run_onnxruntime(model.SerializeToString(), inputs)
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs)}
-    return [torch.from_numpy(output) for output in session.run(None, feeds)]
+
+def run_openvino(model, inputs):
+    """Every output of the model run by OpenVINO's CPU plugin, in fp32 (see python_model.export)."""
+    return export_module.run_openvino(model.SerializeToString(), inputs)
 
 
 def operators(model):

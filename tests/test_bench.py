@@ -52,8 +52,14 @@ def test_cli_quick_run_writes_every_report(tmp_path):
     assert [(r["model"], r["batch"], r["image"]) for r in report["training"]] == [("r18vd", 1, 256)]
     assert all(r[f"{name} ms"] > 0 for r in report["training"]
                for name in ("python_model", "transformers", "transformers patched"))
+    # The exported detector in onnxruntime and OpenVINO (quick: 320x320), after each graph's check.
+    assert [(r["method"], r["bilinear"], r["image"]) for r in report["deployment"]] == [
+        ("default", "gather", 320), ("default", "grid_sample", 320), ("discrete", "-", 320)]
+    assert all(r[f"{name} ms"] > 0 for r in report["deployment"]
+               for name in ("python_model (PyTorch)", "onnxruntime", "openvino f32", "openvino default precision"))
     markdown = (out / "benchmark.md").read_text()
     assert "## End-to-end model" in markdown and "## Training step" in markdown
+    assert "## Deployment runtimes (CPU)" in markdown
     assert "| tiny | default | float32 | cpu | forward | cpu |" in markdown
     pytest.importorskip("matplotlib")
     for chart in ("speedup_forward.png", "speedup_forward_backward.png", "peak_memory.png", "scaling.png"):

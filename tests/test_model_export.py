@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,36 +123,84 @@ def test_torch_export_keeps_the_kernel_with_a_dynamic_batch(variant):
         assert_predictions_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # about 25 s: two exports
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
-def test_onnx_export_is_standard_and_matches_onnxruntime(fused):
-    """torch.onnx.export of the eval model (batch size dynamic), query selection (TopK) included: standard
-    operators only, GridSample for bilinear sampling and none for discrete; onnxruntime on CPU reproduces
-    PyTorch's logits and boxes to 1e-4."""
+# (method, bilinear form, fused attention, opset, dynamic batch): every sampling form, each attention path,
+# opset 17 (TorchScript exporter) with a fixed batch and the dynamo exporter's default with a dynamic one.
+ONNX_CASES = [(method, bilinear, fused, opset, dynamic)
+              for method, bilinear in [("default", "gather"), ("default", "grid_sample"), ("discrete", "gather")]
+              for fused, opset, dynamic in [(True, 17, False), (False, None, True)]]
+
+
+def onnx_case_id(case):
+    method, bilinear, fused, opset, dynamic = case
+    return (f"{method}-{bilinear}-{'fused' if fused else 'plain'}-opset{opset or 'default'}-"
+            f"{'dynamic' if dynamic else 'static'}")
+
+
+@pytest.mark.slow  # about 10 s an export
+@pytest.mark.parametrize("case", ONNX_CASES, ids=onnx_case_id)
+def test_onnx_export_matches_in_onnxruntime_and_openvino(case, tmp_path):
+    """The deployed detector (python_model.export), query selection (TopK) included: standard operators only,
+    GridSample only where asked for; onnxruntime and OpenVINO on the CPU reproduce PyTorch's logits and boxes
+    to 1e-5 (relative to their largest value), at two batch sizes where the batch is dynamic."""
     onnx = pytest.importorskip("onnx")
+    for module in ("onnxruntime", "onnxscript", "openvino"):
+        pytest.importorskip(module)
+    from python_model.export import DeployedDetector, compare, export_onnx, graph_operators, graph_opset
+
+    method, bilinear, fused, opset, dynamic = case
+    detector = DeployedDetector(random_model(method, fused).eval().deploy())
+    path = export_onnx(detector, tmp_path / "model.onnx", bilinear=bilinear, dynamic_batch=dynamic, opset=opset)
+    onnx.checker.check_model(str(path))
+    ops = graph_operators(path)
+    assert ("GridSample" in ops) == (method == "default" and bilinear == "grid_sample"), sorted(ops)
+    assert "TopK" in ops
+    assert opset is None or graph_opset(path) == opset
+    for batch in (2, 3) if dynamic else (1,):
+        for runtime in ("onnxruntime", "openvino"):
+            comparison = compare(path, detector, runtime, batch=batch)
+            assert comparison.worst() <= 1e-5, comparison.describe()
+
+
+@pytest.mark.slow
+def test_onnx_export_with_postprocessing_and_half_precision(tmp_path):
+    """The top-k post-processing inside the graph (scores, labels, boxes in pixels), and a float16 graph held
+    against the float32 model (onnxruntime; a tolerance for float16's 11 bits)."""
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from onnx_helpers import export, operators, run_onnxruntime
+    from python_model.export import DeployedDetector, compare, export_onnx, graph_input_dtype
 
-    gathers = {}
-    for method in ("default", "discrete"):
-        model = random_model(method, fused).eval()
-        proto = export(model, (make_images(2, seed=3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        onnx.checker.check_model(proto)
-        ops = operators(proto)
-        assert {domain for domain, _ in ops} == {"ai.onnx"}, f"non-standard operators: {sorted(ops)}"
-        assert (("ai.onnx", "GridSample") in ops) == (method == "default"), sorted(ops)
-        assert ("ai.onnx", "TopK") in ops
-        gathers[method] = sum(node.op_type in ("Gather", "GatherElements", "GatherND") for node in proto.graph.node)
-        for batch in (2, 3):
-            images = make_images(batch, seed=batch)
-            logits, boxes = run_onnxruntime(proto, [images])
-            with torch.no_grad():
-                expected = model(images)
-            assert relative_error(logits, expected["pred_logits"]) <= 1e-4
-            assert relative_error(boxes, expected["pred_boxes"]) <= 1e-4
-    # Both graphs gather the selected queries; discrete sampling gathers its pixels on top of that.
-    assert gathers["discrete"] > gathers["default"], gathers
+    model = random_model("default", True).eval().deploy()
+    detector = DeployedDetector(model, postprocess=True)
+    path = export_onnx(detector, tmp_path / "post.onnx", dynamic_batch=True)
+    for batch in (2, 3):
+        comparison = compare(path, detector, batch=batch)
+        assert comparison.max_abs_error["labels"] == 0, comparison.describe()
+        assert comparison.worst() <= 1e-5, comparison.describe()
+    half = export_onnx(DeployedDetector(copy.deepcopy(model).half()), tmp_path / "half.onnx")
+    assert graph_input_dtype(half) == torch.float16
+    assert compare(half, DeployedDetector(model)).worst() <= 1e-2
+
+
+def test_cli_export(tmp_path):
+    """python -m python_model export: deploys, writes, checks in onnxruntime and prints the comparison."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from conftest import tiny_transformers_model
+
+    tiny_transformers_model().save_pretrained(tmp_path / "weights")
+    command = [sys.executable, "-m", "python_model", "export", "--weights", str(tmp_path / "weights"), "--out",
+               str(tmp_path / "model.onnx"), "--method", "discrete", "--dynamic-batch", "--image-size", "64", "96"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("exporting") and "discrete sampling" in lines[0] and "Bx3x64x96" in lines[0], lines
+    assert any("GridSample absent" in line and "outputs logits, boxes" in line for line in lines), lines
+    checks = [line for line in lines if line.startswith("check against the PyTorch model")]
+    assert len(checks) == 2 and all("onnxruntime" in line for line in checks), lines  # batches 1 and 2
+    bad = subprocess.run(command[:-3] + ["--opset", "12"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert bad.returncode == 1 and "error: the export failed" in bad.stderr and "opset version 12" in bad.stderr, bad.stderr[-2000:]
 
 
 DDP_BATCH = 4

@@ -1,5 +1,6 @@
-"""ONNX export: a module calling ms_deform_attn exports to standard operators only (no custom ops), and
-onnxruntime reproduces PyTorch's output."""
+"""ONNX export: a module calling ms_deform_attn exports to standard operators only (no custom ops), bilinear
+sampling as corner gathers (the default) or GridSample (rtdetrv2_kernels.export_options), and two runtimes
+nobody here wrote, onnxruntime and OpenVINO, reproduce PyTorch's output."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import warnings
 import pytest
 import torch
 from conftest import make_inputs
-from onnx_helpers import export, operators, run_onnxruntime
+from onnx_helpers import export, export_at, operators, run_onnxruntime, run_openvino
 
 import rtdetrv2_kernels
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+pytest.importorskip("openvino")
+RUNTIMES = {"onnxruntime": run_onnxruntime, "openvino": run_openvino}
+# (method, bilinear form): the discrete method has no bilinear sampling to write.
+FORMS = [("default", "gather"), ("default", "grid_sample"), ("discrete", "gather")]
 
 SHAPES = [(4, 8), (8, 2), (3, 5)]  # non-square both ways
 POINTS = [3, 6, 3]
@@ -33,43 +38,90 @@ class Attention(torch.nn.Module):
         return rtdetrv2_kernels.ms_deform_attn(value, SHAPES, locations, weights, POINTS, method=self.method)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-@pytest.mark.parametrize("method", ["default", "discrete"])
-def test_export_is_standard_onnx_and_matches(method, fused):
-    inputs = make_inputs(batch=2, queries=5, heads=2, channels=4, shapes=SHAPES, points=POINTS,
-                         dtype=torch.float32, seed=3, borders=False)
-    module = Attention(method, fused)
-    model = export(module, inputs)
+def check_operators(model, method, bilinear):
+    """Standard operators only; GridSample exactly where asked for, corner gathers otherwise."""
     onnx.checker.check_model(model)
     ops = operators(model)
     assert {domain for domain, _ in ops} == {"ai.onnx"}, f"non-standard operators: {sorted(ops)}"
     names = {name for _, name in ops}
-    if method == "default":
-        assert "GridSample" in names
-    else:  # for engines without GridSample
-        assert "GridSample" not in names and names & {"Gather", "GatherElements", "GatherND"}
-    expected = module(*inputs)
-    (actual,) = run_onnxruntime(model, inputs)
-    assert actual.shape == expected.shape
-    assert (actual - expected).abs().max().item() <= 1e-4
+    grid_sample = method == "default" and bilinear == "grid_sample"
+    assert ("GridSample" in names) == grid_sample, sorted(names)
+    if not grid_sample:  # (the TorchScript exporter also gathers from shapes, so their absence proves nothing)
+        assert names & {"Gather", "GatherElements", "GatherND"}, sorted(names)
 
 
-@pytest.mark.parametrize("method", ["default", "discrete"])
-def test_torchscript_exporter_at_opset_16(method, tmp_path):
+def assert_matches(actual, expected, what):
+    assert actual.shape == expected.shape, what
+    error = (actual - expected).abs().max().item()
+    assert error <= 1e-5 * max(1.0, expected.abs().max().item()), f"{what}: max error {error:.3g}"
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
+@pytest.mark.parametrize("opset", [17, None], ids=["opset17", "default-opset"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("method,bilinear", FORMS, ids=[f"{m}-{b}" for m, b in FORMS])
+def test_export_matches_in_onnxruntime_and_openvino(method, bilinear, fused, opset, dynamic, tmp_path):
+    inputs = make_inputs(batch=2, queries=5, heads=2, channels=4, shapes=SHAPES, points=POINTS,
+                         dtype=torch.float32, seed=3, borders=False)
+    module = Attention(method, fused)
+    model = export_at(module, inputs, tmp_path, opset=opset, dynamic_batch=dynamic, bilinear=bilinear)
+    check_operators(model, method, bilinear)
+    runs = [inputs]
+    if dynamic:
+        runs.append(make_inputs(batch=3, queries=5, heads=2, channels=4, shapes=SHAPES, points=POINTS,
+                                dtype=torch.float32, seed=4, borders=False))
+    for run_inputs in runs:
+        expected = module(*run_inputs)
+        for runtime, run in RUNTIMES.items():
+            assert_matches(run(model, run_inputs)[0], expected, f"{runtime}, batch {run_inputs[0].shape[0]}")
+
+
+@pytest.mark.parametrize("method,bilinear", FORMS, ids=[f"{m}-{b}" for m, b in FORMS])
+def test_exported_graph_handles_non_finite_and_far_locations_as_the_op(method, bilinear, tmp_path):
+    """NaN, infinite, huge and just-outside locations: zero contribution (bilinear) or the border pixel
+    (discrete), as the op's kernels give, in both runtimes; no index outside value (onnxruntime checks
+    Gather indices and fails on one out of range)."""
+    inputs = make_inputs(batch=2, queries=6, heads=2, channels=4, shapes=SHAPES, points=POINTS,
+                         dtype=torch.float32, seed=5, borders=False)
+    module = Attention(method)
+    model = export_at(module, inputs, tmp_path, bilinear=bilinear)
+    value, locations, weights = inputs
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0001, -0.0001, 3.0])
+    generator = torch.Generator().manual_seed(6)
+    chosen = torch.rand(locations.shape, generator=generator) < 0.4
+    picks = special[torch.randint(0, len(special), locations.shape, generator=generator)]
+    locations = torch.where(chosen, picks, locations)
+    expected = module(value, locations, weights)  # the C++ kernel (or the reference without it)
+    assert expected.isfinite().all()
+    for runtime, run in RUNTIMES.items():
+        assert_matches(run(model, [value, locations, weights])[0], expected, runtime)
+
+
+def test_export_options_rejects_unknown_forms_and_leaves_eager_calls_alone():
+    with pytest.raises(ValueError, match="bilinear must be one of"):
+        with rtdetrv2_kernels.export_options(bilinear="nearest"):
+            pass
+    inputs = make_inputs(batch=1, queries=3, heads=2, channels=4, shapes=SHAPES, points=POINTS, dtype=torch.float32)
+    eager = Attention("default")(*inputs)
+    with rtdetrv2_kernels.export_options(bilinear="grid_sample"):
+        assert torch.equal(Attention("default")(*inputs), eager)
+
+
+@pytest.mark.parametrize("method,bilinear", FORMS, ids=[f"{m}-{b}" for m, b in FORMS])
+def test_torchscript_exporter_at_opset_16(method, bilinear, tmp_path):
     """The older TorchScript-based exporter (dynamo=False), at GridSample's first opset."""
     inputs = make_inputs(batch=2, queries=5, heads=2, channels=4, shapes=SHAPES, points=POINTS,
                          dtype=torch.float32, seed=6, borders=False)
     module = Attention(method).eval()
     path = tmp_path / "attention.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), rtdetrv2_kernels.export_options(bilinear=bilinear):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=16)
     model = onnx.load(str(path))
     assert [(entry.domain, entry.version) for entry in model.opset_import] == [("", 16)]
-    ops = operators(model)
-    assert {domain for domain, _ in ops} == {"ai.onnx"}
-    assert (("ai.onnx", "GridSample") in ops) == (method == "default")
-    assert (run_onnxruntime(model, inputs)[0] - module(*inputs)).abs().max().item() <= 1e-4
+    check_operators(model, method, bilinear)
+    for runtime, run in RUNTIMES.items():
+        assert_matches(run(model, inputs)[0], module(*inputs), runtime)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
@@ -82,9 +134,11 @@ def test_calls_outside_export_still_run_the_kernel(fused, monkeypatch):
         pytest.skip("the C++ kernels are not built")
     table = backends._FUSED_IMPLEMENTATIONS if fused else backends._IMPLEMENTATIONS
     calls = []
-    for name in ("cpu", "torch"):
-        run = table[name]
-        monkeypatch.setitem(table, name, lambda *args, _name=name, _run=run: calls.append(_name) or _run(*args))
+    kernel = table["cpu"]
+    monkeypatch.setitem(table, "cpu", lambda *args: calls.append("cpu") or kernel(*args))
+    name = "ms_deform_attn_fused_reference" if fused else "ms_deform_attn_reference"
+    reference = getattr(backends, name)
+    monkeypatch.setattr(backends, name, lambda *args, **kwargs: calls.append("torch") or reference(*args, **kwargs))
     inputs = make_inputs(batch=1, queries=3, heads=2, channels=4, shapes=SHAPES, points=POINTS,
                          dtype=torch.float32, borders=False)
     module = Attention("default", fused)
@@ -102,4 +156,5 @@ def test_export_with_dynamic_batch_and_queries():
                    dynamic_shapes=({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries}))
     other = make_inputs(batch=3, queries=7, heads=2, channels=4, shapes=SHAPES, points=POINTS,
                         dtype=torch.float32, seed=5, borders=False)
-    assert (run_onnxruntime(model, other)[0] - Attention("default")(*other)).abs().max().item() <= 1e-4
+    for runtime, run in RUNTIMES.items():
+        assert_matches(run(model, other)[0], Attention("default")(*other), runtime)
