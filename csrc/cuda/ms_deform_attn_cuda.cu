@@ -47,19 +47,21 @@ struct LevelParams {
 // thread as it reaches a level. The host cannot check them without a sync, so the kernel does: a level that
 // is empty, too large for int32 offsets or not wholly inside value's rows reads as size 0x0, which no sample
 // reads (sampling.h), so the level contributes zero and gets zero gradients.
-struct DeviceLevels {
+// The point counts stay kernel arguments, in the LevelParams base (its height, width and start stay zero;
+// level() below hides the base's). Besides sharing the list form's layout, that keeps the argument above
+// 128 bytes: nvcc copies a smaller one that the kernel indexes at run time into local memory (measured with
+// ptxas on sm_90: a 96-byte stack frame in every kernel), which the fast path must not have.
+struct DeviceLevels : LevelParams {
   const int64_t* shapes;
   const int64_t* starts;
   int64_t rows;
-  int32_t points[kMaxLevels];
-  int32_t num_levels;
 
   __device__ __forceinline__ LevelGeometry level(int l) const {
     const int64_t height = shapes[2 * l], width = shapes[2 * l + 1], start = starts[l];
-    const bool valid = height > 0 && width > 0 && height <= INT32_MAX / width && start >= 0 &&
-                       start <= rows - height * width;
-    if (!valid) return {0, 0, 0};
-    return {static_cast<int32_t>(height), static_cast<int32_t>(width), start};
+    // Each side is bounded before the product, which then fits in int64 (a 64-bit division would be a call).
+    const bool valid = height > 0 && width > 0 && height <= INT32_MAX && width <= INT32_MAX &&
+                       height * width <= INT32_MAX && start >= 0 && start <= rows - height * width;
+    return {valid ? static_cast<int32_t>(height) : 0, valid ? static_cast<int32_t>(width) : 0, valid ? start : 0};
   }
 };
 
@@ -86,9 +88,12 @@ LevelParams make_level_params(const LevelTable& table) {
 DeviceLevels make_device_levels(const LevelTable& table, const at::Tensor& shapes, const at::Tensor& starts,
                                 int64_t rows) {
   check_level_count(table);
-  DeviceLevels levels{shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), rows, {}, 0};
+  DeviceLevels levels{};
   levels.num_levels = static_cast<int32_t>(table.num_levels());
   for (int64_t l = 0; l < table.num_levels(); ++l) levels.points[l] = static_cast<int32_t>(table.points[l]);
+  levels.shapes = shapes.const_data_ptr<int64_t>();
+  levels.starts = starts.const_data_ptr<int64_t>();
+  levels.rows = rows;
   return levels;
 }
 
