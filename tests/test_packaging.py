@@ -177,8 +177,11 @@ def test_fast_path_cuda_kernels_do_not_spill():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "ptxas_report.py"), "--arch", "90", "--check"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    # the report lists the vectorized kernels of the plain and the fused op, and the deterministic backward
-    assert "| forward_kernel<float, 4, false, PlainPoints<float> > | sm_90 |" in run.stdout
-    assert ("| backward_kernel<c10::BFloat16, 8, false, true, FusedPoints<c10::BFloat16>, FloatSink<float> > | sm_90 |"
-            in run.stdout)
-    assert "| backward_kernel<float, 4, false, true, PlainPoints<float>, FixedPointSink> | sm_90 |" in run.stdout
+    # the report lists the vectorized kernels of the plain op (both level tables) and the fused op, and the
+    # deterministic backward
+    for levels in ("LevelParams", "DeviceLevels"):
+        assert f"| forward_kernel<float, 4, false, PlainPoints<float>, {levels}> | sm_90 |" in run.stdout
+        assert (f"| backward_kernel<float, 4, false, true, PlainPoints<float>, {levels}, FixedPointSink> | sm_90 |"
+                in run.stdout)
+    assert ("| backward_kernel<c10::BFloat16, 8, false, true, FusedPoints<c10::BFloat16>, LevelParams, FloatSink<float> > "
+            "| sm_90 |" in run.stdout)
