@@ -136,9 +136,10 @@ def run_onnxruntime(model: str | Path | bytes, inputs) -> list[torch.Tensor]:
 
 
 def run_openvino(model: str | Path | bytes, inputs, precision: str | None = "f32") -> list[torch.Tensor]:
-    """Every output of the graph run by OpenVINO's CPU plugin. Its default inference precision is bf16 on CPUs with bf16 units (convolutions
-    and matrix products then round to 8 mantissa bits: measured here, boxes of the tiny test model off by 0.8),
-    so this runs at `precision` "f32" unless told otherwise (None: the plugin's default)."""
+    """Every output of the graph run by OpenVINO's CPU plugin. Its default inference precision is bf16 on
+    CPUs with bf16 units (convolutions and matrix products then round to 8 mantissa bits: measured here,
+    boxes of the tiny test model off by 0.8), so this runs at `precision` "f32" unless told otherwise (None:
+    the plugin's default)."""
     import openvino
 
     core = openvino.Core()

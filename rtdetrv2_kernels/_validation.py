@@ -27,13 +27,19 @@ def _as_int(x, what: str) -> int:
         raise TypeError(f"{what} must be an int, got {type(x).__name__}") from None
 
 
+def check_shapes_tensor(spatial_shapes: torch.Tensor) -> int:
+    """The number of levels of an (L, 2) integer spatial_shapes tensor, checked without reading its values."""
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
+    if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype.is_complex or spatial_shapes.dtype == torch.bool:
+        raise TypeError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+    return spatial_shapes.shape[0]
+
+
 def level_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
     """spatial_shapes as a tuple of (height, width) pairs of Python ints."""
     if isinstance(spatial_shapes, torch.Tensor):
-        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-            raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
-        if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype.is_complex or spatial_shapes.dtype == torch.bool:
-            raise TypeError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+        check_shapes_tensor(spatial_shapes)
         spatial_shapes = spatial_shapes.tolist()
     if not isinstance(spatial_shapes, Sequence) or isinstance(spatial_shapes, str):
         raise TypeError(

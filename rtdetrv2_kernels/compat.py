@@ -16,7 +16,14 @@ import torch
 
 import rtdetrv2_kernels as _package  # the op is looked up per call, so a test can watch it
 
-from ._validation import _as_int, _check_tensor, check_dtypes_and_devices, level_shapes, widen_under_autocast
+from ._validation import (
+    _as_int,
+    _check_tensor,
+    check_dtypes_and_devices,
+    check_shapes_tensor,
+    level_shapes,
+    widen_under_autocast,
+)
 from .backends import resolve_backend, tensor_levels_implementation
 from .reference import levels_in_order
 
@@ -57,9 +64,7 @@ def _read_layout(spatial_shapes, level_start_index):
     """(level shapes as Python ints, level starts as Python ints, or the starts tensor where reading it
     would cost a host-device sync that reading the shapes does not already pay)."""
     if isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.device.type != "cpu":
-        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-            raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
-        _check_start_index(level_start_index, spatial_shapes.shape[0])
+        _check_start_index(level_start_index, check_shapes_tensor(spatial_shapes))
         if isinstance(level_start_index, torch.Tensor):
             # The shapes must come to the host anyway: bring the starts in the same copy (one sync for both).
             both = torch.cat((spatial_shapes.reshape(-1), level_start_index.to(spatial_shapes)))
@@ -108,20 +113,13 @@ def _check_v1_tensors(value, sampling_locations, attention_weights, num_levels: 
         )
 
 
-def _check_shapes_tensor(spatial_shapes: torch.Tensor) -> int:
-    """The number of levels of an (L, 2) integer spatial_shapes tensor, checked without reading it."""
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] == 0:
-        raise ValueError(f"spatial_shapes must have shape (L, 2) with L >= 1, got {tuple(spatial_shapes.shape)}")
-    if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype.is_complex or spatial_shapes.dtype == torch.bool:
-        raise TypeError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
-    return spatial_shapes.shape[0]
-
-
 def _v1_with_level_tensors(run, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """ms_deform_attn_v1 on a backend whose kernels read the level table where it lives: shapes and starts
     go to value's device as int64 tensors (a conversion there, or a copy from the host of starts given as
     ints), never to the host, so nothing waits for the device and torch.compile traces the call whole."""
-    num_levels = _check_shapes_tensor(spatial_shapes)
+    num_levels = check_shapes_tensor(spatial_shapes)
+    if num_levels == 0:
+        raise ValueError("spatial_shapes must hold at least one level")
     _check_start_index(level_start_index, num_levels)
     value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations, attention_weights)
     _check_v1_tensors(value, sampling_locations, attention_weights, num_levels)

@@ -58,7 +58,7 @@ struct DeviceLevels : LevelParams {
 
   __device__ __forceinline__ LevelGeometry level(int l) const {
     const int64_t height = shapes[2 * l], width = shapes[2 * l + 1], start = starts[l];
-    // Each side is bounded before the product, which then fits in int64 (a 64-bit division would be a call).
+    // Each side is bounded before the product, so that the product fits in int64.
     const bool valid = height > 0 && width > 0 && height <= INT32_MAX && width <= INT32_MAX &&
                        height * width <= INT32_MAX && start >= 0 && start <= rows - height * width;
     return {valid ? static_cast<int32_t>(height) : 0, valid ? static_cast<int32_t>(width) : 0, valid ? start : 0};
