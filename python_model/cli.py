@@ -2,7 +2,8 @@
 
     predict   --weights PATH --image IMG [--out annotated.png] [--threshold 0.5] [--backend NAME]
     train     --data DIR --preset r18vd [--weights CKPT] --epochs N --batch-size B --out RUN_DIR [--resume CKPT]
-    eval      --weights CKPT --data DIR [--split val]
+              (or, instead of --data: --train-annotations JSON --train-images DIR, and --val-... the same)
+    eval      --weights CKPT --data DIR [--split val]   (or --annotations JSON --images DIR)
     synthetic DIR [--train 300 --val 60 --size 128]   (a small dataset of shapes, for trying training out)
     export    --weights PATH --out model.onnx [--method default|discrete] [--bilinear gather|grid_sample]
               [--dynamic-batch] [--opset N] [--half] [--postprocess]
@@ -22,6 +23,11 @@ from rtdetrv2_kernels import BACKENDS
 from .config import PRESETS
 
 
+_LAYOUTS = ("train/ and val/, each with its images and an instances.json; COCO's layout "
+            "(annotations/instances_train2017.json with train2017/, ...); or Roboflow's COCO export (train/, valid/, "
+            "test/, each with its images and a _annotations.coco.json)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m python_model", description="RT-DETRv2 on rtdetrv2_kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,8 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
     train = commands.add_parser("train", help="train or fine-tune on COCO-format data")
-    train.add_argument("--data", required=True, help="a directory with train/ and val/ (images + instances.json), "
-                       "or COCO's layout (annotations/instances_train2017.json, train2017/, ...)")
+    train.add_argument("--data", help=f"a dataset directory: {_LAYOUTS}. Not needed where a split's files are "
+                       "given by the arguments below")
+    for split in ("train", "val"):
+        train.add_argument(f"--{split}-annotations", metavar="JSON",
+                           help=f"the {split} split's COCO instances file, instead of finding it under --data")
+        train.add_argument(f"--{split}-images", metavar="DIR", help=f"the directory of the {split} split's images")
     train.add_argument("--preset", default="r18vd", choices=sorted(PRESETS), help="the architecture and its recipe")
     train.add_argument("--weights", help="start from these weights (transformers directory / Hub id, or a .pth); "
                        "class heads of another class count are replaced")
@@ -49,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--no-eval", action="store_true", help="skip the COCO evaluation after each epoch")
-    train.add_argument("--out", required=True, help="run directory: last.pth (every epoch) and log.jsonl")
+    train.add_argument("--out", required=True, help="run directory: last.pth (every epoch), best.pth (the best AP "
+                       "so far) and log.jsonl")
     train.add_argument("--device", help="torch device (default: cuda if available)")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                        help="change a model configuration field, e.g. --set hidden_dim=128 (repeatable)")
@@ -60,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", required=True, help="a checkpoint of `train`, a transformers directory, "
                           "or an original .pth (with --preset)")
     evaluate.add_argument("--preset", choices=sorted(PRESETS), help="the architecture of an original .pth")
-    evaluate.add_argument("--data", required=True, help="as for train")
-    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--data", help=f"a dataset directory: {_LAYOUTS}")
+    evaluate.add_argument("--split", default="val", help="the split of --data to evaluate on (default val)")
+    evaluate.add_argument("--annotations", metavar="JSON", help="a COCO instances file, instead of --data")
+    evaluate.add_argument("--images", metavar="DIR", help="the directory of its images")
     evaluate.add_argument("--image-size", type=int, help="default: the model's eval_spatial_size")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="cpu")
@@ -93,6 +106,24 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     synthetic.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _check_data(parser: argparse.ArgumentParser, args) -> None:
+    """argparse errors unless every split the command reads has --data or both of its explicit arguments."""
+    if args.command == "train":
+        prefixes = ["train-"] + ([] if args.no_eval else ["val-"])
+    elif args.command == "eval":
+        prefixes = [""]
+    else:
+        return
+    for prefix in prefixes:
+        dest = prefix.replace("-", "_")
+        annotations, images = getattr(args, f"{dest}annotations"), getattr(args, f"{dest}images")
+        if bool(annotations) != bool(images):
+            parser.error(f"--{prefix}annotations and --{prefix}images go together: give both or neither")
+        if not annotations and not args.data:
+            parser.error(f"give --data, or --{prefix}annotations with --{prefix}images"
+                         f"{' (or --no-eval)' if prefix == 'val-' else ''}")
 
 
 def draw(image, detections, labels):
@@ -144,7 +175,9 @@ def _field(assignment: str) -> tuple[str, object]:
 def train(args) -> int:
     from .train import TrainSettings, train as run
 
-    settings = TrainSettings(data=args.data, out=args.out, preset=args.preset, weights=args.weights,
+    settings = TrainSettings(data=args.data, out=args.out, train_annotations=args.train_annotations,
+                             train_images=args.train_images, val_annotations=args.val_annotations,
+                             val_images=args.val_images, preset=args.preset, weights=args.weights,
                              resume=args.resume, epochs=args.epochs, batch_size=args.batch_size,
                              image_size=args.image_size, amp=args.amp, device=args.device, workers=args.workers,
                              evaluate_every_epoch=not args.no_eval, max_steps=args.max_steps,
@@ -163,7 +196,8 @@ def evaluate(args) -> int:
 
     model = load_pretrained(args.weights, preset=args.preset).to(args.device)
     size = [args.image_size] * 2 if args.image_size else model.config.eval_spatial_size
-    dataset = CocoDetection(*find_split(args.data, args.split), EvalTransforms(size))
+    images, annotations = (args.images, args.annotations) if args.annotations else find_split(args.data, args.split)
+    dataset = CocoDetection(images, annotations, EvalTransforms(size))
     print(format_metrics(run(model, dataset, args.batch_size, torch.device(args.device))))
     return 0
 
@@ -227,7 +261,9 @@ def synthetic(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_data(parser, args)
     try:
         commands = {"predict": predict, "train": train, "eval": evaluate, "synthetic": synthetic, "export": export}
         return commands[args.command](args)

@@ -6,8 +6,10 @@ a checkpoint per epoch in the original solver's format, and COCO evaluation afte
     python -m python_model train --data DIR --preset r18vd [--weights CKPT] --epochs N --batch-size B --out RUN
     train(TrainSettings(data="DIR", preset="r18vd", epochs=N, batch_size=B, out="RUN"))
 
-DIR holds train/ and val/, each with its images and an instances.json, or COCO's own layout
-(annotations/instances_train2017.json with train2017/, and the same for val2017).
+DIR holds train/ and val/, each with its images and an instances.json; or COCO's own layout
+(annotations/instances_train2017.json with train2017/, and the same for val2017); or Roboflow's COCO export
+(train/ and valid/, each with its images and a _annotations.coco.json). Instead of DIR, or for one split,
+the files can be named: TrainSettings.train_annotations with train_images, val_annotations with val_images.
 """
 
 from __future__ import annotations
@@ -91,8 +93,13 @@ def recipe_for(preset_name: str) -> Recipe:
 
 @dataclass
 class TrainSettings:
-    data: str
     out: str
+    data: str | None = None  # a dataset directory in one of find_split's layouts
+    # A split's files named explicitly (both or neither), instead of finding them under data:
+    train_annotations: str | None = None
+    train_images: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None
     preset: str = "r18vd"
     weights: str | None = None  # a checkpoint to start from (transformers directory/Hub id, or a .pth)
     resume: str | None = None  # a checkpoint of this trainer to continue
@@ -111,36 +118,59 @@ class TrainSettings:
 
 
 def find_split(root: str, split: str) -> tuple[str, str]:
-    """(images directory, instances JSON) of a split in either supported layout."""
-    simple = os.path.join(root, split)
-    if os.path.isfile(os.path.join(simple, "instances.json")):
-        return simple, os.path.join(simple, "instances.json")
+    """(images directory, instances JSON) of a split in any supported layout: <split>/instances.json, COCO's
+    annotations/instances_<split>2017.json with <split>2017/, or Roboflow's COCO export
+    <split>/_annotations.coco.json (whose validation split is named valid)."""
+    simple = os.path.join(root, split, "instances.json")
     coco = os.path.join(root, "annotations", f"instances_{split}2017.json")
-    if os.path.isfile(coco):
-        return os.path.join(root, f"{split}2017"), coco
-    raise FileNotFoundError(f"{root}: no {split} split (expected {simple}/instances.json or {coco})")
+    coco_images = os.path.join(root, f"{split}2017")
+    roboflow_images = os.path.join(root, "valid" if split == "val" else split)
+    roboflow = os.path.join(roboflow_images, "_annotations.coco.json")
+    for images, annotations in ((os.path.dirname(simple), simple), (coco_images, coco), (roboflow_images, roboflow)):
+        if os.path.isfile(annotations):
+            return images, annotations
+    raise FileNotFoundError(f"{root}: no {split} split; looked for {simple} (images beside it), {coco} (images in "
+                            f"{coco_images}), and Roboflow's {roboflow} (images beside it)")
+
+
+def split_files(settings: TrainSettings, split: str) -> tuple[str, str]:
+    """(images directory, instances JSON) of the train or val split: the settings' explicit pair where given,
+    else found under settings.data."""
+    images, annotations = getattr(settings, f"{split}_images"), getattr(settings, f"{split}_annotations")
+    if bool(images) != bool(annotations):
+        raise ValueError(f"{split}_annotations and {split}_images go together: give both or neither")
+    if annotations:
+        return images, annotations
+    if not settings.data:
+        raise ValueError(f"no {split} data: give data (a dataset directory) or {split}_annotations with "
+                         f"{split}_images")
+    return find_split(settings.data, split)
 
 
 class ModelEMA:
     """The original's exponential moving average of the weights: decay * (1 - exp(-updates / warmups)), so
-    that early updates follow the model closely."""
+    that early updates follow the model closely. It follows the tensors `model` has when the EMA is made
+    (loading state dicts into either side later copies in place and keeps them)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, warmups: int):
         # Frozen backbone norms, as inference and checkpoints hold them; on the model's device.
         self.module = RTDETRv2(model.config).to(next(model.parameters()).device)
-        state = model.state_dict()
+        state = model.state_dict(keep_vars=True)
         self.module.load_state_dict({name: state[name] for name in self.module.state_dict()})
         self.module.eval().requires_grad_(False)
         self.decay, self.warmups, self.updates = decay, warmups, 0
+        # Paired once rather than per step: parameters and float buffers, by name; counters (BatchNorm's
+        # num_batches_tracked) keep their first value. keep_vars: the tensors themselves, not views of them.
+        averaged = {name: value for name, value in self.module.state_dict(keep_vars=True).items()
+                    if value.dtype.is_floating_point}
+        self._averaged = list(averaged.values())
+        self._followed = [state[name] for name in averaged]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         decay = self.decay * (1 - math.exp(-self.updates / self.warmups))
-        state = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:  # parameters and float buffers; counters keep their first value
-                value.lerp_(state[name].detach(), 1 - decay)
+        torch._foreach_lerp_(self._averaged, self._followed, 1 - decay)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -206,13 +236,14 @@ def initial_model(settings: TrainSettings, config: RTDETRv2Config, log) -> RTDET
     return model
 
 
-def save_checkpoint(path: str, model, ema, optimizer, warmup, scaler, epoch: int, step: int) -> None:
+def save_checkpoint(path: str, model, ema, optimizer, warmup, scaler, epoch: int, step: int, best_ap: float) -> None:
     """The original solver's keys (date, last_epoch, model, ema {module, updates}, optimizer,
-    lr_warmup_scheduler, scaler with fp16), plus the step and this model's configuration, so that loading
-    needs no preset."""
+    lr_warmup_scheduler, scaler with fp16), plus the step, the best AP of the run so far (-1 before any
+    evaluation; resuming keeps it) and this model's configuration, so that loading needs no preset."""
     checkpoint = {"date": datetime.datetime.now().isoformat(), "last_epoch": epoch, "model": model.state_dict(),
                   "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                  "lr_warmup_scheduler": warmup.state_dict(), "step": step, "config": model.config.to_dict()}
+                  "lr_warmup_scheduler": warmup.state_dict(), "step": step, "best_ap": best_ap,
+                  "config": model.config.to_dict()}
     if scaler.is_enabled():
         checkpoint["scaler"] = scaler.state_dict()
     torch.save(checkpoint, path + ".tmp")
@@ -221,8 +252,8 @@ def save_checkpoint(path: str, model, ema, optimizer, warmup, scaler, epoch: int
 
 def train(settings: TrainSettings, log=print) -> dict:
     """Trains; returns {"epochs": per-epoch records (loss, time, metrics), "checkpoint": last.pth's path}.
-    The run directory gets last.pth after every epoch, best.pth whenever the EMA's AP improves, and
-    log.jsonl (one record per epoch)."""
+    The run directory gets last.pth after every epoch, best.pth whenever the EMA's AP improves on the best
+    of the run (a resumed run's included), and log.jsonl (one record per epoch)."""
     recipe = dataclasses.replace(recipe_for(settings.preset), **settings.recipe_overrides)
     epochs = settings.epochs or recipe.epochs
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -230,11 +261,11 @@ def train(settings: TrainSettings, log=print) -> dict:
     scales = settings.scales
     if scales is None and recipe.multiscale:
         scales = tuple(max(32, int(round(s * settings.image_size / 640 / 32)) * 32) for s in TRAIN_SCALES)
-    train_dir, train_json = find_split(settings.data, "train")
+    train_dir, train_json = split_files(settings, "train")
     train_set = CocoDetection(train_dir, train_json, TrainTransforms(size, recipe.stop_epoch))
     val_set = None
     if settings.evaluate_every_epoch:
-        val_set = CocoDetection(*find_split(settings.data, "val"), EvalTransforms(size))
+        val_set = CocoDetection(*split_files(settings, "val"), EvalTransforms(size))
     config = preset(settings.preset, num_classes=len(train_set.class_names), labels=train_set.class_names,
                     eval_spatial_size=list(size), **settings.model_overrides)
     model = initial_model(settings, config, log).to(device).train()
@@ -249,7 +280,7 @@ def train(settings: TrainSettings, log=print) -> dict:
     ema = ModelEMA(model, recipe.ema_decay, recipe.ema_warmups)
     amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
-    start_epoch, step = 0, 0
+    start_epoch, step, best = 0, 0, -1.0
     if settings.resume:
         checkpoint = torch.load(settings.resume, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"])
@@ -259,6 +290,7 @@ def train(settings: TrainSettings, log=print) -> dict:
         if "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step = checkpoint["last_epoch"] + 1, checkpoint["step"]
+        best = checkpoint.get("best_ap", -1.0)  # checkpoints of earlier versions: unknown
         log(f"resuming {settings.resume} at epoch {start_epoch}")
     collate = MultiScaleCollate(scales or (), recipe.stop_epoch)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
@@ -266,7 +298,7 @@ def train(settings: TrainSettings, log=print) -> dict:
     if len(loader) == 0:
         raise ValueError(f"{train_json}: {len(train_set)} images make no full batch of {settings.batch_size}")
     os.makedirs(settings.out, exist_ok=True)
-    history, path, best = [], None, -1.0
+    history, path = [], None
     for epoch in range(start_epoch, epochs):
         train_set.set_epoch(epoch)
         collate.set_epoch(epoch)
@@ -291,19 +323,23 @@ def train(settings: TrainSettings, log=print) -> dict:
                     warmup.step()
                 ema.update(model)
                 step += 1
-                total += losses["loss"].item()
-                bar.step(images.shape[0], loss=losses["loss"].item(), lr=optimizer.param_groups[-1]["lr"])
+                loss = losses["loss"].item()  # read once: each read waits for the device
+                total += loss
+                bar.step(images.shape[0], loss=loss, lr=optimizer.param_groups[-1]["lr"])
                 if settings.max_steps is not None and step >= settings.max_steps:
                     break
         record = {"epoch": epoch, "steps": step, "loss": total / max(bar.done, 1),
                   "seconds": time.perf_counter() - started}
         path = os.path.join(settings.out, "last.pth")
-        save_checkpoint(path, model, ema, optimizer, warmup, scaler, epoch, step)
+        # Saved before evaluating, so that a failed evaluation does not lose the epoch.
+        save_checkpoint(path, model, ema, optimizer, warmup, scaler, epoch, step, best)
         if val_set is not None:
             record["metrics"] = evaluate(ema.module, val_set, settings.batch_size, device, settings.progress)
             log(f"epoch {epoch}: loss {record['loss']:.4f}  EMA on val: {format_metrics(record['metrics'])}")
             if record["metrics"]["AP"] > best:
                 best = record["metrics"]["AP"]
+                # Saved again with the new best, so that resuming from last.pth or best.pth knows it.
+                save_checkpoint(path, model, ema, optimizer, warmup, scaler, epoch, step, best)
                 shutil.copyfile(path, os.path.join(settings.out, "best.pth"))
         else:
             log(f"epoch {epoch}: loss {record['loss']:.4f}")

@@ -1,6 +1,7 @@
 """python_model's training side: the COCO-format dataset and its errors, the augmentations (boxes stay on
 their objects), dynamic augmentation and multi-scale batches, COCO evaluation, and a short training run on
-synthetic data (the loss falls; checkpoints resume and load for prediction; fine-tuning to other classes)."""
+synthetic data (the loss falls; checkpoints resume, keeping the best AP, and load for prediction; fine-tuning
+to other classes); the EMA update; the dataset layouts and explicitly named files of train and eval."""
 
 from __future__ import annotations
 
@@ -284,6 +285,185 @@ def test_cli_synthetic_train_eval(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "python_model", "train", "--data", str(tmp_path / "nothing"), "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "no train split" in bad.stderr
+
+
+def test_resuming_replaces_best_pth_only_when_the_ap_improves(tmp_path, monkeypatch):
+    import python_model.train as training
+    from python_model.evaluate import METRICS
+
+    data = write_dataset(str(tmp_path / "data"), train=4, val=2, size=64)  # one step per epoch
+    aps = iter([0.5, 0.3, 0.7])  # the AP of epochs 0, 1, 2
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: dict.fromkeys(METRICS, next(aps)))
+    run = tmp_path / "run"
+    settings = TrainSettings(data=data, out=str(run), epochs=1, batch_size=4, image_size=64, workers=0,
+                             progress=False, model_overrides=TINY, recipe_overrides=FAST)
+    train(settings)
+    best = run / "best.pth"
+    written = best.read_bytes()
+    train(dataclasses_replace(settings, epochs=2, resume=str(run / "last.pth")))  # AP 0.3: worse
+    assert best.read_bytes() == written, "a resumed run replaced best.pth with a worse AP"
+    assert torch.load(best, weights_only=True)["best_ap"] == 0.5
+    assert torch.load(run / "last.pth", weights_only=True)["best_ap"] == 0.5
+    train(dataclasses_replace(settings, epochs=3, resume=str(run / "last.pth")))  # AP 0.7: better
+    improved = torch.load(best, weights_only=True)
+    assert improved["last_epoch"] == 2 and improved["best_ap"] == 0.7
+    assert torch.load(run / "last.pth", weights_only=True)["best_ap"] == 0.7  # resuming from either agrees
+
+
+def test_a_training_step_reads_its_loss_once(dataset_dir, tmp_path, monkeypatch):
+    import python_model.train as training
+
+    losses, reads = [], []
+    build, item = training.build_criterion, torch.Tensor.item
+
+    def recording_criterion(config):
+        criterion = build(config)
+
+        def run(outputs, targets):
+            result = criterion(outputs, targets)
+            losses.append(result["loss"])
+            return result
+
+        return run
+
+    def counted_item(tensor):
+        reads.extend(1 for loss in losses if tensor is loss)
+        return item(tensor)
+
+    monkeypatch.setattr(training, "build_criterion", recording_criterion)
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    train(TrainSettings(data=dataset_dir, out=str(tmp_path / "run"), epochs=1, batch_size=4, image_size=64, workers=0,
+                        progress=False, evaluate_every_epoch=False, max_steps=2, model_overrides=TINY,
+                        recipe_overrides=FAST))
+    assert len(losses) == 2 and len(reads) == 2  # one host sync per step
+
+
+def test_ema_update_follows_the_formula_without_rebuilding_state_dicts(monkeypatch):
+    from conftest import tiny_model
+    from python_model.train import ModelEMA
+
+    def refuse():
+        raise AssertionError("ModelEMA.update rebuilt a state dict")
+
+    def step(model, ema, expected):
+        """Moves every model tensor, updates the EMA (state dicts refused) and the expected values."""
+        with torch.no_grad():
+            for value in [*model.parameters(), *model.buffers()]:
+                value.add_(torch.rand_like(value) if value.is_floating_point() else torch.ones_like(value))
+        source = {k: v.clone() for k, v in model.state_dict().items()}
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "state_dict", refuse)
+            patch.setattr(ema.module, "state_dict", refuse)
+            ema.update(model)
+        decay = 0.9 * (1 - math.exp(-ema.updates / 3))
+        for name, value in expected.items():
+            if value.is_floating_point():  # counters (BatchNorm's num_batches_tracked) keep their first value
+                expected[name] = decay * value + (1 - decay) * source[name]
+        for name, value in ema.module.state_dict().items():
+            torch.testing.assert_close(value, expected[name], msg=name)
+
+    model = tiny_model()
+    unfreeze_backbone_norms(model)  # counters in the model that the EMA's frozen backbone norms do not have
+    ema = ModelEMA(model, decay=0.9, warmups=3)
+    expected = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    assert any(not v.is_floating_point() for v in expected.values())
+    for _ in range(3):
+        step(model, ema, expected)
+
+    # resuming: both sides load in place, and updates go on from the loaded values
+    resumed_model = tiny_model()
+    unfreeze_backbone_norms(resumed_model)
+    resumed = ModelEMA(resumed_model, decay=0.9, warmups=3)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.updates == 3
+    step(resumed_model, resumed, expected)
+
+
+@pytest.mark.parametrize("layout", ["simple", "coco", "roboflow"])
+def test_find_split_reads_every_layout(tmp_path, layout):
+    from python_model.train import find_split
+
+    places = {  # split: (images directory, annotations file) relative to the root
+        "simple": {"train": ("train", "train/instances.json"), "val": ("val", "val/instances.json")},
+        "coco": {"train": ("train2017", "annotations/instances_train2017.json"),
+                 "val": ("val2017", "annotations/instances_val2017.json")},
+        "roboflow": {"train": ("train", "train/_annotations.coco.json"),
+                     "val": ("valid", "valid/_annotations.coco.json"),
+                     "test": ("test", "test/_annotations.coco.json")},
+    }[layout]
+    for seed, (images, annotations) in enumerate(places.values()):
+        written = write_split(str(tmp_path / images), 2, 32, seed)
+        os.makedirs(os.path.dirname(tmp_path / annotations), exist_ok=True)
+        os.replace(written, tmp_path / annotations)
+    for split, (images, annotations) in places.items():
+        found = find_split(str(tmp_path), split)
+        assert found == (str(tmp_path / images), str(tmp_path / annotations))
+        assert len(CocoDetection(*found)) == 2
+
+
+def test_an_unknown_layout_names_every_layout_looked_for(tmp_path):
+    from python_model.train import find_split
+
+    with pytest.raises(FileNotFoundError, match="no val split") as error:
+        find_split(str(tmp_path), "val")
+    for path in ("val/instances.json", "annotations/instances_val2017.json", "val2017", "valid/_annotations.coco.json"):
+        assert str(tmp_path / path) in str(error.value)
+
+
+def test_explicit_split_files_take_precedence_and_come_in_pairs(tmp_path):
+    from python_model.train import split_files
+
+    write_split(str(tmp_path / "data" / "train"), 1, 32, 0)
+    settings = TrainSettings(out=str(tmp_path / "run"), data=str(tmp_path / "data"), val_annotations="v.json",
+                             val_images="v")
+    assert split_files(settings, "train") == (str(tmp_path / "data" / "train"),
+                                              str(tmp_path / "data" / "train" / "instances.json"))
+    assert split_files(settings, "val") == ("v", "v.json")
+    with pytest.raises(ValueError, match="val_annotations and val_images go together"):
+        split_files(dataclasses_replace(settings, val_images=None), "val")
+    with pytest.raises(ValueError, match="give data .* or train_annotations with train_images"):
+        split_files(dataclasses_replace(settings, data=None), "train")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--out", "run"], "give --data, or --train-annotations with --train-images"),
+        (["train", "--out", "run", "--train-annotations", "a.json"],
+         "--train-annotations and --train-images go together"),
+        (["train", "--out", "run", "--train-annotations", "a.json", "--train-images", "a"],
+         "give --data, or --val-annotations with --val-images (or --no-eval)"),
+        (["eval", "--weights", "w.pth", "--images", "a"], "--annotations and --images go together"),
+        (["eval", "--weights", "w.pth"], "give --data, or --annotations with --images"),
+    ],
+)
+def test_cli_data_arguments_are_checked(args, message, capsys):
+    from python_model.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_trains_and_evaluates_on_explicit_files(dataset_dir, tmp_path, capsys):
+    import shutil
+
+    from python_model.cli import main
+
+    files = {}
+    for split in ("train", "val"):  # annotation files that no layout would find
+        files[split] = str(tmp_path / f"{split}_labels.json")
+        shutil.copyfile(os.path.join(dataset_dir, split, "instances.json"), files[split])
+    sets = [item for name, value in TINY.items() for item in ("--set", f"{name}={json.dumps(value)}")]
+    assert main(["train", "--train-annotations", files["train"], "--train-images", os.path.join(dataset_dir, "train"),
+                 "--val-annotations", files["val"], "--val-images", os.path.join(dataset_dir, "val"),
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--image-size", "64",
+                 "--workers", "0", "--max-steps", "1", *sets]) == 0
+    assert "EMA on val: AP" in capsys.readouterr().out
+    assert main(["eval", "--weights", str(tmp_path / "run" / "last.pth"), "--annotations", files["val"],
+                 "--images", os.path.join(dataset_dir, "val")]) == 0
+    assert "AP50" in capsys.readouterr().out
 
 
 # (tensors, parameters, lr, weight decay) of each AdamW group, as the original's configurations resolve them
