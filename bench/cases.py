@@ -12,7 +12,7 @@ import torch
 
 import rtdetrv2_kernels
 from rtdetrv2_kernels import ms_deform_attn
-from rtdetrv2_kernels.backends import unavailable_reason
+from rtdetrv2_kernels.backends import get as get_backend
 
 from . import peers
 
@@ -105,10 +105,11 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
 
 
 def available_backends(device: str) -> list[str]:
-    """Our backends that run on `device`, except Triton's interpreter on CPU tensors (TRITON_INTERPRET=1):
-    it is a debugging aid whose timings mean nothing and take minutes; name it explicitly to include it."""
+    """Our backends that automatic selection may choose on `device` and that run here: not Triton's
+    interpreter on CPU tensors (TRITON_INTERPRET=1), a debugging aid whose timings mean nothing and take
+    minutes; name it explicitly to include it."""
     return [b for b in rtdetrv2_kernels.BACKENDS
-            if unavailable_reason(b, device) is None and not (b == "triton" and device == "cpu")]
+            if get_backend(b).chosen_automatically_on(device) and get_backend(b).unavailable_reason(device) is None]
 
 
 def implementations(problem: Problem, backends: list[str] | None = None,

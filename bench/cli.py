@@ -167,6 +167,17 @@ def sweep(args, device: str, progress: Progress) -> list[dict]:
     return points
 
 
+def checked(failures: list[str], what: str, run, *args, **kwargs) -> list[dict]:
+    """run(*args, **kwargs)'s rows; a failed agreement check (an AssertionError: two models or an exported graph
+    disagree) goes to `failures` instead, so that the run goes on and exits 1 at the end."""
+    try:
+        return run(*args, **kwargs)
+    except AssertionError as error:
+        failures.append(f"{what}: {error}")
+        print(f"CHECK FAILED: {what}: {error}", file=sys.stderr)
+        return []
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -189,15 +200,24 @@ def main(argv=None) -> int:
               + "\n  ".join(failures), file=sys.stderr)
         return 1
 
+    # The optional sections this run asks for whose packages are missing here: each skipped with one line why.
+    requested = {model: not args.no_model, training: not args.no_training,
+                 deployment: not args.no_deployment and "cpu" in args.devices}
+    skipped = {section.TITLE: reason for section, wanted in requested.items()
+               if wanted and (reason := section.unavailable_reason()) is not None}
+    if not args.no_peers:
+        skipped.update({f"peer {name}": reason for name, reason in peers.unavailable().items()})
+    for what, reason in skipped.items():
+        print(f"skipped: {what}: {reason}")
+    run_model, run_training, run_deployment = (wanted and section.TITLE not in skipped
+                                               for section, wanted in requested.items())
+
     plan = {device: problems_for(args, device) for device in args.devices}
     sweep_steps = 0 if args.no_sweep else sum(len(v) for v in SWEEPS[args.quick].values()) * len(args.devices)
     fused_steps = 0 if args.no_fused else len(args.devices)
-    model_steps = 0 if args.no_model else len(args.devices)
-    training_steps = 0 if args.no_training else len(args.devices)
-    run_deployment = not args.no_deployment and "cpu" in args.devices
-    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps + model_steps + training_steps
-                        + run_deployment)
-    rows, scaling, fused_rows, model_rows, training_rows = [], [], [], [], []
+    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps
+                        + (run_model + run_training) * len(args.devices) + run_deployment)
+    rows, scaling, fused_rows, model_rows, training_rows, deployment_rows = [], [], [], [], [], []
     for device, problems in plan.items():
         bandwidth = None
         if any(problem.shape.floor for problem in problems):
@@ -213,25 +233,28 @@ def main(argv=None) -> int:
             fused_rows += fused.time_fused(device, dtype, [b for b in backends_for(args, device) if b != REFERENCE],
                                            args.rounds, args.budget, args.threads)
             progress.step(f"fused attention core on {device}")
-        if not args.no_model:
-            model_rows += model.time_models(device, args.rounds, args.budget, args.threads, quick=args.quick)
+        if run_model:
+            model_rows += checked(failures, model.TITLE, model.time_models, device, args.rounds, args.budget,
+                                  args.threads, quick=args.quick)
             progress.step(f"end-to-end model on {device}")
-        if not args.no_training:
-            training_rows += training.time_training(device, args.rounds, args.budget, args.threads, quick=args.quick)
+        if run_training:
+            training_rows += checked(failures, training.TITLE, training.time_training, device, args.rounds,
+                                     args.budget, args.threads, quick=args.quick)
             progress.step(f"training step on {device}")
-
-    deployment_rows, deployment_skipped = [], None
     if run_deployment:
-        deployment_skipped = deployment.unavailable_reason()
-        if deployment_skipped is None:
-            deployment_rows = deployment.time_deployment(args.rounds, args.budget, args.threads, quick=args.quick)
+        deployment_rows = checked(failures, deployment.TITLE, deployment.time_deployment, args.rounds, args.budget,
+                                  args.threads, quick=args.quick)
         progress.step("exported detector in deployment runtimes")
 
     sections = dict(fused_rows=fused_rows, model_rows=model_rows, training_rows=training_rows,
-                    deployment_rows=deployment_rows, deployment_skipped=deployment_skipped)
+                    deployment_rows=deployment_rows, skipped=skipped)
     table = report.markdown(info, rows, scaling, **sections)
     print(table)
     out = args.out or report.ROOT / "bench" / "results" / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     for path in report.write(out, info, rows, scaling, sections, charts=not args.no_charts):
         print(f"wrote {path}")
+    if failures:
+        print("CHECK FAILED: these results disagree with what they are compared against:\n  "
+              + "\n  ".join(failures), file=sys.stderr)
+        return 1
     return 0

@@ -5,14 +5,15 @@ in interleaved rounds. Every graph is checked against PyTorch before it is timed
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from pathlib import Path
 
 import torch
 
 from . import timing
+from .requirements import missing
 
+TITLE = "Deployment runtimes (CPU)"
 PRESET = "r18vd"
 IMAGE_SIZE = 640
 QUICK_IMAGE_SIZE = 320
@@ -22,12 +23,7 @@ RUNTIMES = ["onnxruntime", "openvino f32", "openvino default precision"]
 
 def unavailable_reason() -> str | None:
     """Why the section cannot run here, or None."""
-    for module in ("onnx", "onnxscript", "onnxruntime", "openvino"):
-        try:
-            importlib.import_module(module)
-        except ImportError as error:
-            return f"{module} is not installed ({error}); pip install onnx onnxscript onnxruntime openvino"
-    return None
+    return missing(["onnx", "onnxscript", "onnxruntime", "openvino"])
 
 
 def _runners(path: Path, images: torch.Tensor, threads: int) -> dict:
@@ -105,11 +101,9 @@ def time_deployment(rounds: int, budget_s: float, threads: int, quick: bool = Fa
     return rows
 
 
-def markdown(rows: list[dict], skipped: str | None = None) -> str:
-    if skipped:
-        return f"## Deployment runtimes (CPU)\n\nSkipped: {skipped}."
+def markdown(rows: list[dict]) -> str:
     return timing.comparison_table(
-        "Deployment runtimes (CPU)",
+        TITLE,
         "python_model's R18 detector (deployed: norms folded, RepVGG merged; random weights) exported to ONNX with "
         "`python_model.export`, float32, batch 1: bilinear sampling written as corner gathers (the default) or "
         "as GridSample, and discrete sampling; run by onnxruntime and by OpenVINO's CPU plugin (at f32, and at "

@@ -9,12 +9,19 @@ import copy
 import torch
 
 from . import timing
+from .requirements import missing
 
+TITLE = "End-to-end model"
 MODEL_PRESETS = ("r18vd", "r50vd")
 IMAGE_SIZE = 640
 # CPU: batch 1 in float32; GPU: batches 1 and 8 in float16 (the issue's targets).
 SETTINGS = {"cpu": [(1, torch.float32)], "cuda": [(1, torch.float16), (8, torch.float16)]}
 QUICK = {"presets": ("r18vd",), "image_size": 320}
+
+
+def unavailable_reason() -> str | None:
+    """Why the section cannot run here, or None."""
+    return missing(["transformers"])
 
 
 def build_pair(name: str, device: str, dtype):
@@ -83,7 +90,7 @@ def time_models(device: str, rounds: int, budget_s: float, threads: int, quick: 
 
 def markdown(rows: list[dict]) -> str:
     return timing.comparison_table(
-        "End-to-end model",
+        TITLE,
         "python_model's RT-DETRv2 (decoder on this package's fused op), as loaded and after `deploy()` (norms "
         "folded into convolutions, RepVGG branches merged), against transformers' RTDetrV2ForObjectDetection with "
         "the same weights: inference, median ms per call (± interquartile range over the median); speedups are "

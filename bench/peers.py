@@ -14,9 +14,14 @@ from typing import Callable
 
 import torch
 
+from .requirements import missing
+
 TRANSFORMERS = "transformers"
 TORCH_MS_DEFORM_ATTN = "torch-ms-deform-attn"
 NAMES = (TRANSFORMERS, TORCH_MS_DEFORM_ATTN)
+# bench.sh builds torch-ms-deform-attn from its sdist; it can fail to build (it is then left out).
+_MODULES = {TRANSFORMERS: ("transformers", None),
+            TORCH_MS_DEFORM_ATTN: ("torch_ms_deform_attn", "pip install --no-build-isolation torch-ms-deform-attn")}
 
 
 def _transformers_v2():
@@ -56,6 +61,18 @@ def for_problem(points, method: str) -> dict[str, Callable]:
     if method == "default" and len(set(points)) == 1 and (fused := _torch_ms_deform_attn()) is not None:
         found[TORCH_MS_DEFORM_ATTN] = fused
     return found
+
+
+def unavailable() -> dict[str, str]:
+    """The peers that cannot run here, each with why."""
+    reasons = {}
+    for name, (module, hint) in _MODULES.items():
+        reason = missing([module], hint) if hint else missing([module])
+        if reason is None and name == TRANSFORMERS and _transformers_v2() is None:
+            reason = "this transformers has no multi_scale_deformable_attention_v2 (RT-DETRv2 needs transformers>=4.47)"
+        if reason is not None:
+            reasons[name] = reason
+    return reasons
 
 
 def versions() -> dict[str, str]:

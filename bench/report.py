@@ -82,7 +82,8 @@ def summary(rows: list[dict]) -> str:
 
 def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict] = (),
              model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
-             deployment_skipped: str | None = None) -> str:
+             skipped: dict[str, str] | None = None) -> str:
+    """The report; `skipped`: what this run left out (a section's title, or "peer <name>") -> why."""
     peer_columns = [name for name in peers.NAMES if any(r.get(f"vs {name}") for r in rows)]
     lines = ["# rtdetrv2_kernels benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
@@ -112,8 +113,11 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list
         lines += ["", model.markdown(model_rows)]
     if training_rows:
         lines += ["", training.markdown(training_rows)]
-    if deployment_rows or deployment_skipped:
-        lines += ["", deployment.markdown(deployment_rows, deployment_skipped)]
+    if deployment_rows:
+        lines += ["", deployment.markdown(deployment_rows)]
+    if skipped:
+        lines += ["", "## Skipped", "", "Parts of the benchmark this run could not do here, and why:", ""]
+        lines += [f"- {what}: {reason}" for what, reason in skipped.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -126,7 +130,7 @@ def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], sections
                                           fused=sections.get("fused_rows", []), model=sections.get("model_rows", []),
                                           training=sections.get("training_rows", []),
                                           deployment=sections.get("deployment_rows", []),
-                                          deployment_skipped=sections.get("deployment_skipped")),
+                                          skipped=sections.get("skipped", {})),
                                      indent=2))
     if charts:
         written += _charts(out, info, rows, scaling)

@@ -8,11 +8,18 @@ import torch
 
 from . import timing
 from .model import build_pair
+from .requirements import missing
 
+TITLE = "Training step"
 # CPU: a small batch in float32; GPU: the published training batch, bf16 autocast.
 SETTINGS = {"cpu": [(2, 640, None)], "cuda": [(16, 640, torch.bfloat16)]}
 QUICK = {"cpu": [(1, 256, None)], "cuda": [(4, 320, torch.bfloat16)]}
 PRESET = "r18vd"
+
+
+def unavailable_reason() -> str | None:
+    """Why the section cannot run here, or None: both models' matchers use scipy's linear_sum_assignment."""
+    return missing(["transformers", "scipy"])
 
 
 def make_targets(batch: int, device: str) -> list[dict]:
@@ -103,7 +110,7 @@ def time_training(device: str, rounds: int, budget_s: float, threads: int, quick
 
 def markdown(rows: list[dict]) -> str:
     return timing.comparison_table(
-        "Training step",
+        TITLE,
         "One training step of the whole detector (forward with targets and contrastive denoising, the matching "
         "criterion, backward, AdamW step), same weights and batch: python_model on this package's kernels, "
         "transformers' RTDetrV2ForObjectDetection as it is, and transformers with "

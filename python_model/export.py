@@ -15,6 +15,8 @@ The graph's contract:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,24 @@ def sample_inputs(detector: DeployedDetector, batch: int = 1, seed: int = 0) -> 
 FIRST_DYNAMO_OPSET = 18
 
 
+# Loggers through which the dynamo exporter reports on its own workings (a Split it does not constant-fold,
+# torchvision's ops skipped when torchvision is absent), a line per occurrence; nothing the user can act on.
+EXPORTER_LOGGERS = ("onnxscript.optimizer._constant_folding", "torch.onnx._internal.exporter._registration")
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def write_onnx(module: nn.Module, inputs: tuple, path: str | Path, *, opset: int | None = None,
                dynamic_batch: bool = False, input_names=None, output_names=None, bilinear: str = "gather") -> Path:
     """torch.onnx.export of `module` (in eval mode) on `inputs` to `path`: the dynamo exporter at `opset`
@@ -72,7 +92,7 @@ def write_onnx(module: nn.Module, inputs: tuple, path: str | Path, *, opset: int
     of every input and output any size (trace with a batch of 2 or more: torch.export specializes size 1).
     bilinear: how the ops write bilinear sampling (rtdetrv2_kernels.export_options)."""
     path = Path(path)
-    with rtdetrv2_kernels.export_options(bilinear=bilinear), warnings.catch_warnings():
+    with rtdetrv2_kernels.export_options(bilinear=bilinear), warnings.catch_warnings(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")  # the exporters' notes on their own internals, not the user's model
         if opset is not None and opset < FIRST_DYNAMO_OPSET:
             axes = None

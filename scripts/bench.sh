@@ -21,7 +21,7 @@ echo "== building rtdetrv2_kernels"
 "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[bench]"
 if [ "${BENCH_PEERS:-1}" != 0 ] && ! "$VENV/bin/python" -c "import torch_ms_deform_attn" 2>/dev/null; then
   echo "== building the peer torch-ms-deform-attn (BENCH_PEERS=0 skips it)"
-  "$VENV/bin/python" -m pip install -q --no-build-isolation torch-ms-deform-attn \
-    || echo "   could not build torch-ms-deform-attn: it is left out of the comparison"
+  "$VENV/bin/python" -m pip install -q --no-build-isolation torch-ms-deform-attn > "$VENV/peer-build.log" 2>&1 \
+    || echo "   could not build torch-ms-deform-attn (its log: $VENV/peer-build.log): it is left out of the comparison"
 fi
 exec "$VENV/bin/python" -m bench "$@"

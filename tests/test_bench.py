@@ -66,6 +66,55 @@ def test_cli_quick_run_writes_every_report(tmp_path):
         assert (out / chart).read_bytes()[:4] == b"\x89PNG"
 
 
+# A module set to None in sys.modules cannot be imported: the run then sees it as not installed.
+MISSING_PACKAGE_CASES = {
+    # The README's main job died here on a fresh machine: transformers without scipy for its matcher.
+    "scipy-and-runtimes": (["scipy", "onnxruntime", "torch_ms_deform_attn"], ["--no-model"],
+                           ["Training step: scipy", "Deployment runtimes (CPU): onnxruntime",
+                            "peer torch-ms-deform-attn: torch_ms_deform_attn"]),
+    "transformers": (["transformers", "torch_ms_deform_attn"], ["--no-deployment"],
+                     ["End-to-end model: transformers", "Training step: transformers", "peer transformers:",
+                      "peer torch-ms-deform-attn:"]),
+}
+
+
+@pytest.mark.parametrize("case", MISSING_PACKAGE_CASES)
+def test_a_missing_optional_package_skips_its_section_in_one_line(tmp_path, case):
+    hidden, flags, expected = MISSING_PACKAGE_CASES[case]
+    hide = "".join(f"sys.modules[{module!r}] = None; " for module in hidden)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import sys; {hide}{RUN_BENCH}", "--quick", "--shapes", "tiny", "--devices", "cpu",
+         "--methods", "default", "--no-sweep", "--no-fused", *flags, "--out", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("skipped: ")]
+    for start in expected:
+        assert sum(line.startswith(f"skipped: {start}") for line in lines) == 1, (start, lines)
+    skipped = json.loads((tmp_path / "benchmark.json").read_text())["skipped"]
+    assert len(skipped) == len(expected) == len(lines)
+    assert "## Skipped" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_a_failed_agreement_check_exits_1_after_writing_the_report(tmp_path, monkeypatch, capsys):
+    sys.path.append(str(ROOT))
+    try:
+        from bench import cli, model
+    finally:
+        sys.path.remove(str(ROOT))
+
+    def disagree(*args, **kwargs):
+        raise AssertionError("python_model and transformers disagree on r18vd (torch.float32): logits")
+
+    monkeypatch.setattr(model, "time_models", disagree)
+    monkeypatch.setattr(model, "unavailable_reason", lambda: None)
+    status = cli.main(["--quick", "--shapes", "tiny", "--devices", "cpu", "--methods", "default", "--no-sweep",
+                       "--no-fused", "--no-training", "--no-deployment", "--no-peers", "--no-charts",
+                       "--out", str(tmp_path)])
+    assert status == 1
+    assert "CHECK FAILED: End-to-end model: python_model and transformers disagree" in capsys.readouterr().err
+    assert json.loads((tmp_path / "benchmark.json").read_text())["results"]
+
+
 def test_pytest_benchmark_file_runs(tmp_path):
     pytest.importorskip("pytest_benchmark")
     stdout = run(["-m", "pytest", str(ROOT / "bench"), "--benchmark-disable", "--bench-shapes", "tiny",
