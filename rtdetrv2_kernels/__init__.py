@@ -58,7 +58,7 @@ def ms_deform_attn(
     """
     value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations, attention_weights)
     shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method)
-    run = implementation(resolve_backend(backend, value.device.type))
+    run = implementation(resolve_backend(backend, value.device.type, value.dtype, len(shapes)))
     return run(value, shapes, sampling_locations, attention_weights, points, method)
 
 
@@ -98,7 +98,7 @@ def ms_deform_attn_fused(
     shapes, points = check_fused_inputs(
         value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method
     )
-    run = fused_implementation(resolve_backend(backend, value.device.type))
+    run = fused_implementation(resolve_backend(backend, value.device.type, value.dtype, len(shapes)))
     return run(value, shapes, reference_points, sampling_offsets, attention_logits, points, float(offset_scale), method)
 
 

@@ -1,14 +1,22 @@
 """Backend selection: which implementation runs a call of ms_deform_attn.
 
+Each backend is one record (:class:`Backend`): the device types and dtypes it serves, its entries (the plain
+op, the fused op, and the plain op with the level table in tensors), whether its backward is deterministic,
+and the input-dependent limits of its kernels. ``not_supported_reasons(call)`` says why it cannot run a call.
+
 Precedence: the ``backend`` argument, then the ``RTDETRV2_KERNELS_BACKEND`` environment variable, then the
-fastest backend available for the tensors' device (CUDA: "cuda", "triton", "torch"; CPU: "cpu", "torch").
+first backend in ``BACKENDS`` (fastest first) with no reason against the call. A named backend that cannot run
+the call raises with its reasons; automatic selection skips it (17 levels on a GPU: "triton", not "cuda").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -16,9 +24,70 @@ from . import _build_config, _extension
 from ._export_options import export_bilinear
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
-BACKENDS = ("cuda", "triton", "cpu", "torch")
 ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
-_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+ANY_DEVICE = "any"  # in device_types: tensors of every device type (the reference, made of PyTorch ops)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+_DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+class Call(NamedTuple):
+    """What backend selection looks at in a call: Python values, which torch.compile treats as constants."""
+
+    device_type: str
+    dtype: torch.dtype
+    num_levels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops.
+
+    plain: (value, level shapes, locations, weights, points, method) -> output.
+    fused: (value, level shapes, reference_points, sampling_offsets, attention_logits, points, offset_scale,
+        method) -> output.
+    tensor_levels: (value, spatial_shapes (L, 2), level_start_index (L,), locations, weights, points, method)
+        -> output, the table as int64 tensors on value's device; None where the backend reads level shapes as
+        Python ints only (its caller then reads the table on the host).
+    device_types: where automatic selection may choose it. explicit_device_types: where it also runs when
+        named (Triton's interpreter on CPU tensors, the emulated CUDA builds of the test suite).
+    unavailable: device type -> why it cannot run here at all (a library that did not load, no GPU), or None.
+    """
+
+    name: str
+    plain: Callable
+    fused: Callable
+    tensor_levels: Callable | None
+    device_types: tuple[str, ...]
+    deterministic: bool  # its backward gives the same bits every run, also under use_deterministic_algorithms
+    explicit_device_types: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    max_levels: int | None = None
+    unavailable: Callable[[str], str | None] = lambda device_type: None
+
+    def chosen_automatically_on(self, device_type: str) -> bool:
+        return device_type in self.device_types or ANY_DEVICE in self.device_types
+
+    def unavailable_reason(self, device_type: str) -> str | None:
+        """Why it cannot run on tensors of `device_type` on this machine, whatever the input, or None."""
+        if not self.chosen_automatically_on(device_type) and device_type not in self.explicit_device_types:
+            served = " or ".join(_DEVICE_NAMES.get(t, t) for t in self.device_types + self.explicit_device_types)
+            return f"it runs on {served} tensors, got {device_type} tensors"
+        return self.unavailable(device_type)
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        """Why it cannot run `call` (empty when it can)."""
+        reason = self.unavailable_reason(call.device_type)
+        if reason is not None:
+            return [reason]
+        reasons = []
+        if call.dtype not in self.dtypes:
+            reasons.append(f"its kernels take {', '.join(str(d).replace('torch.', '') for d in self.dtypes)}, "
+                           f"got {str(call.dtype).replace('torch.', '')}")
+        if self.max_levels is not None and call.num_levels > self.max_levels:
+            reasons.append(f"its kernels take up to {self.max_levels} levels, got {call.num_levels}")
+        return reasons
 
 
 def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
@@ -32,18 +101,8 @@ def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
     return run
 
 
-# "cpu" and "cuda" are the same C++ op; the dispatcher picks the kernel by the tensors' device.
-_IMPLEMENTATIONS = {
-    "cuda": _custom_op("ms_deform_attn_forward"),
-    "cpu": _custom_op("ms_deform_attn_forward"),
-    "triton": _custom_op("triton_ms_deform_attn_forward"),
-    "torch": ms_deform_attn_reference,
-}
-
-
 def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
-    """Calls torch.ops.<namespace>.ms_deform_attn_forward_tensor_levels: (value, spatial_shapes (L, 2),
-    level_start_index (L,), locations, weights, points, method), the table as int64 tensors on value's device."""
+    """Calls torch.ops.<namespace>.ms_deform_attn_forward_tensor_levels with its arguments as given."""
 
     def run(*arguments):
         return getattr(torch.ops, namespace).ms_deform_attn_forward_tensor_levels(*arguments)
@@ -51,51 +110,14 @@ def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
     return run
 
 
-# The backends whose kernels read a level table from tensors where they live (compat's Deformable-DETR
-# layout); the others take level shapes as Python ints.
-_TENSOR_LEVEL_IMPLEMENTATIONS = {"cuda": _tensor_levels_op(), "cpu": _tensor_levels_op()}
-
-
-# Backends outside BACKENDS, by name: the device type they run on. Only the test suite adds any (the CUDA
-# kernels emulated on the CPU, tests/emulated_cuda/); users never see them in available_backends().
-_EXTRA_DEVICE_TYPES: dict[str, str] = {}
-
-
-def register_extra_backend(name: str, namespace: str, device_type: str) -> None:
-    """Makes `name` a backend running torch.ops.<namespace>'s ms_deform_attn_forward,
-    ms_deform_attn_forward_tensor_levels and ms_deform_attn_fused_forward (schemas and autograd as the
-    rtdetrv2_kernels ops) on `device_type` tensors."""
-    _EXTRA_DEVICE_TYPES[name] = device_type
-    _IMPLEMENTATIONS[name] = _custom_op("ms_deform_attn_forward", namespace)
-    _FUSED_IMPLEMENTATIONS[name] = _custom_op("ms_deform_attn_fused_forward", namespace)
-    _TENSOR_LEVEL_IMPLEMENTATIONS[name] = _tensor_levels_op(namespace)
-    _RESOLVED.clear()
-
-
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None when `backend` can run on tensors of `device_type` here, else why it cannot."""
-    if backend in _EXTRA_DEVICE_TYPES:
-        wanted = _EXTRA_DEVICE_TYPES[backend]
-        return None if device_type == wanted else f"it runs on {wanted} tensors, got {device_type} tensors"
-    if backend == "torch":
-        return None
-    if backend == "cpu":
-        if device_type != "cpu":
-            return f"it runs on CPU tensors, got {device_type} tensors"
-        reason = _extension.load("_C")
-        return None if reason is None else f"the C++ kernels could not be loaded ({reason})"
-    if backend == "cuda":
-        if device_type != "cuda":
-            return f"it runs on CUDA tensors, got {device_type} tensors"
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        reason = _extension.load("_C_cuda")
-        if reason is not None:
-            return f"the CUDA kernels could not be loaded ({reason})"
-        return _gpu_mismatch_reason(_extension.cuda_archs())
-    if backend == "triton":
-        return _triton_unavailable_reason(device_type)
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+def cuda_kernel_backend(name: str, namespace: str, device_types: tuple[str, ...] = (),
+                        explicit_device_types: tuple[str, ...] = (), unavailable=lambda device_type: None) -> Backend:
+    """A backend running the C++ ops of torch.ops.<namespace> with the CUDA kernels' limits (csrc/cuda/:
+    kMaxLevels). The emulated CUDA builds of the test suite are made with this too."""
+    return Backend(name, _custom_op("ms_deform_attn_forward", namespace),
+                   _custom_op("ms_deform_attn_fused_forward", namespace), _tensor_levels_op(namespace),
+                   device_types, deterministic=True, explicit_device_types=explicit_device_types, max_levels=16,
+                   unavailable=unavailable)
 
 
 def _gpu_mismatch_reason(archs: str | None) -> str | None:
@@ -110,17 +132,67 @@ def _gpu_mismatch_reason(archs: str | None) -> str | None:
             "(rebuild with TORCH_CUDA_ARCH_LIST including it)")
 
 
-def _triton_unavailable_reason(device_type: str) -> str | None:
-    if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "it runs on CUDA tensors (or on CPU tensors in Triton's interpreter, TRITON_INTERPRET=1)"
-    elif device_type != "cuda":
-        return f"it runs on CUDA tensors, got {device_type} tensors"
+def _cuda_unavailable(device_type: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    reason = _extension.load("_C_cuda")
+    if reason is not None:
+        return f"the CUDA kernels could not be loaded ({reason})"
+    return _gpu_mismatch_reason(_extension.cuda_archs())
+
+
+def _cpu_unavailable(device_type: str) -> str | None:
+    reason = _extension.load("_C")
+    return None if reason is None else f"the C++ kernels could not be loaded ({reason})"
+
+
+def _triton_unavailable(device_type: str) -> str | None:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "it runs on CUDA tensors (or on CPU tensors in Triton's interpreter, TRITON_INTERPRET=1)"
     try:
         from . import triton_ms_deform_attn  # noqa: F401
     except ImportError as error:
         return f"Triton could not be imported ({error})"
     return None
+
+
+# Fastest first: automatic selection takes the first that can run the call. "cpu" and "cuda" are the same
+# C++ ops; the dispatcher picks the kernel by the tensors' device. The C++ and Triton kernels compute the fused
+# op's softmax and locations themselves; the reference uses PyTorch ops.
+_REGISTRY: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        cuda_kernel_backend("cuda", "rtdetrv2_kernels", device_types=("cuda",), unavailable=_cuda_unavailable),
+        Backend("triton", _custom_op("triton_ms_deform_attn_forward"), _custom_op("triton_ms_deform_attn_fused_forward"),
+                None, device_types=("cuda",), explicit_device_types=("cpu",), unavailable=_triton_unavailable,
+                deterministic=False),  # atomics; under use_deterministic_algorithms its backward alerts
+        Backend("cpu", _custom_op("ms_deform_attn_forward"), _custom_op("ms_deform_attn_fused_forward"),
+                _tensor_levels_op(), device_types=("cpu",), unavailable=_cpu_unavailable, deterministic=True),
+        # grid_sample's CUDA backward adds with atomics (PyTorch alerts under use_deterministic_algorithms).
+        Backend("torch", ms_deform_attn_reference, ms_deform_attn_fused_reference, None, device_types=(ANY_DEVICE,),
+                deterministic=False),
+    )
+}
+BACKENDS = tuple(_REGISTRY)  # the public backends, fastest first
+
+
+def register_backend(backend: Backend) -> None:
+    """Adds `backend` (after the public ones in priority). Only the test suite adds any (the CUDA kernels
+    emulated on the CPU, tests/emulated_cuda/); users never see them in available_backends()."""
+    _REGISTRY[backend.name] = backend
+    _RESOLVED.clear()
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}") from None
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None when `backend` can run on tensors of `device_type` here (for some input), else why it cannot."""
+    return get(backend).unavailable_reason(device_type)
 
 
 def available_backends() -> list[str]:
@@ -134,44 +206,49 @@ def _warn_fallback(device_type: str, skipped: str) -> None:
     warnings.warn(f"rtdetrv2_kernels: falling back to the slow 'torch' backend on {device_type}: {skipped}", stacklevel=4)
 
 
-# What each (backend argument, device type, environment variable) resolved to: availability does not change
-# within a process, and eager calls then skip the lookups (a few microseconds each call).
-_RESOLVED: dict[tuple[str | None, str, str | None], str] = {}
+# What each (backend argument, call, environment variable) resolved to: availability does not change within a
+# process, and eager calls then skip the lookups (a few microseconds each call).
+_RESOLVED: dict[tuple[str | None, Call, str | None], str] = {}
 
 
-# torch.compile runs this once per (backend, device type) while tracing and bakes in the answer, so the
-# environment lookup and the first-use library load stay out of the compiled graph.
+# torch.compile runs this once per set of arguments while tracing and bakes in the answer, so the environment
+# lookup and the first-use library load stay out of the compiled graph.
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: str | None, device_type: str) -> str:
-    key = (backend, device_type, os.environ.get(ENV_VAR))
+def resolve_backend(backend: str | None, device_type: str, dtype: torch.dtype, num_levels: int) -> str:
+    """The name of the backend that runs a call on `device_type` tensors of `dtype` with `num_levels` levels."""
+    call = Call(device_type, dtype, num_levels)
+    key = (backend, call, os.environ.get(ENV_VAR))
     resolved = _RESOLVED.get(key)
     if resolved is None:
-        resolved = _RESOLVED[key] = _resolve(backend, device_type)
+        resolved = _RESOLVED[key] = _resolve(backend, call)
     return resolved
 
 
-def _resolve(backend: str | None, device_type: str) -> str:
+def _resolve(backend: str | None, call: Call) -> str:
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}={backend!r}"
     else:
         source = f"backend={backend!r}"
     if backend is not None:
-        if backend not in BACKENDS and backend not in _EXTRA_DEVICE_TYPES:
+        if backend not in _REGISTRY:
             raise ValueError(f"{source}: backend must be one of {BACKENDS} or None")
-        reason = unavailable_reason(backend, device_type)
-        if reason is not None:
-            raise RuntimeError(f"{source} is not available: {reason}")
+        reasons = _REGISTRY[backend].not_supported_reasons(call)
+        if reasons:
+            raise RuntimeError(f"{source} is not available: {'; '.join(reasons)}")
         return backend
     skipped = []
-    for candidate in _PREFERENCE.get(device_type, ("torch",)):
-        reason = unavailable_reason(candidate, device_type)
-        if reason is None:
-            if skipped and candidate == "torch":
-                _warn_fallback(device_type, "; ".join(skipped))
-            return candidate
-        skipped.append(f"'{candidate}' is unavailable: {reason}")
-    raise AssertionError("the torch backend is always available")
+    for candidate in _REGISTRY.values():
+        if not candidate.chosen_automatically_on(call.device_type):
+            continue
+        reasons = candidate.not_supported_reasons(call)
+        if not reasons:
+            if skipped and candidate.name == "torch":
+                _warn_fallback(call.device_type, "; ".join(skipped))
+            return candidate.name
+        skipped.append(f"'{candidate.name}' cannot run it: {'; '.join(reasons)}")
+    raise RuntimeError(f"no backend runs {call.device_type} tensors ({'; '.join(skipped) or 'none serves them'}); "
+                       f"name one of {BACKENDS} that does")
 
 
 # torch.onnx.export (either exporter) cannot translate the custom ops: while it traces, the reference, made of
@@ -182,33 +259,22 @@ def _exported(reference):
 
 
 def implementation(backend: str):
-    """The function running `backend`: (value, level shapes, locations, weights, points, method) -> output.
-    The reference while torch.onnx.export traces (bilinear sampling as export_options says)."""
+    """The function running the plain op on `backend`. The reference while torch.onnx.export traces
+    (bilinear sampling as export_options says)."""
     if torch.onnx.is_in_onnx_export():
         return _exported(ms_deform_attn_reference)
-    return _IMPLEMENTATIONS[backend]
-
-
-# As for the plain op, "cpu" and "cuda" are one C++ op whose kernel the dispatcher picks by device. The C++
-# and Triton kernels compute the softmax and the locations themselves; the reference uses PyTorch ops.
-_FUSED_IMPLEMENTATIONS = {
-    "cuda": _custom_op("ms_deform_attn_fused_forward"),
-    "triton": _custom_op("triton_ms_deform_attn_fused_forward"),
-    "cpu": _custom_op("ms_deform_attn_fused_forward"),
-    "torch": ms_deform_attn_fused_reference,
-}
+    return _REGISTRY[backend].plain
 
 
 def fused_implementation(backend: str):
-    """The function running ms_deform_attn_fused on `backend`: (value, level shapes, reference_points,
-    sampling_offsets, attention_logits, points, offset_scale, method) -> output. The reference while
-    torch.onnx.export traces (bilinear sampling as export_options says)."""
+    """The function running ms_deform_attn_fused on `backend`. The reference while torch.onnx.export traces
+    (bilinear sampling as export_options says)."""
     if torch.onnx.is_in_onnx_export():
         return _exported(ms_deform_attn_fused_reference)
-    return _FUSED_IMPLEMENTATIONS[backend]
+    return _REGISTRY[backend].fused
 
 
 def tensor_levels_implementation(backend: str):
     """The function running the plain op on `backend` with the level table in tensors, or None where the
     backend has none (its caller then reads the table on the host). None while torch.onnx.export traces."""
-    return None if torch.onnx.is_in_onnx_export() else _TENSOR_LEVEL_IMPLEMENTATIONS.get(backend)
+    return None if torch.onnx.is_in_onnx_export() else _REGISTRY[backend].tensor_levels

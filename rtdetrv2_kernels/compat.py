@@ -167,7 +167,8 @@ def ms_deform_attn_v1(
     order on the device (one copy of value, no sync).
     """
     if isinstance(spatial_shapes, torch.Tensor) and isinstance(value, torch.Tensor):
-        run = tensor_levels_implementation(resolve_backend(backend, value.device.type))
+        run = tensor_levels_implementation(
+            resolve_backend(backend, value.device.type, value.dtype, check_shapes_tensor(spatial_shapes)))
         if run is not None:
             return _v1_with_level_tensors(run, value, spatial_shapes, level_start_index, sampling_locations,
                                           attention_weights)

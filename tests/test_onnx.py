@@ -4,6 +4,7 @@ nobody here wrote, onnxruntime and OpenVINO, reproduce PyTorch's output."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -132,10 +133,11 @@ def test_calls_outside_export_still_run_the_kernel(fused, monkeypatch):
 
     if backends.unavailable_reason("cpu", "cpu") is not None:
         pytest.skip("the C++ kernels are not built")
-    table = backends._FUSED_IMPLEMENTATIONS if fused else backends._IMPLEMENTATIONS
     calls = []
-    kernel = table["cpu"]
-    monkeypatch.setitem(table, "cpu", lambda *args: calls.append("cpu") or kernel(*args))
+    entry = "fused" if fused else "plain"
+    kernel = getattr(backends.get("cpu"), entry)
+    monkeypatch.setitem(backends._REGISTRY, "cpu", dataclasses.replace(
+        backends.get("cpu"), **{entry: lambda *args: calls.append("cpu") or kernel(*args)}))
     name = "ms_deform_attn_fused_reference" if fused else "ms_deform_attn_reference"
     reference = getattr(backends, name)
     monkeypatch.setattr(backends, name, lambda *args, **kwargs: calls.append("torch") or reference(*args, **kwargs))

@@ -17,7 +17,7 @@ CHECK = """
 import torch, rtdetrv2_kernels as rk
 from rtdetrv2_kernels.backends import resolve_backend
 assert rk.__file__.startswith({target!r}), rk.__file__
-assert resolve_backend(None, "cpu") == "cpu", "the C++ kernels did not load"
+assert resolve_backend(None, "cpu", torch.float32, 3) == "cpu", "the C++ kernels did not load"
 torch.manual_seed(0)
 shapes, points = [(4, 6), (2, 3)], [2, 3]
 value = torch.randn(2, 30, 2, 8, dtype=torch.float64)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import PLACED_STARTS, POINTS, SHAPES, backends_for, make_inputs, needs_cpu_kernels, place_levels
+from conftest import (PLACED_STARTS, POINTS, SHAPES, assert_close, backends_for, cuda_kernel_params, make_inputs,
+                      needs_cpu_kernels, place_levels)
 
 import rtdetrv2_kernels
 from rtdetrv2_kernels import ms_deform_attn
@@ -125,7 +127,7 @@ def _chosen_backend(env_value):
     """The backend a fresh process picks for CPU tensors, with RTDETRV2_KERNELS_BACKEND set to env_value."""
     code = (
         "import rtdetrv2_kernels.backends as b; "
-        "print(b.resolve_backend(None, 'cpu'))"
+        "import torch; print(b.resolve_backend(None, 'cpu', torch.float32, 3))"
     )
     env = dict(os.environ)
     env.pop(rtdetrv2_kernels.ENV_VAR, None)
@@ -152,3 +154,64 @@ def test_explicit_backend_argument_beats_environment(monkeypatch):
     monkeypatch.setenv(rtdetrv2_kernels.ENV_VAR, "cuda")  # would fail for CPU tensors
     output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend="torch")
     assert output.shape == (2, 5, 21)
+
+
+# 17 levels: one more than the CUDA kernels' level table holds (csrc/cuda/: kMaxLevels).
+MANY_SHAPES = [(1 + level % 3, 2 + level % 4) for level in range(17)]
+MANY_POINTS = [1 + level % 2 for level in range(17)]
+
+
+def _run_many_levels(device, backend=None):
+    value, locations, weights = make_inputs(queries=3, heads=2, channels=4, shapes=MANY_SHAPES, points=MANY_POINTS,
+                                            device=device, borders=False)
+    output = ms_deform_attn(value, MANY_SHAPES, locations, weights, MANY_POINTS, backend=backend)
+    expected = rtdetrv2_kernels.ms_deform_attn_reference(value.cpu(), MANY_SHAPES, locations.cpu(), weights.cpu(),
+                                                          MANY_POINTS)
+    assert_close(output, expected, torch.float64, "17 levels")
+
+
+@pytest.mark.parametrize("backend, device", cuda_kernel_params())
+def test_automatic_selection_passes_over_a_backend_whose_kernels_cannot_take_the_input(backend, device, monkeypatch):
+    from rtdetrv2_kernels import backends
+
+    limited = backends.get(backend)
+    assert limited.max_levels == 16
+    if device == "cpu":
+        # An emulated build: tried first for CPU tensors, as the "cuda" backend is for CUDA tensors.
+        registry = {backend: dataclasses.replace(limited, device_types=("cpu",)),
+                    **{name: b for name, b in backends._REGISTRY.items() if name != backend}}
+        monkeypatch.setattr(backends, "_REGISTRY", registry)
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    monkeypatch.delenv(rtdetrv2_kernels.ENV_VAR, raising=False)
+    assert backends.resolve_backend(None, device, torch.float64, 16) == backend
+    assert backends.resolve_backend(None, device, torch.float64, 17) != backend
+    _run_many_levels(device)
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' is not available: its kernels take up to 16 levels, "
+                                           "got 17"):
+        _run_many_levels(device, backend)
+
+
+@needs_cpu_kernels
+def test_seventeen_levels_run_on_the_cpu_kernels():
+    from rtdetrv2_kernels import backends
+
+    assert backends.resolve_backend(None, "cpu", torch.float64, 17) == "cpu"
+    _run_many_levels("cpu")
+
+
+def test_backend_records_state_their_limits():
+    from rtdetrv2_kernels import backends
+
+    call = backends.Call("cpu", torch.float32, 3)
+    assert backends.get("torch").not_supported_reasons(call) == []
+    assert backends.get("torch").not_supported_reasons(call._replace(device_type="meta")) == []
+    assert backends.get("cuda").not_supported_reasons(call) == ["it runs on CUDA tensors, got cpu tensors"]
+    assert not backends.get("triton").deterministic and backends.get("cpu").deterministic
+    loaded = dataclasses.replace(backends.get("cuda"), unavailable=lambda device_type: None)  # as on a GPU
+    assert loaded.not_supported_reasons(call._replace(device_type="cuda")) == []
+    assert loaded.not_supported_reasons(call._replace(device_type="cuda", num_levels=17)) == [
+        "its kernels take up to 16 levels, got 17"]
+    assert loaded.not_supported_reasons(call._replace(device_type="cuda", dtype=torch.int32)) == [
+        "its kernels take float16, bfloat16, float32, float64, got int32"]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.get("fastest")

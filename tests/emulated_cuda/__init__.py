@@ -98,7 +98,8 @@ def load(arch: int):
         verbose=False,
     )
     register_op_pairs(namespace(arch))
-    backends.register_extra_backend(backend_name(arch), namespace(arch), "cpu")
+    backends.register_backend(backends.cuda_kernel_backend(backend_name(arch), namespace(arch),
+                                                           explicit_device_types=("cpu",)))
     return getattr(torch.ops, namespace(arch))
 
 
