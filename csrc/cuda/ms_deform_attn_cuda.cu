@@ -26,6 +26,8 @@ namespace {
 constexpr int kMaxLevels = 16;
 constexpr int kThreadsPerBlock = 256;
 
+int64_t blocks_for(int64_t threads) { return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock; }
+
 // What a kernel reads of one level: its size and its first row in value.
 struct LevelGeometry {
   int32_t height, width;
@@ -309,6 +311,39 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   out[i] = static_cast<scalar_t>(s == 0.0 || *non_finite != 0 ? quiet_nan : static_cast<double>(sums[i]) / s);
 }
 
+// The deterministic mode's grad_value: allocates the zeroed 64-bit sums and chooses the scale on the device from
+// `bound` (a device scalar bounding every element's total), hands the backward kernel a FixedPointSink, then
+// turns the sums into grad_value. Nothing reads the device on the host.
+class FixedPointAccumulator {
+ public:
+  FixedPointAccumulator(const at::Tensor& value, const at::Tensor& bound, gpu::Stream stream)
+      : sums_(at::zeros(value.sizes(), value.options().dtype(at::kLong))),
+        non_finite_(at::zeros({}, sums_.options())),
+        scale_(at::empty({}, bound.options())) {
+    gpu::launch<fixed_point_scale_kernel>(1, 1, stream, bound.const_data_ptr<double>(),
+                                          scale_.mutable_data_ptr<double>());
+  }
+
+  FixedPointSink sink() {
+    return {reinterpret_cast<unsigned long long*>(sums_.mutable_data_ptr<int64_t>()), scale_.const_data_ptr<double>(),
+            reinterpret_cast<unsigned long long*>(non_finite_.mutable_data_ptr<int64_t>()), 0.0};
+  }
+
+  // grad_value in scalar_t, contiguous (B, S, H, C), once the backward kernel has run into sink().
+  template <typename scalar_t>
+  at::Tensor finish(gpu::Stream stream) const {
+    at::Tensor grad_value = at::empty(sums_.sizes(), sums_.options().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+    gpu::launch<fixed_point_to_float_kernel<scalar_t>>(
+        blocks_for(sums_.numel()), kThreadsPerBlock, stream, reinterpret_cast<const long long*>(sums_.const_data_ptr<int64_t>()),
+        scale_.const_data_ptr<double>(), reinterpret_cast<const unsigned long long*>(non_finite_.const_data_ptr<int64_t>()),
+        grad_value.mutable_data_ptr<scalar_t>(), sums_.numel());
+    return grad_value;
+  }
+
+ private:
+  at::Tensor sums_, non_finite_, scale_;
+};
+
 // grad_locations and grad_weights are in acc_t and zeroed when kShuffle is false; grad_value is contiguous
 // (B, S, H, C), added to through the sink. With kShuffle every lane of a warp runs the whole
 // loop (inactive lanes on zeros) so that the shuffles see full warps.
@@ -419,8 +454,6 @@ Geometry make_geometry(const KernelInputs& in, int vec) {
           value.size(1), value.stride(0), value.stride(1), value.stride(2)};
 }
 
-int64_t blocks_for(int64_t threads) { return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock; }
-
 // Runs f.template operator()<VEC, kDiscrete>() for the runtime vector width and method.
 template <int kWide, typename F>
 void dispatch_width_and_method(int vec, bool discrete, const F& f) {
@@ -497,44 +530,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
           "rtdetrv2_kernels ms_deform_attn backward (CUDA) when C / VEC is not a power of two up to 32 (VEC = the "
           "channels in 16 bytes when C and value's strides are multiples of it, else 1)");
     }
-    const bool fixed_point = deterministic && shuffle;
-    at::Tensor sums, scale, non_finite;
-    if (fixed_point) {
-      sums = at::zeros(in.value.sizes(), in.value.options().dtype(at::kLong));
-      non_finite = at::zeros({}, sums.options());
-      const at::Tensor bound = grad_output.abs().amax().to(at::kDouble) * weight_mass();
-      scale = at::empty({}, bound.options());
-      gpu::launch<fixed_point_scale_kernel>(1, 1, stream, bound.const_data_ptr<double>(),
-                                            scale.mutable_data_ptr<double>());
-    } else {
-      grad_value = at::zeros(in.value.sizes(), acc_options);
-    }
-    dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-      using Points = std::decay_t<decltype(points)>;
-      // Shuffles need whole warps: with kShuffle, launch a multiple of 32 lanes.
-      const auto run = [&]<bool kShuffle, typename Sink>(const Sink& sink) {
+    using Points = std::decay_t<decltype(points)>;
+    // Runs backward_kernel into `sink` for the runtime vector width and method. Shuffles need whole warps:
+    // with kShuffle, a multiple of 32 lanes is launched.
+    const auto run_into = [&]<bool kShuffle, typename Sink>(const Sink& sink) {
+      dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
         const int64_t threads = kShuffle ? blocks_for(total) * kThreadsPerBlock : total;
         gpu::launch<backward_kernel<scalar_t, VEC, kDiscrete, kShuffle, Points, Levels, Sink>>(
             blocks_for(threads), kThreadsPerBlock, stream, grad_output.const_data_ptr<scalar_t>(),
             in.value.const_data_ptr<scalar_t>(), points, sink, grad_locations.mutable_data_ptr<acc_t>(),
             grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
-      };
-      if (fixed_point) {
-        run.template operator()<true>(FixedPointSink{
-            reinterpret_cast<unsigned long long*>(sums.mutable_data_ptr<int64_t>()), scale.const_data_ptr<double>(),
-            reinterpret_cast<unsigned long long*>(non_finite.mutable_data_ptr<int64_t>()), 0.0});
-      } else if (shuffle) {
-        run.template operator()<true>(FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
+      });
+    };
+    if (deterministic && shuffle) {
+      FixedPointAccumulator accumulator(in.value, grad_output.abs().amax().to(at::kDouble) * weight_mass(), stream);
+      run_into.template operator()<true>(accumulator.sink());
+      grad_value = accumulator.finish<scalar_t>(stream);
+    } else {
+      grad_value = at::zeros(in.value.sizes(), acc_options);
+      const FloatSink<acc_t> sink{grad_value.mutable_data_ptr<acc_t>()};
+      if (shuffle) {
+        run_into.template operator()<true>(sink);
       } else {
-        run.template operator()<false>(FloatSink<acc_t>{grad_value.mutable_data_ptr<acc_t>()});
+        run_into.template operator()<false>(sink);
       }
-    });
-    if (fixed_point) {
-      grad_value = at::empty(in.value.sizes(), in.value.options().memory_format(at::MemoryFormat::Contiguous));
-      gpu::launch<fixed_point_to_float_kernel<scalar_t>>(
-          blocks_for(sums.numel()), kThreadsPerBlock, stream, reinterpret_cast<const long long*>(sums.const_data_ptr<int64_t>()),
-          scale.const_data_ptr<double>(), reinterpret_cast<const unsigned long long*>(non_finite.const_data_ptr<int64_t>()),
-          grad_value.mutable_data_ptr<scalar_t>(), sums.numel());
     }
   });
   return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
