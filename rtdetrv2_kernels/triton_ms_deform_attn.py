@@ -28,11 +28,10 @@ from ._op_formulas import (
     backward_fake,
     forward_fake,
     fused_reference,
-    level_pairs,
     plain_reference,
     register_autograd,
 )
-from ._validation import check_fused_inputs, check_inputs
+from ._validation import METHODS, check_dtypes_and_devices
 
 
 def interpreting() -> bool:
@@ -382,12 +381,17 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(tuned, plain, grid_q, batch_heads, *args, **constants):
-    with _device_guard(args[0].device):
+def _launch(tuned, plain, arguments):
+    """Runs a kernel on `arguments` (_kernel_arguments), all passed by name: autotuned, or with the fixed
+    configuration."""
+    value = arguments["value_ptr"]
+    batch_heads = value.shape[0] * arguments["H"]
+    with _device_guard(value.device):
         if autotuning():
-            tuned[lambda meta: _grid(grid_q, batch_heads, meta["BLOCK_Q"])](*args, **constants)
+            tuned[lambda meta: _grid(arguments["Q"], batch_heads, meta["BLOCK_Q"])](**arguments)
         else:
-            plain[_grid(grid_q, batch_heads, _FIXED_BLOCK_Q)](*args, BLOCK_Q=_FIXED_BLOCK_Q, num_warps=2, **constants)
+            plain[_grid(arguments["Q"], batch_heads, _FIXED_BLOCK_Q)](**arguments, BLOCK_Q=_FIXED_BLOCK_Q,
+                                                                       num_warps=2)
 
 
 def _offset_scale_parts(offset_scale: float) -> tuple[float, float, float]:
@@ -446,27 +450,89 @@ def _level_table(spatial_shapes, device: torch.device) -> torch.Tensor:
     return table
 
 
-def _level_constants(value, num_points, method, reference_points=None):
-    """The kernels' compile-time constants: everything but the level shapes, which _level_table carries."""
+def _kernel_arguments(value, spatial_shapes, num_points, method, reference=None, offset_scale=0.0, **tensors):
+    """A launch's arguments keyed by the kernels' parameter names, all but BLOCK_Q (the launch's): `tensors`,
+    the kernel's own (loc_ptr, weight_ptr, out_ptr; the backward's grad_*_ptr), then value with its strides, the
+    level table, the fused op's reference points and offset scale, and the compile-time constants (everything
+    but the level shapes, which the table carries). Named, so a change of the kernels' signatures cannot shift
+    an argument into another's place (tests/test_triton_compile.py compares the names with the kernels')."""
+    if reference is None:
+        # The plain op: FUSED=False compiles out every read of the fused op's parameters. Any tensor fills a
+        # pointer; value and (in the backward) grad_value are at hand.
+        fused = dict(ref_ptr=value, scale_hi=0.0, scale_mid=0.0, scale_lo=0.0)
+        if "grad_value_ptr" in tensors:
+            fused["grad_ref_ptr"] = tensors["grad_value_ptr"]
+    else:
+        fused = dict(zip(("scale_hi", "scale_mid", "scale_lo"), _offset_scale_parts(offset_scale)), ref_ptr=reference)
     points = tuple(int(p) for p in num_points)
     first_point = [0]
     for count in points:
         first_point.append(first_point[-1] + count)
     return dict(
+        tensors, **fused, value_ptr=value, levels_ptr=_level_table(spatial_shapes, value.device),
+        Q=tensors["loc_ptr"].shape[1], stride_vb=value.stride(0), stride_vs=value.stride(1), stride_vh=value.stride(2),
         H=value.shape[2], C=value.shape[3], P=first_point[-1], POINTS=points, FIRST_POINT=tuple(first_point),
         NUM_LEVELS=len(points), DISCRETE=method == "discrete",
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
+        FUSED=reference is not None,
+        R=1 if reference is None else reference.shape[2],
+        K=2 if reference is None else reference.shape[3],
         BLOCK_C=triton.next_power_of_2(max(1, value.shape[3])),
-        FUSED=reference_points is not None,
-        R=1 if reference_points is None else reference_points.shape[2],
-        K=2 if reference_points is None else reference_points.shape[3],
     )
 
 
-def _prepare(value, spatial_shapes, sampling_locations, attention_weights, num_points, method):
-    # A direct call of the op must not be able to index out of bounds: check like the public API does.
-    pairs = level_pairs(spatial_shapes)
-    check_inputs(value, pairs, sampling_locations, attention_weights, list(num_points), method)
+def _check_op_inputs(value, spatial_shapes, locations, weights, num_points, method, reference=None,
+                     grad_output=None):
+    """What keeps a direct call of an op (torch.ops.rtdetrv2_kernels.triton_*: users, opcheck, the autograd
+    backward) from launching a kernel that reads or writes outside its tensors, as csrc/ms_deform_attn.h does
+    for the C++ ops. Sizes, dtypes and devices only, a few microseconds: the public functions have run
+    _validation's checks before (friendlier messages, every argument form), and the op's schema has typed the
+    arguments."""
+    if reference is None:
+        names = ("sampling_locations", "attention_weights")
+    else:
+        names = ("sampling_offsets", "attention_logits")
+    levels = len(spatial_shapes) // 2
+    if not levels or len(spatial_shapes) != 2 * levels or len(num_points) != levels:
+        raise ValueError(f"spatial_shapes must be (height, width) pairs, flattened, and num_points one count per "
+                         f"level; got {list(spatial_shapes)} and {list(num_points)}")
+    if min(spatial_shapes) <= 0 or min(num_points) <= 0:
+        raise ValueError(f"level sizes and point counts must be positive, got spatial_shapes {list(spatial_shapes)} "
+                         f"and num_points {list(num_points)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if value.dim() != 4:
+        raise ValueError(f"value must have shape (B, S, H, C), got {tuple(value.shape)}")
+    others = {names[0]: locations, names[1]: weights}
+    if reference is not None:
+        others["reference_points"] = reference
+    check_dtypes_and_devices(value, others)
+    batch, rows, heads, channels = value.shape
+    level_rows = sum(h * w for h, w in zip(spatial_shapes[0::2], spatial_shapes[1::2]))
+    if rows != level_rows:
+        raise ValueError(f"value has S={rows} rows but spatial_shapes {list(spatial_shapes)} sum to {level_rows}")
+    total = sum(num_points)
+    queries = locations.shape[1] if locations.dim() == 5 else None
+    if locations.shape != (batch, queries, heads, total, 2):
+        raise ValueError(f"{names[0]} must have shape (B, Q, H, P, 2) = ({batch}, Q, {heads}, {total}, 2), got "
+                         f"{tuple(locations.shape)}")
+    if weights.shape != (batch, queries, heads, total):
+        raise ValueError(f"{names[1]} must have shape (B, Q, H, P) = {(batch, queries, heads, total)}, got "
+                         f"{tuple(weights.shape)}")
+    if reference is not None and (reference.dim() != 4 or reference.shape[:2] != (batch, queries)
+                                  or reference.shape[2] not in (1, levels) or reference.shape[3] not in (2, 4)):
+        raise ValueError(f"reference_points must have shape (B, Q, 1 or L, 4 or 2) with B={batch}, Q={queries}, "
+                         f"L={levels}; got {tuple(reference.shape)}")
+    # The kernels load grad_output in its own dtype: only its size and device matter.
+    if grad_output is not None and (grad_output.shape != (batch, queries, heads * channels)
+                                    or grad_output.device != value.device):
+        raise ValueError(f"grad_output must have shape (B, Q, H*C) = {(batch, queries, heads * channels)} on "
+                         f"{value.device}, got {tuple(grad_output.shape)} on {grad_output.device}")
+
+
+def _prepare(value, spatial_shapes, sampling_locations, attention_weights, num_points, method, grad_output=None):
+    _check_op_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method,
+                     grad_output=grad_output)
     if value.stride(3) != 1:
         value = value.contiguous()
     return value, sampling_locations.contiguous(), attention_weights.contiguous()
@@ -484,13 +550,10 @@ def triton_ms_deform_attn_forward(
     value, locations, weights = _prepare(value, spatial_shapes, sampling_locations, attention_weights,
                                          num_points, method)
     batch, _, heads, channels = value.shape
-    queries = locations.shape[1]
-    output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
+    output = torch.empty(batch, locations.shape[1], heads * channels, device=value.device, dtype=value.dtype)
     if output.numel():
-        _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
-                value, locations, weights, output, _level_table(spatial_shapes, value.device), queries,
-                value.stride(0), value.stride(1), value.stride(2), value, 0.0, 0.0, 0.0,
-                **_level_constants(value, num_points, method))
+        _launch(_forward_tuned, _forward_kernel, _kernel_arguments(
+            value, spatial_shapes, num_points, method, loc_ptr=locations, weight_ptr=weights, out_ptr=output))
     return output
 
 
@@ -509,18 +572,15 @@ def triton_ms_deform_attn_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _alert_not_deterministic("the backward of ms_deform_attn")
     value, locations, weights = _prepare(value, spatial_shapes, sampling_locations, attention_weights,
-                                         num_points, method)
-    batch, _, heads, channels = value.shape
-    queries = locations.shape[1]
+                                         num_points, method, grad_output)
     accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, device=value.device, dtype=accumulate_dtype)
     grad_locations = torch.empty_like(locations)
     grad_weights = torch.empty_like(weights)
-    if grad_weights.numel() and channels:
-        _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
-                grad_output.contiguous(), value, locations, weights, grad_value, grad_locations, grad_weights,
-                _level_table(spatial_shapes, value.device), queries, value.stride(0), value.stride(1),
-                value.stride(2), value, 0.0, 0.0, 0.0, grad_value, **_level_constants(value, num_points, method))
+    if grad_weights.numel() and value.shape[3]:
+        _launch(_backward_tuned, _backward_kernel, _kernel_arguments(
+            value, spatial_shapes, num_points, method, grad_out_ptr=grad_output.contiguous(), loc_ptr=locations,
+            weight_ptr=weights, grad_value_ptr=grad_value, grad_loc_ptr=grad_locations, grad_weight_ptr=grad_weights))
     else:
         grad_locations.zero_()
         grad_weights.zero_()
@@ -533,10 +593,9 @@ register_autograd(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward,
 
 # ------------------------------------------------------------------------------------------ the fused op
 def _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points,
-                   offset_scale, method):
-    pairs = level_pairs(spatial_shapes)
-    check_fused_inputs(value, pairs, reference_points, sampling_offsets, attention_logits, list(num_points),
-                       offset_scale, method)
+                   method, grad_output=None):
+    _check_op_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method,
+                     reference_points, grad_output)
     if value.stride(3) != 1:
         value = value.contiguous()
     return value, reference_points.contiguous(), sampling_offsets.contiguous(), attention_logits.contiguous()
@@ -554,15 +613,13 @@ def triton_ms_deform_attn_fused_forward(
     method: str,
 ) -> torch.Tensor:
     value, reference, offsets, logits = _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets,
-                                                       attention_logits, num_points, offset_scale, method)
+                                                       attention_logits, num_points, method)
     batch, _, heads, channels = value.shape
-    queries = offsets.shape[1]
-    output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
+    output = torch.empty(batch, offsets.shape[1], heads * channels, device=value.device, dtype=value.dtype)
     if output.numel():
-        _launch(_forward_tuned, _forward_kernel, queries, batch * heads,
-                value, offsets, logits, output, _level_table(spatial_shapes, value.device), queries,
-                value.stride(0), value.stride(1), value.stride(2), reference, *_offset_scale_parts(offset_scale),
-                **_level_constants(value, num_points, method, reference))
+        _launch(_forward_tuned, _forward_kernel, _kernel_arguments(
+            value, spatial_shapes, num_points, method, reference, offset_scale, loc_ptr=offsets, weight_ptr=logits,
+            out_ptr=output))
     return output
 
 
@@ -583,7 +640,7 @@ def triton_ms_deform_attn_fused_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _alert_not_deterministic("the backward of ms_deform_attn_fused")
     value, reference, offsets, logits = _prepare_fused(value, spatial_shapes, reference_points, sampling_offsets,
-                                                       attention_logits, num_points, offset_scale, method)
+                                                       attention_logits, num_points, method, grad_output)
     batch, _, heads, channels = value.shape
     queries = offsets.shape[1]
     accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -595,11 +652,10 @@ def triton_ms_deform_attn_fused_backward(
     grad_offsets = torch.zeros_like(offsets)
     grad_logits = torch.zeros(logits.shape, device=value.device, dtype=accumulate_dtype)
     if grad_logits.numel() and channels:
-        _launch(_backward_tuned, _backward_kernel, queries, batch * heads,
-                grad_output.contiguous(), value, offsets, logits, grad_value, grad_offsets, grad_logits,
-                _level_table(spatial_shapes, value.device), queries, value.stride(0), value.stride(1),
-                value.stride(2), reference, *_offset_scale_parts(offset_scale), grad_reference,
-                **_level_constants(value, num_points, method, reference))
+        _launch(_backward_tuned, _backward_kernel, _kernel_arguments(
+            value, spatial_shapes, num_points, method, reference, offset_scale, grad_out_ptr=grad_output.contiguous(),
+            loc_ptr=offsets, weight_ptr=logits, grad_value_ptr=grad_value, grad_loc_ptr=grad_offsets,
+            grad_weight_ptr=grad_logits, grad_ref_ptr=grad_reference))
     return (grad_value.to(value.dtype), grad_reference.sum(2).to(value.dtype), grad_offsets,
             grad_logits.to(value.dtype))
 

@@ -130,8 +130,7 @@ from rtdetrv2_kernels import triton_ms_deform_attn as kernels
 
 # What each op would launch, with the arguments it passes (CPU tensors: only their dtype and alignment count).
 launches = []
-kernels._launch = lambda tuned, plain, grid_q, batch_heads, *args, **constants: launches.append(
-    (plain, args, constants))
+kernels._launch = lambda tuned, plain, arguments: launches.append((plain, arguments))
 points, heads, channels = [4, 4, 4], 8, 32
 for height, width in [(size, size) for size in range(480, 801, 32)] + [(480, 640), (736, 1088)]:
     shapes = [s for stride in (8, 16, 32) for s in (-(-height // stride), -(-width // stride))]
@@ -148,9 +147,9 @@ for height, width in [(size, size) for size in range(480, 801, 32)] + [(480, 640
                                                 points, 0.5, "default")
 backend = make_backend(GPUTarget("cuda", 90, 32))
 keys = {}
-for kernel, args, constants in launches:
+for kernel, arguments in launches:
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    _, specialization, _ = binder(*args, BLOCK_Q=16, num_warps=2, **constants)
+    _, specialization, _ = binder(**arguments, BLOCK_Q=16, num_warps=2)
     keys.setdefault(kernel.__name__, set()).add(repr(specialization))
 print("launches:", len(launches))
 for name, distinct in sorted(keys.items()):
@@ -165,6 +164,31 @@ def test_a_new_image_size_compiles_no_new_kernel(python):
     counts = dict(re.findall(r"^(\w+)(?: compiles)?: (\d+)$", compile_and_print(SPECIALIZATION_SCRIPT, python), re.M))
     # forward: the plain op and the fused op (their constants differ); backward: the plain op.
     assert counts == {"launches": "65", "_forward_kernel": "2", "_backward_kernel": "1"}
+
+
+def test_every_launch_passes_exactly_the_kernels_parameters_by_name(monkeypatch):
+    # The ops pass every argument by name: a parameter added, removed or renamed in a kernel's signature fails
+    # here (a moved one changes nothing), where positional arguments would shift silently. Nothing runs.
+    launches = []
+    monkeypatch.setattr(kernels, "_launch", lambda tuned, plain, arguments: launches.append((tuned, plain, arguments)))
+    ops = torch.ops.rtdetrv2_kernels
+    shapes, points = [4, 8, 3, 5], [2, 3]
+    value, grad = torch.randn(2, 47, 3, 4), torch.randn(2, 5, 12)
+    locations, weights = torch.rand(2, 5, 3, 5, 2), torch.rand(2, 5, 3, 5)
+    ops.triton_ms_deform_attn_forward(value, shapes, locations, weights, points, "default")
+    ops.triton_ms_deform_attn_backward(grad, value, shapes, locations, weights, points, "default")
+    for reference in (torch.rand(2, 5, 1, 4), torch.rand(2, 5, 2, 2)):  # boxes; points, one per level
+        ops.triton_ms_deform_attn_fused_forward(value, shapes, reference, locations, weights, points, 0.5, "default")
+        ops.triton_ms_deform_attn_fused_backward(grad, value, shapes, reference, locations, weights, points, 0.5,
+                                                 "default")
+    assert [(plain, arguments["FUSED"]) for _, plain, arguments in launches] == [
+        (kernels._forward_kernel, False), (kernels._backward_kernel, False),
+        *[(kernels._forward_kernel, True), (kernels._backward_kernel, True)] * 2]
+    tuned_by_config = {name for config in kernels._TUNING for name in config.kwargs}
+    assert tuned_by_config == {"BLOCK_Q"}  # what _launch adds (or the autotuner does)
+    for tuned, plain, arguments in launches:
+        assert tuned.fn is plain
+        assert sorted(arguments) == sorted(set(plain.arg_names) - tuned_by_config), plain.__name__
 
 
 def test_level_table_holds_each_levels_shape_and_first_row_then_the_row_count():

@@ -90,3 +90,60 @@ def test_raw_op_rejects_bad_shapes_without_crashing(backend, device):
         op(value, flat, locations[:, :, :, :5], weights, POINTS, "default")
     with pytest.raises(RuntimeError, match="method must be"):
         op(value, flat, locations, weights, POINTS, "nearest")
+
+
+
+# The Triton ops rerun none of ms_deform_attn's checks, only those their kernels' memory safety needs (as the C++
+# ops do): a direct call must still fail clearly, before any launch. Each case: the op, its arguments from
+# (v, l, w) = make_inputs(), a grad_output g for them and reference boxes r, and the message.
+FLAT = [s for shape in SHAPES for s in shape]
+FORWARD, BACKWARD = "triton_ms_deform_attn_forward", "triton_ms_deform_attn_backward"
+FUSED_FORWARD, FUSED_BACKWARD = "triton_ms_deform_attn_fused_forward", "triton_ms_deform_attn_fused_backward"
+TRITON_OP_CASES = {
+    "rows": (FORWARD, lambda v, l, w, g, r: (v, [4, 8, 8, 2, 3, 6], l, w, POINTS, "default"),
+             r"value has S=63 rows but spatial_shapes \[4, 8, 8, 2, 3, 6\] sum to 66"),
+    # Negative sizes whose products sum to value's rows: the kernels would index before the level.
+    "negative-level": (FORWARD, lambda v, l, w, g, r: (v, [4, 8, 8, 2, -3, -5], l, w, POINTS, "default"),
+                       r"must be positive"),
+    "odd-shapes": (FORWARD, lambda v, l, w, g, r: (v, [4, 8, 8, 2, 3], l, w, POINTS, "default"),
+                   r"spatial_shapes must be \(height, width\) pairs"),
+    "num-points": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w, [3, 8], "default"), r"one count per level"),
+    "zero-points": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w, [3, 8, 0], "default"), r"must be positive"),
+    "locations": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l[..., :10, :], w, POINTS, "default"),
+                  r"sampling_locations must have shape \(B, Q, H, P, 2\) = \(2, Q, 3, 11, 2\)"),
+    "weights": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w[:, :4], POINTS, "default"),
+                r"attention_weights must have shape \(B, Q, H, P\) = \(2, 5, 3, 11\)"),
+    "value": (FORWARD, lambda v, l, w, g, r: (v[0], FLAT, l, w, POINTS, "default"),
+              r"value must have shape \(B, S, H, C\)"),
+    "method": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w, POINTS, "nearest"), r"method must be one of"),
+    "grad-output": (BACKWARD, lambda v, l, w, g, r: (g[..., :-1], v, FLAT, l, w, POINTS, "default"),
+                    r"grad_output must have shape \(B, Q, H\*C\) = \(2, 5, 21\)"),
+    "backward-rows": (BACKWARD, lambda v, l, w, g, r: (g, v[:, 1:], FLAT, l, w, POINTS, "default"),
+                      r"value has S=62 rows"),
+    "reference": (FUSED_FORWARD, lambda v, l, w, g, r: (v, FLAT, r.expand(2, 5, 2, 4), l, w, POINTS, 0.5, "default"),
+                  r"reference_points must have shape \(B, Q, 1 or L, 4 or 2\) with B=2, Q=5, L=3"),
+    "offsets": (FUSED_FORWARD, lambda v, l, w, g, r: (v, FLAT, r, l[:1], w, POINTS, 0.5, "default"),
+                r"sampling_offsets must have shape"),
+    "fused-grad-output": (FUSED_BACKWARD, lambda v, l, w, g, r: (g[:, :4], v, FLAT, r, l, w, POINTS, 0.5, "default"),
+                          r"grad_output must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRITON_OP_CASES))
+def test_raw_triton_op_rejects_bad_shapes_before_launching(monkeypatch, case):
+    from conftest import backends_for
+
+    if "triton" not in backends_for("cpu"):
+        pytest.skip("the triton backend does not run on the CPU here")
+    from rtdetrv2_kernels import triton_ms_deform_attn as kernels
+
+    def launch(*arguments, **keywords):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(kernels, "_launch", launch)
+    op, arguments, message = TRITON_OP_CASES[case]
+    value, locations, weights = make_inputs(batch=2, queries=5, heads=3, channels=7)
+    grad_output = torch.randn(2, 5, 21, dtype=torch.float64)
+    boxes = torch.rand(2, 5, 1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.ops.rtdetrv2_kernels, op)(*arguments(value, locations, weights, grad_output, boxes))
