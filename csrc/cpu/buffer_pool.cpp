@@ -1,11 +1,11 @@
 // The pool behind zeros_for_accumulation.
 //
 // A backward returns a new value-sized grad_value on every call. glibc serves blocks of 32 MiB and more
-// with a fresh mapping and unmaps it on free, so each call page-faults the whole buffer while filling it:
-// measured on a 2-core VM, 34 MiB (B=4 at 80x80/40x40/20x20, H=8, C=32): 8-10 ms of faults, against
-// 0.3-1.2 ms to zero memory that is already mapped; asking for 2 MiB pages instead helped only when the
-// kernel had some free (3 ms), and stalled for compaction when not (37 ms). So large buffers are mapped
-// here and, when freed, kept for the next call, as PyTorch's CUDA caching allocator does for GPU memory:
+// with a fresh mapping and unmaps it on free, so each call page-faults the whole buffer while filling it,
+// several times what zeroing mapped memory costs; asking for 2 MiB pages instead helped only when the kernel
+// had some free, and stalled for compaction when not (the numbers: bench/results/cpu-kernel-design/). So
+// large buffers are mapped here and, when freed, kept for the next call, as PyTorch's CUDA caching allocator
+// does for GPU memory:
 // at most kMaxIdleBlocks of them, until empty_cpu_cache(). Smaller blocks are left to malloc, which
 // reuses them from its heap.
 #include "buffer_pool.h"

@@ -75,10 +75,8 @@ struct Simd {
 // Rows are requested before they are used, one request per 128 bytes: the L2's adjacent-line prefetcher
 // brings the other 64-byte line of each 128-byte pair, and a request per line clogged the miss queue.
 // prefetch_row_start requests a row's first 128 bytes, as soon as the row is known (all of a C=32 fp32 row);
-// longer rows get the rest from prefetch_rows_rest once a whole (batch, query, head) is listed. Measured
-// (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, fp32, forward B=1): C=32 0.33 ms with a request per
-// line, 0.27 ms with none, 0.24 ms as done here; the rest of longer rows: fp64 C=32 0.99 -> 0.76 ms, fp32
-// C=64 unchanged within noise (0.84 / 0.92 ms).
+// longer rows get the rest from prefetch_rows_rest once a whole (batch, query, head) is listed. Faster than
+// both a request per line and none (bench/results/cpu-kernel-design/, "Prefetching").
 template <bool kForWrite = false, typename T>
 RTDETRV2_INLINE void prefetch_row_start(const T* row) {
 #if defined(__GNUC__)
@@ -212,9 +210,8 @@ constexpr int64_t kTapsPerPoint = kDiscrete ? 1 : 4;
 
 // out[c] = sum over taps t of weights[t] * rows[t][c]. Channels go in groups of up to kGroup vectors, each
 // with two accumulators, for the even and the odd taps: independent FMA chains hide the FMA latency that one
-// chain per vector (48 FMAs long for RT-DETRv2's 48 taps) would serialize on. Measured against one
-// accumulator per vector (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, C=32, fp32, same process):
-// forward B=1 0.287 -> 0.266 ms, B=4 1.74-1.91 -> 1.64-1.78 ms.
+// chain per vector (48 FMAs long for RT-DETRv2's 48 taps) would serialize on (measured against one
+// accumulator per vector: bench/results/cpu-kernel-design/).
 template <typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weights, int64_t num_taps, int64_t C,
                          scalar_t* out) {
@@ -255,9 +252,8 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
 // A task walks one head's queries, as the backward does: the value rows it reads again (queries sample
 // overlapping places) are that head's, 1 MiB at RT-DETRv2's 640x640 levels with C=32 fp32, which the core's
 // own L2 can hold; walking all heads of a query spreads them over every head's rows, which only the shared L3
-// holds. Measured against that order (2-core AMD EPYC VM, fp32, caches flushed before each call as other work
-// does between a model's calls): RT-DETRv2 Q=300 B=4 3.8-4.0 -> 3.4-3.6 ms in busy periods (2.8 -> 2.8 in
-// quiet ones), B=16 training shape 21.4 -> 19.7 ms, Deformable-DETR encoder B=2 158 -> 124 ms; B=1 unchanged.
+// holds. Faster than that order with caches flushed before each call, as a model's other layers flush them,
+// most at large batches (bench/results/cpu-kernel-design/, "A task walks one head's queries").
 template <typename scalar_t, bool kDiscrete, typename Points>
 RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& problem, int64_t begin, int64_t end,
                                              scalar_t* output) {
@@ -291,9 +287,7 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
         }
       }
       // The rows of every point are requested as soon as they are known, so the misses of one point overlap
-      // the index math of the next ones instead of stalling the summation. Measured (2-core AMD EPYC VM,
-      // 80x80/40x40/20x20, Q=300, H=8, C=32, fp32): bilinear B=4 2.8-3.3 -> 1.5-2.0 ms, B=1 0.27 -> 0.24 ms;
-      // the discrete forward (one row per point) was measured twice as fast with it on an Intel VM.
+      // the index math of the next ones instead of stalling the summation (bench/results/cpu-kernel-design/).
       for (int64_t k = 0; k < kTapsPerPoint<kDiscrete>; ++k) prefetch_row_start(rows[k]);
     });
     prefetch_rows_rest(tap_rows.data(), num_taps, C);
@@ -353,9 +347,8 @@ struct BackwardTaps {
 // Sums the listed taps of one (batch, query, head): adds attention * weight * grad_out to each tap's
 // grad_value row, and writes the gradients of the points' locations and attention weights. Per point, the
 // taps' dot products grad_out . row stay vectors until combined into the three sums the gradients need, so a
-// point costs three horizontal sums, not one per tap. Measured against a loop over runtime C with a sum per
-// tap (2-core AMD EPYC VM, 80x80/40x40/20x20, Q=300, H=8, C=32, fp32, same process): backward B=4
-// 8.2-9.2 -> 6.8-7.6 ms, B=1 1.0-1.3 -> 0.8-1.0 ms.
+// point costs three horizontal sums, not one per tap (measured against a sum per tap:
+// bench/results/cpu-kernel-design/).
 template <int64_t kVectors, bool kDiscrete, typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const scalar_t* grad_output_row,
                                     int64_t C, int64_t P, acc_t* grad_out_buffer, acc_t* grad_loc,
