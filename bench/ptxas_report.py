@@ -61,7 +61,7 @@ def parse(report: str) -> list[dict]:
     names = subprocess.run(["c++filt"], input="\n".join(k["mangled"] for k in kernels), capture_output=True,
                            text=True).stdout.splitlines()
     for kernel, name in zip(kernels, names):
-        kernel["name"] = re.sub(r"^void |rtdetrv2_kernels::\(anonymous namespace\)::", "", name).split("(")[0]
+        kernel["name"] = re.sub(r"^void |rtdetrv2_kernels::(\(anonymous namespace\)::)?", "", name).split("(")[0]
     return kernels
 
 
