@@ -32,14 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # The inference and training shapes of README's GPU table.
 BENCH_SHAPES = ["rtdetrv2-infer-b1", "rtdetrv2-infer-b8", "rtdetrv2-train-b16-640"]
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_fused.py", "tests/test_deterministic.py",
-                "tests/test_registration.py"]
+KERNEL_TESTS = ["tests/op/test_kernels.py", "tests/op/test_fused.py", "tests/op/test_op_cases.py",
+                "tests/op/test_deterministic.py", "tests/op/test_registration.py"]
 # One small case per kernel (plain and fused, both methods, forward and backward, the deterministic path).
 # The model and training-step sections of `python -m bench` alone (its self-check needs one shape).
 MODEL_ONLY = ["--shapes", "rtdetrv2-infer-b1", "--dtypes", "float32", "--budget", "0.3", "--rounds", "3", "--no-sweep",
               "--no-fused", "--no-charts", "--no-memory"]
-MEMCHECK_TESTS = ["tests/test_kernels.py::test_matches_reference", "tests/test_fused.py::test_empty_and_nonfinite",
-                  "tests/test_deterministic.py::test_cuda_deterministic_fused_backward_repeats_bitwise_and_matches_the_default_mode"]
+MEMCHECK_TESTS = ["tests/op/test_kernels.py::test_matches_reference", "tests/op/test_fused.py::test_empty_and_nonfinite",
+                  "tests/op/test_deterministic.py::test_cuda_deterministic_fused_backward_repeats_bitwise_and_matches_the_default_mode"]
 
 
 @dataclasses.dataclass

@@ -455,7 +455,7 @@ def _kernel_arguments(value, spatial_shapes, num_points, method, reference=None,
     the kernel's own (loc_ptr, weight_ptr, out_ptr; the backward's grad_*_ptr), then value with its strides, the
     level table, the fused op's reference points and offset scale, and the compile-time constants (everything
     but the level shapes, which the table carries). Named, so a change of the kernels' signatures cannot shift
-    an argument into another's place (tests/test_triton_compile.py compares the names with the kernels')."""
+    an argument into another's place (tests/op/test_triton_compile.py compares the names with the kernels')."""
     if reference is None:
         # The plain op: FUSED=False compiles out every read of the fused op's parameters. Any tensor fills a
         # pointer; value and (in the backward) grad_value are at hand.

@@ -2,8 +2,8 @@
 # The test command: a fresh virtualenv with torch 2.14.1 (the CUDA build, so CUDA sources compile even
 # without a GPU), the test dependencies and this package built against that torch, then pytest. It also
 # builds against the oldest supported torch (2.11.0) and runs the kernel and op tests there, and runs the
-# emulated CUDA kernels' tests a second time under AddressSanitizer and UBSan; RTDETRV2_TESTS_MAIN_ONLY=1
-# skips those two. Extra arguments go to the main pytest run, e.g.
+# emulated CUDA kernels' tests a second time under AddressSanitizer and UBSan (the sm_90 build);
+# RTDETRV2_TESTS_MAIN_ONLY=1 skips those two. Extra arguments go to the main pytest run, e.g.
 # `RTDETRV2_TESTS_MAIN_ONLY=1 bash scripts/test.sh -k reference -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,27 +36,31 @@ make_venv "$VENV" 2.14.1
 if [ "$MAIN_ONLY" != 1 ]; then
   # The CUDA library for one architecture is enough to show it builds against the oldest torch's headers.
   TORCH_CUDA_ARCH_LIST=9.0 make_venv "$OLDEST_VENV" "$OLDEST_TORCH"
-  # tests/test_triton_compile.py compiles the Triton kernels with this Python's Triton too.
+  # tests/op/test_triton_compile.py compiles the Triton kernels with this Python's Triton too.
   export RTDETRV2_OLDEST_TORCH_PYTHON="$PWD/$OLDEST_VENV/bin/python"
 fi
 
 echo "== pytest"
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path and would test the
 # source tree instead of the installed package. The suite includes the CUDA kernels emulated on the CPU
-# (tests/emulated_cuda/, built at collection) and their ThreadSanitizer run.
+# (tests/emulated_cuda/, built when the first test that runs them starts) and their ThreadSanitizer run.
 "$VENV/bin/pytest" "$@"
 elapsed
 if [ "$MAIN_ONLY" = 1 ]; then exit 0; fi
 
 echo "== pytest with torch $OLDEST_TORCH: the kernel and op tests (CPU kernels, Triton 3.6 interpreter)"
-RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" -q -m "not slow" tests/test_kernels.py tests/test_fused.py \
-  tests/test_registration.py tests/test_validation.py tests/test_deterministic.py tests/test_reference.py
+RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" -q -m "not slow" tests/op/test_kernels.py tests/op/test_fused.py \
+  tests/op/test_op_cases.py tests/op/test_registration.py tests/op/test_validation.py tests/op/test_deterministic.py \
+  tests/op/test_reference.py
 elapsed
 
 echo "== pytest: the emulated CUDA kernels again, under AddressSanitizer and UndefinedBehaviorSanitizer"
 # libasan must be the first library loaded, and libstdc++ loaded with it (tests/emulated_cuda/__init__.py).
+# The sm_90 build alone (RTDETRV2_EMULATION_ARCHS): under ASan each build and its run take minutes, and the
+# main run above tests both builds.
 ASAN_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
-RTDETRV2_EMULATION_SANITIZE=address LD_PRELOAD="$ASAN_PRELOAD" ASAN_OPTIONS=detect_leaks=0 \
+RTDETRV2_EMULATION_SANITIZE=address RTDETRV2_EMULATION_ARCHS=90 LD_PRELOAD="$ASAN_PRELOAD" ASAN_OPTIONS=detect_leaks=0 \
   "$VENV/bin/pytest" -q -m "not slow" -k emulated \
-  tests/test_kernels.py tests/test_fused.py tests/test_deterministic.py tests/test_emulated_cuda.py
+  tests/op/test_kernels.py tests/op/test_fused.py tests/op/test_op_cases.py tests/op/test_deterministic.py \
+  tests/op/test_emulated_cuda.py
 elapsed

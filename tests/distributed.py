@@ -1,5 +1,5 @@
 """Runs training code in two CPU processes under DistributedDataParallel (gloo) and compares their gradients
-with a single process's on the whole batch (tests/test_ddp.py for the op, tests/test_model_export.py for
+with a single process's on the whole batch (tests/op/test_ddp.py for the op, tests/detector/test_model_export.py for
 python_model)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ONNX export and onnxruntime helpers shared by tests/test_onnx.py (the op) and tests/test_model_export.py
+"""ONNX export and onnxruntime helpers shared by tests/op/test_onnx.py (the op) and tests/detector/test_model_export.py
 (python_model). Callers skip first when onnx, onnxruntime, openvino or onnxscript is missing."""
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ The ops take exactly the arguments of the torch.ops.rtdetrv2_kernels ops of the 
 fake kernels and autograd are registered as for those, and each build is also a backend of ms_deform_attn
 named "cuda-emulated-sm80" / "cuda-emulated-sm90" (on CPU tensors). RTDETRV2_EMULATION_SANITIZE=address
 builds with AddressSanitizer and UndefinedBehaviorSanitizer (the process must preload libasan, see
-asan_preload()). What the emulation checks, and what it cannot: docs/semantics.md, "Backends".
+asan_preload()). RTDETRV2_EMULATION_ARCHS (e.g. "90") selects the builds the test suite uses (default: all of
+ARCHS). What the emulation checks, and what it cannot: docs/semantics.md, "Backends".
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import subprocess
@@ -26,6 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ARCHS = (80, 90)
 SANITIZE_ENV = "RTDETRV2_EMULATION_SANITIZE"
+ARCHS_ENV = "RTDETRV2_EMULATION_ARCHS"
 SOURCES = ("emulated_kernels.cpp", "emulation.cpp")
 BASE_FLAGS = ["-std=c++20", "-DRTDETRV2_CUDA_EMULATION", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 # UBSan's vptr check compares type_info across libraries, which torch's do not share; float-cast-overflow
@@ -49,6 +50,18 @@ def sanitizer() -> str | None:
     return value
 
 
+def selected_archs() -> tuple[int, ...]:
+    """The archs named by RTDETRV2_EMULATION_ARCHS (a comma-separated list), or all of ARCHS."""
+    value = os.environ.get(ARCHS_ENV, "").strip()
+    if not value:
+        return ARCHS
+    names = [name.strip() for name in value.split(",")]
+    if any(name not in {str(arch) for arch in ARCHS} for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"{ARCHS_ENV} must be a comma-separated list of distinct archs out of "
+                         f"{','.join(map(str, ARCHS))}, got {value!r}")
+    return tuple(sorted(int(name) for name in names))
+
+
 def asan_preload() -> str:
     """LD_PRELOAD for a process that loads the sanitized build: the compiler's libasan, which must come
     first, and libstdc++, without which ASan cannot intercept the C++ exceptions that libraries imported
@@ -69,12 +82,33 @@ def compile_flags(arch: int, sanitize: str | None) -> list[str]:
     return flags + (["-O1", *SANITIZER_FLAGS] if sanitize else ["-O2"])
 
 
-@functools.cache
+_loaded: dict[int, object] = {}  # arch -> op namespace
+_failed: dict[int, Exception] = {}  # arch -> why its build failed
+
+
 def load(arch: int):
     """Builds (once, cached by torch.utils.cpp_extension) and loads the emulated build for sm_<arch>;
-    returns its op namespace."""
+    returns its op namespace. A failed build raises again on every later call, without another attempt
+    (each takes a minute)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch in _failed:
+        raise RuntimeError(f"the emulated sm_{arch} build failed earlier in this process: {_failed[arch]}")
+    if arch not in _loaded:
+        try:
+            _loaded[arch] = _build(arch)
+        except Exception as error:
+            _failed[arch] = error
+            raise
+    return _loaded[arch]
+
+
+def is_loaded(arch: int) -> bool:
+    """Whether this process has loaded the build for sm_<arch> (load() builds it)."""
+    return arch in _loaded
+
+
+def _build(arch: int):
     from torch.utils import cpp_extension
 
     from rtdetrv2_kernels import _extension, backends

@@ -1,6 +1,7 @@
 """The CUDA kernels emulated on the CPU (tests/emulated_cuda/): every kernel instantiation that csrc/cuda/
-launches, against the fp64 reference, on both emulated architectures; the emulation's own checks on kernels
-with planted defects; and the sanitizer runs (AddressSanitizer with UBSan, ThreadSanitizer)."""
+launches, against the fp64 reference, on each emulated architecture selected (RTDETRV2_EMULATION_ARCHS); the
+emulation's own checks on kernels with planted defects; and the sanitizer runs (AddressSanitizer with UBSan,
+ThreadSanitizer)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import emulated_cuda
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    EMULATED_ARCHS,
     FUSED_POINTS,
     PLACED_STARTS,
     POINTS,
     SHAPES,
-    SKIP_EMULATION,
     assert_close,
     make_fused_inputs,
     make_inputs,
@@ -29,12 +31,8 @@ from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_att
 from rtdetrv2_kernels.backends import tensor_levels_implementation
 
 pytestmark = needs_emulation
-if not SKIP_EMULATION:
-    import emulated_cuda
-
-ARCHS = [80, 90]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # where emulated_cuda is imported from
 
 
 def vector_width(dtype):
@@ -97,48 +95,43 @@ def run_case(backend, dtype, channels, deterministic, op, method):
             return actual, expected
         inputs = make_fused_inputs(batch=2, queries=3, heads=2, channels=channels, dtype=dtype,
                                    reference="boxes" if method == "default" else "points", per_level=method == "discrete")
-        grad_output = torch.randn(2, 3, 2 * channels, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-
-        def run(fn, tensors):
-            tensors = [t.detach().clone().requires_grad_() for t in tensors]
-            out = fn(*tensors)
-            return [out, *torch.autograd.grad(out, tensors, grad_output.to(out))]
-
-        expected = run(lambda v, r, o, a: ms_deform_attn_fused_reference(v, SHAPES, r, o, a, FUSED_POINTS, 0.5, method),
-                       [t.double() for t in inputs])
-        actual = run(lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, FUSED_POINTS, 0.5, method,
-                                                             backend=backend), inputs)
+        expected = run_with_grads(
+            lambda v, r, o, a: ms_deform_attn_fused_reference(v, SHAPES, r, o, a, FUSED_POINTS, 0.5, method),
+            *(t.double() for t in inputs))
+        actual = run_with_grads(
+            lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, FUSED_POINTS, 0.5, method, backend=backend),
+            *inputs)
         return actual, expected
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("emulated_arch", EMULATED_ARCHS, indirect=True)
 @pytest.mark.parametrize("dtype,channels,deterministic,op,method", CASES)
-def test_kernel_variant_matches_the_reference(arch, dtype, channels, deterministic, op, method):
-    actual, expected = run_case(emulated_cuda.backend_name(arch), dtype, channels, deterministic, op, method)
+def test_kernel_variant_matches_the_reference(emulated_arch, dtype, channels, deterministic, op, method):
+    actual, expected = run_case(emulated_cuda.backend_name(emulated_arch), dtype, channels, deterministic, op, method)
     for index, (a, e) in enumerate(zip(actual, expected)):
         assert a.dtype == dtype, index
-        assert_close(a, e, dtype, f"sm_{arch} result {index}")
+        assert_close(a, e, dtype, f"sm_{emulated_arch} result {index}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_the_variant_matrix_launches_every_instantiation(arch):
+@pytest.mark.parametrize("emulated_arch", EMULATED_ARCHS, indirect=True)
+def test_the_variant_matrix_launches_every_instantiation(emulated_arch):
     # Every kernel instantiation the CUDA sources can launch (registered as the library loads) must be
     # launched by the cases above, so that none goes untested; a new template argument needs a new case.
-    before = emulated_cuda.launch_counts(arch)
+    before = emulated_cuda.launch_counts(emulated_arch)
     for case in CASES:
-        run_case(emulated_cuda.backend_name(arch), *case.values)
-    after = emulated_cuda.launch_counts(arch)
+        run_case(emulated_cuda.backend_name(emulated_arch), *case.values)
+    after = emulated_cuda.launch_counts(emulated_arch)
     missed = sorted(name for name in after if after[name] == before.get(name, 0))
     assert not missed, f"{len(missed)} of {len(after)} instantiations never launched: {missed}"
     assert len(after) >= 137  # the registry itself works: 137 instantiations when this test was written
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("emulated_arch", EMULATED_ARCHS, indirect=True)
 @pytest.mark.parametrize("op", ["plain", "tensor-levels", "fused"])
-def test_opcheck(arch, op):
-    ops = emulated_cuda.load(arch)
+def test_opcheck(emulated_arch, op, emulated_build):
+    ops = emulated_build(emulated_arch)
     flat = [size for shape in SHAPES for size in shape]
     if op == "plain":
         value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
@@ -156,13 +149,21 @@ def test_opcheck(arch, op):
                               0.5, "default"))
 
 
-def planted(name, arch=90):
-    data = torch.arange(32, dtype=torch.float32)
-    emulated_cuda.load(arch).planted_kernel(name, data)
-    return data
+@pytest.fixture
+def planted(emulated_build):
+    """planted(name): the floats 0..31 after the planted kernel `name` ran on them, in the newest selected
+    build (the planted kernels do not depend on the arch)."""
+    ops = emulated_build(EMULATED_ARCHS[-1])
+
+    def run(name):
+        data = torch.arange(32, dtype=torch.float32)
+        ops.planted_kernel(name, data)
+        return data
+
+    return run
 
 
-def test_half_warp_shuffles_from_divergent_branches_pass():
+def test_half_warp_shuffles_from_divergent_branches_pass(planted):
     lanes = torch.arange(32)
     expected = torch.where(lanes < 16, lanes ^ 1, lanes ^ 2).float()
     assert torch.equal(planted("half_warp_shuffles"), expected)
@@ -174,21 +175,21 @@ def test_half_warp_shuffles_from_divergent_branches_pass():
                              r".*planted_kernels.h:\d+"),
     ("shuffle_outside_mask", r"mask 0xffff .*lane 0 reads lane 16, outside the mask"),
 ], ids=["exited-lane", "two-call-sites", "outside-the-mask"])
-def test_divergent_shuffles_raise_instead_of_hanging(name, message):
+def test_divergent_shuffles_raise_instead_of_hanging(planted, name, message):
     with pytest.raises(RuntimeError, match=f"convergence error in kernel planted::{name}, block .*{message}"):
         planted(name)
     # The emulation recovers: the next launch runs normally.
-    test_half_warp_shuffles_from_divergent_branches_pass()
+    test_half_warp_shuffles_from_divergent_branches_pass(planted)
 
 
 @pytest.mark.parametrize("name,message", [
     ("throws", "lane 0: planted exception"),
     ("misaligned_atomic", "lane 0: misaligned address in an atomic at .*planted_kernels.h:"),
 ])
-def test_device_faults_raise(name, message):
+def test_device_faults_raise(planted, name, message):
     with pytest.raises(RuntimeError, match=f"device fault in kernel planted::{name}, block .*{message}"):
         planted(name)
-    test_half_warp_shuffles_from_divergent_branches_pass()
+    test_half_warp_shuffles_from_divergent_branches_pass(planted)
 
 
 def sanitized_environment():
@@ -198,7 +199,8 @@ def sanitized_environment():
 
 @pytest.mark.slow
 def test_address_sanitizer_reports_a_planted_out_of_bounds_read():
-    script = "import emulated_cuda, torch; emulated_cuda.load(90).planted_kernel('read_past_end', torch.zeros(64))"
+    script = (f"import emulated_cuda, torch; emulated_cuda.load({EMULATED_ARCHS[-1]})"
+              ".planted_kernel('read_past_end', torch.zeros(64))")
     result = subprocess.run([sys.executable, "-c", script], env=sanitized_environment(), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode != 0, result.stderr[-3000:]

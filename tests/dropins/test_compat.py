@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GPU_KERNELS, assert_close, backend_params, capture_cuda_graph, make_inputs
+from helpers import assert_close, backend_params, make_inputs, run_with_grads, tensor_level_params
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rtdetrv2_kernels
 from rtdetrv2_kernels import compat
-from rtdetrv2_kernels.backends import tensor_levels_implementation
 from rtdetrv2_kernels.reference import levels_in_order
 
 SHAPES = [(4, 8), (8, 2), (3, 5)]  # W > H, H > W, odd sizes
@@ -84,13 +83,6 @@ def v1_inputs(batch=2, queries=5, heads=3, channels=4, points=2, shapes=SHAPES, 
     return value, locations, weights
 
 
-def grads_of(fn, *tensors):
-    tensors = [t.detach().clone().requires_grad_() for t in tensors]
-    output = fn(*tensors)
-    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(3), dtype=output.dtype)
-    return [output, *torch.autograd.grad(output, tensors, grad_output, allow_unused=True)]
-
-
 def cumulative(sizes):
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
@@ -105,9 +97,10 @@ def test_v1_matches_grid_sample_oracle(backend, device):
     value, locations, weights = (t.to(device) for t in v1_inputs())
     spatial_shapes = torch.tensor(SHAPES, device=device)
     starts = torch.tensor(cumulative(SIZES), device=device)
-    expected = grads_of(lambda v, l, w: v1_oracle(v, SHAPES, cumulative(SIZES), l, w), value, locations, weights)
-    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, spatial_shapes, starts, l, w, backend=backend),
-                      value, locations, weights)
+    expected = run_with_grads(lambda v, l, w: v1_oracle(v, SHAPES, cumulative(SIZES), l, w),
+                              value, locations, weights)
+    actual = run_with_grads(lambda v, l, w: compat.ms_deform_attn_v1(v, spatial_shapes, starts, l, w, backend=backend),
+                            value, locations, weights)
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert_close(a, e, torch.float64, name)
 
@@ -144,9 +137,9 @@ def test_v1_at_pixel_knots_location_gradients_are_one_sided(backend, device):
     def oracle(v, l, w):
         return v1_oracle(v, SHAPES, cumulative(SIZES), l, w)
 
-    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, spatial_shapes, starts, l, w, backend=backend),
-                      *(t.to(device) for t in (value, locations, weights)))
-    expected = grads_of(oracle, value, locations, weights)
+    actual = run_with_grads(lambda v, l, w: compat.ms_deform_attn_v1(v, spatial_shapes, starts, l, w, backend=backend),
+                            *(t.to(device) for t in (value, locations, weights)))
+    expected = run_with_grads(oracle, value, locations, weights)
     for index, name in ((0, "output"), (1, "grad_value"), (3, "grad_weights")):
         assert_close(actual[index], expected[index], torch.float64, name)
     # The derivative from either side along each axis: the oracle a hundredth of a pixel off the knot along
@@ -156,7 +149,7 @@ def test_v1_at_pixel_knots_location_gradients_are_one_sided(backend, device):
     for axis in (0, 1):
         step = torch.zeros(2, dtype=torch.float64)
         step[axis] = 0.01
-        sides = [grads_of(oracle, value, locations + sign * step / sizes.double(), weights)[2][..., axis]
+        sides = [run_with_grads(oracle, value, locations + sign * step / sizes.double(), weights)[2][..., axis]
                  for sign in (1, -1)]
         nearest = torch.minimum((gradient[..., axis] - sides[0]).abs(), (gradient[..., axis] - sides[1]).abs())
         assert nearest.max() <= 1e-9 * max(side.abs().max() for side in sides), f"axis {axis}"
@@ -173,8 +166,9 @@ OUT_OF_ORDER = [SIZES[2], SIZES[2] + SIZES[0] + 3, 0]
 def test_v1_honours_level_start_index(as_type, starts):
     value, locations, weights = v1_inputs(padding=max(SIZES) + 3)
     starts_arg = torch.tensor(starts) if as_type == "tensor" else list(starts)
-    expected = grads_of(lambda v, l, w: v1_oracle(v, SHAPES, starts, l, w), value, locations, weights)
-    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, SHAPES, starts_arg, l, w), value, locations, weights)
+    expected = run_with_grads(lambda v, l, w: v1_oracle(v, SHAPES, starts, l, w), value, locations, weights)
+    actual = run_with_grads(lambda v, l, w: compat.ms_deform_attn_v1(v, SHAPES, starts_arg, l, w),
+                            value, locations, weights)
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert_close(a, e, torch.float64, name)
     # The same call with the starts ignored (levels taken in cumulative order) must differ, or the test
@@ -215,12 +209,6 @@ def test_v1_device_starts(shapes_on):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def tensor_level_params():
-    """(backend, device) for the backends whose kernels take the level table as tensors: the CPU kernels, the
-    CUDA kernels on a GPU and emulated."""
-    return [p for p in backend_params() if tensor_levels_implementation(p.values[0]) is not None]
-
-
 @pytest.mark.parametrize("backend,device", tensor_level_params())
 @pytest.mark.parametrize("starts", [OUT_OF_ORDER, [0, 0, 0], None], ids=["permuted-padded", "overlapping", "in-order"])
 def test_v1_tensor_levels_honour_level_start_index(backend, device, starts):
@@ -228,9 +216,9 @@ def test_v1_tensor_levels_honour_level_start_index(backend, device, starts):
     starts = cumulative(SIZES) if starts is None else starts
     value, locations, weights = (t.to(device) for t in v1_inputs(padding=padding))
     table = torch.tensor(SHAPES, device=device), torch.tensor(starts, device=device)
-    expected = grads_of(lambda v, l, w: v1_oracle(v, SHAPES, starts, l, w), value, locations, weights)
-    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, *table, l, w, backend=backend),
-                      value, locations, weights)
+    expected = run_with_grads(lambda v, l, w: v1_oracle(v, SHAPES, starts, l, w), value, locations, weights)
+    actual = run_with_grads(lambda v, l, w: compat.ms_deform_attn_v1(v, *table, l, w, backend=backend),
+                            value, locations, weights)
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert_close(a, e, torch.float64, name)
 
@@ -316,19 +304,6 @@ def test_v1_tensor_levels_on_a_host_reading_backend_say_so_under_compile():
         compiled(value, *table, locations, weights)
 
 
-@pytest.mark.parametrize("backend,device", tensor_level_params())
-def test_v1_tensor_levels_second_derivatives(backend, device):
-    shapes = [(2, 3), (1, 2)]
-    value, locations, weights = (t.to(device).requires_grad_()
-                                 for t in v1_inputs(batch=1, queries=2, heads=1, channels=2, shapes=shapes, padding=2))
-    table = torch.tensor(shapes, device=device), torch.tensor([3, 0], device=device)
-
-    def fn(v, l, w):
-        return compat.ms_deform_attn_v1(v, *table, l, w, backend=backend)
-
-    assert torch.autograd.gradgradcheck(fn, (value, locations, weights), eps=1e-6, atol=1e-6)
-
-
 # A level table no level of which may be read as given: on the host (CPU tensors) each is an error naming it;
 # on the device (CUDA kernels) the kernels cannot raise, and the level reads as empty.
 BAD_TABLES = {
@@ -350,8 +325,8 @@ def test_v1_tensor_levels_bad_table(backend, device, case):
         with pytest.raises(ValueError, match=message):
             compat.ms_deform_attn_v1(value, *table, locations, weights, backend=backend)
         return
-    actual = grads_of(lambda v, l, w: compat.ms_deform_attn_v1(v, *table, l, w, backend=backend),
-                      value, locations, weights)
+    actual = run_with_grads(lambda v, l, w: compat.ms_deform_attn_v1(v, *table, l, w, backend=backend),
+                            value, locations, weights)
     # As if the bad level's weights were zero (its locations and weights then get zero gradients too).
     good = [level for level in range(len(SHAPES)) if level != bad_level]
     keep = torch.zeros(len(SHAPES), 1, dtype=weights.dtype, device=device)
@@ -362,25 +337,10 @@ def test_v1_tensor_levels_bad_table(backend, device, case):
         ok_starts = [starts[level] if level != bad_level else 0 for level in range(len(SHAPES))]
         return v1_oracle(v, ok_shapes, ok_starts, l, w * keep)
 
-    expected = grads_of(oracle, value, locations, weights)
+    expected = run_with_grads(oracle, value, locations, weights)
     expected[2] = expected[2] * keep[..., None]
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert_close(a, e, torch.float64, name)
-
-
-@pytest.mark.skipif("cuda" not in GPU_KERNELS, reason="needs a GPU and the cuda backend")
-def test_v1_tensor_levels_capture_in_a_cuda_graph():
-    value, locations, weights = (t.cuda().float() for t in v1_inputs(padding=max(SIZES) + 3))
-    table = torch.tensor(SHAPES, device="cuda"), torch.tensor(OUT_OF_ORDER, device="cuda")
-    graph, captured = capture_cuda_graph(lambda: compat.ms_deform_attn_v1(value, *table, locations, weights,
-                                                                          backend="cuda"))
-    fresh = v1_inputs(padding=max(SIZES) + 3, seed=5)
-    with torch.no_grad():
-        for target, source in zip((value, locations, weights), fresh):
-            target.copy_(source)
-    graph.replay()
-    expected = v1_oracle(value.double(), SHAPES, OUT_OF_ORDER, locations.double(), weights.double())
-    assert_close(captured, expected, torch.float32, "replayed output")
 
 
 @pytest.mark.parametrize("starts", [None, OUT_OF_ORDER], ids=["in-order", "permuted-padded"])
@@ -391,8 +351,9 @@ def test_v1_matches_torch_ms_deform_attn(starts, dtype):
     starts = torch.tensor(cumulative(SIZES) if starts is None else starts)
     spatial_shapes = torch.tensor(SHAPES)
     inputs = v1_inputs(padding=padding, dtype=dtype, seed=4)
-    expected = grads_of(lambda v, l, w: peer.ms_deform_attn(v, spatial_shapes, starts, l, w), *inputs)
-    actual = grads_of(lambda v, l, w: compat.MSDeformAttnFunction.apply(v, spatial_shapes, starts, l, w, 64), *inputs)
+    expected = run_with_grads(lambda v, l, w: peer.ms_deform_attn(v, spatial_shapes, starts, l, w), *inputs)
+    actual = run_with_grads(lambda v, l, w: compat.MSDeformAttnFunction.apply(v, spatial_shapes, starts, l, w, 64),
+                            *inputs)
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert_close(a, e, dtype, name)
 
@@ -443,10 +404,10 @@ V2_POINTS = [3, 6, 3]
 @pytest.mark.parametrize("seed", [0, 1])
 def test_core_v2_matches_original_rtdetrv2(method, seed):
     inputs = make_inputs(batch=2, queries=6, heads=2, channels=4, shapes=V2_SHAPES, points=V2_POINTS, seed=seed)
-    expected = grads_of(
+    expected = run_with_grads(
         lambda v, l, w: original_v2(rtdetrv2_levels(v, V2_SHAPES), V2_SHAPES, l, w, V2_POINTS, method), *inputs
     )
-    actual = grads_of(
+    actual = run_with_grads(
         lambda v, l, w: compat.deformable_attention_core_func_v2(v, V2_SHAPES, l, w, V2_POINTS, method), *inputs
     )
     names = ("output", "grad_value", "grad_locations", "grad_weights")
@@ -472,8 +433,8 @@ def test_core_v2_matches_original_dfine_per_level_value(method):
         value = dfine_value(memory, heads, V2_SHAPES)
         return compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS, method=method)
 
-    expected = grads_of(original, memory, locations, weights)
-    actual = grads_of(ours, memory, locations, weights)
+    expected = run_with_grads(original, memory, locations, weights)
+    actual = run_with_grads(ours, memory, locations, weights)
     for name, a, e in zip(("output", "grad_memory", "grad_locations", "grad_weights"), actual, expected):
         if method == "discrete" and name == "grad_locations":
             assert a is None and e is None  # as in test_core_v2_matches_original_rtdetrv2

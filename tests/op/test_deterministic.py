@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     POINTS,
     SHAPES,
     assert_close,
@@ -51,11 +51,7 @@ def fused_inputs(device, dtype, channels, seed=0):
 
 
 def run_fused(backend, inputs):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    value, reference, offsets, logits = leaves
-    output = ms_deform_attn_fused(value, SHAPES, reference, offsets, logits, POINTS, backend=backend)
-    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1)).to(output)
-    return (output, *torch.autograd.grad(output, leaves, grad_output))
+    return run_with_grads(lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, backend=backend), *inputs)
 
 
 def assert_bitwise_equal(first, second):
@@ -172,8 +168,8 @@ def test_cuda_deterministic_backward_keeps_contributions_that_overflow_fp32(back
     locations[0, 1, 0, 0] = locations[0, 0, 0, 0]
     weights[0, 0, 0, 0] = weights[0, 1, 0, 0] = 3e38
     grad_output = torch.ones(2, locations.shape[1], 3 * 32) * 10
-    default = run_with_grads(plain(backend), value, locations, weights, grad_output)
+    default = run_with_grads(plain(backend), value, locations, weights, grad_output=grad_output)
     with deterministic():
-        fixed_point = run_with_grads(plain(backend), value, locations, weights, grad_output)
+        fixed_point = run_with_grads(plain(backend), value, locations, weights, grad_output=grad_output)
     assert default[1].isinf().any() and not default[1].isnan().any()
     assert torch.equal(fixed_point[1].isinf(), default[1].isinf()) and not fixed_point[1].isnan().any()

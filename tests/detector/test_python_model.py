@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE, relative_error, tiny_model, tiny_transformers_model, training_loss
+from model_helpers import IMAGE, relative_error, tiny_model, tiny_transformers_model, training_loss
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

@@ -12,16 +12,9 @@ import sys
 
 import pytest
 import torch
-from conftest import (
-    GPU_KERNELS,
-    capture_cuda_graph,
-    needs_gpu_kernels,
-    randomize_,
-    relative_error,
-    tiny_model,
-    training_loss,
-)
 from distributed import WORLD, assert_ranks_match, gradients, requires_gloo, save_ddp_gradients, spawn
+from helpers import GPU_KERNELS, capture_cuda_graph, needs_gpu_kernels
+from model_helpers import randomize_, relative_error, tiny_model, tiny_transformers_model, training_loss
 
 from rtdetrv2_kernels.backends import unavailable_reason
 
@@ -198,8 +191,6 @@ def test_cli_export(tmp_path):
     """python -m python_model export: deploys, writes, checks in onnxruntime and prints the comparison."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from conftest import tiny_transformers_model
-
     tiny_transformers_model().save_pretrained(tmp_path / "weights")
     command = [sys.executable, "-m", "python_model", "export", "--weights", str(tmp_path / "weights"), "--out",
                str(tmp_path / "model.onnx"), "--method", "discrete", "--dynamic-batch", "--image-size", "64", "96"]

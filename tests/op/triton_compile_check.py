@@ -1,8 +1,8 @@
 """Compiles every Triton kernel variant to cubin for sm_75, sm_80 and sm_90 without a GPU, with the Triton
 of the Python running it, and prints one line per variant with its compile time. Run by
-tests/test_triton_compile.py (in a subprocess, without TRITON_INTERPRET) for each supported Triton.
+tests/op/test_triton_compile.py (in a subprocess, without TRITON_INTERPRET) for each supported Triton.
 
-    python tests/triton_compile_check.py [--shape small|rtdetrv2] [--archs 75 80 90]
+    python tests/op/triton_compile_check.py [--shape small|rtdetrv2] [--archs 75 80 90]
 
 The signature is the one the launchers produce on a GPU: Python ints become i32 (when they fit), Python
 floats fp32, pointers carry the tensors' dtypes. Exits non-zero if any variant fails to compile.

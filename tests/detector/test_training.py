@@ -19,6 +19,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("scipy")
 pytest.importorskip("pycocotools")
 
+from model_helpers import tiny_model  # noqa: E402
 from python_model import data as pipeline  # noqa: E402
 from python_model.data import CocoDetection, EvalTransforms, MultiScaleCollate, TrainTransforms  # noqa: E402
 from python_model.checkpoints import map_original_state_dict  # noqa: E402
@@ -339,7 +340,6 @@ def test_a_training_step_reads_its_loss_once(dataset_dir, tmp_path, monkeypatch)
 
 
 def test_ema_update_follows_the_formula_without_rebuilding_state_dicts(monkeypatch):
-    from conftest import tiny_model
     from python_model.train import ModelEMA
 
     def refuse():
@@ -493,7 +493,6 @@ def test_optimizer_groups_are_the_originals(name):
 
 
 def test_unfrozen_backbone_norms_compute_the_same_in_eval_mode():
-    from conftest import tiny_model
 
     model = tiny_model().eval()
     images = torch.rand(1, 3, 64, 96)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (PLACED_STARTS, POINTS, SHAPES, assert_close, backends_for, cuda_kernel_params, make_inputs,
+from helpers import (PLACED_STARTS, POINTS, SHAPES, assert_close, backends_for, cuda_kernel_params, make_inputs,
                       needs_cpu_kernels, place_levels)
 
 import rtdetrv2_kernels

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     GPU_KERNELS,
     POINTS,
     SHAPES,
     assert_close,
     backend_params,
     backends_for,
-    capture_cuda_graph,
     make_inputs,
     needs_cpu_kernels,
     needs_gpu_kernels,
@@ -83,38 +82,6 @@ def test_cpu_channel_counts(channels, dtype, method):
     check_against_reference("cpu", "cpu", dtype, method, batch=1, queries=3, heads=2, channels=channels)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("method", METHODS)
-def test_second_derivatives(backend, device, method):
-    # create_graph=True (gradient penalties, double backward): the gradients must be differentiable again,
-    # not silently None. The kernels compute first derivatives only; the reference (its gather form)
-    # supplies these. The "torch" backend is the grid_sample reference itself: it needs grid_sample's own
-    # double backward, which older torch releases lack.
-    if backend == "torch" and method == "default" and not grid_sample_twice_differentiable():
-        pytest.skip(f"torch {torch.__version__}: grid_sample has no double backward")
-    shapes, points = [(2, 4), (3, 2)], [2, 1]
-    inputs = make_inputs(batch=1, queries=2, heads=2, channels=2, shapes=shapes, points=points, device=device,
-                         borders=False)
-    inputs = tuple(t.requires_grad_() for t in inputs)
-
-    def fn(v, l, w):
-        return ms_deform_attn(v, shapes, l, w, points, method, backend=backend)
-
-    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
-
-
-def grid_sample_twice_differentiable() -> bool:
-    image = torch.rand(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
-    grid = torch.rand(1, 1, 1, 2, dtype=torch.float64, requires_grad=True)
-    (gradient,) = torch.autograd.grad(torch.nn.functional.grid_sample(image, grid, align_corners=False).sum(), grid,
-                                      create_graph=True)
-    try:
-        torch.autograd.grad(gradient.sum(), image)
-    except RuntimeError:
-        return False
-    return True
-
-
 def test_gather_form_of_the_reference_equals_grid_sample():
     inputs = tuple(t.requires_grad_() for t in make_inputs())  # with pixel centres and level edges
     for method in METHODS:
@@ -143,25 +110,6 @@ def test_first_derivatives_come_from_the_kernels(monkeypatch):
     torch.autograd.grad(ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend).sum(), inputs,
                         create_graph=True)
     assert calls or backend == "torch"
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("method", METHODS)
-def test_gradcheck(backend, device, method):
-    # Small enough for the Triton interpreter: gradcheck runs the op twice per input element.
-    shapes, points = [(2, 4), (3, 2)], [2, 1]
-    value, locations, weights = make_inputs(batch=1, queries=2, heads=2, channels=2, shapes=shapes, points=points,
-                                            device=device, borders=False)
-    # Finite differences step across the bilinear kinks only with negligible probability at random
-    # locations; the discrete location gradient is zero by definition and tested below.
-    locations.requires_grad_(method == "default")
-    value.requires_grad_()
-    weights.requires_grad_()
-
-    def fn(v, l, w):
-        return ms_deform_attn(v, shapes, l, w, points, method, backend=backend)
-
-    assert torch.autograd.gradcheck(fn, (value, locations, weights), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -263,27 +211,6 @@ def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
     for other in results[1:]:
         for name, a, b in zip(NAMES, results[0], other):
             assert torch.equal(a, b), name
-
-
-@needs_gpu_kernels
-@pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
-@pytest.mark.parametrize("method", METHODS)
-def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
-    value, locations, weights = (t.float().requires_grad_() for t in make_inputs(channels=32, device="cuda"))
-    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * 32, device="cuda")
-
-    def step():
-        output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, method, backend=backend)
-        return (output, *torch.autograd.grad(output, (value, locations, weights), grad_output))
-
-    graph, captured = capture_cuda_graph(step)
-    fresh = make_inputs(channels=32, device="cuda", seed=7)
-    with torch.no_grad():
-        for target, source in zip((value, locations, weights), fresh):
-            target.copy_(source)
-    graph.replay()
-    for name, replayed, eager in zip(NAMES, captured, step()):  # atomics may sum in another order
-        assert_close(replayed, eager, torch.float32, f"{name} replayed")
 
 
 @pytest.mark.skipif("triton" not in GPU_KERNELS, reason="needs a GPU and the triton backend")

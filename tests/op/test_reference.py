@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, assert_close, make_inputs, run_with_grads
+from helpers import POINTS, SHAPES, assert_close, make_inputs, run_with_grads
 from naive import naive_ms_deform_attn
 
 from rtdetrv2_kernels import ms_deform_attn_reference

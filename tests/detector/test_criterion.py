@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE, relative_error, tiny_model, tiny_transformers_model
+from model_helpers import IMAGE, relative_error, tiny_model, tiny_transformers_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")

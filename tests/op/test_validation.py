@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import POINTS, SHAPES, backend_params, make_inputs
+from helpers import POINTS, SHAPES, backend_params, backends_for, make_inputs
 
 from rtdetrv2_kernels import ms_deform_attn
 
@@ -131,8 +131,6 @@ TRITON_OP_CASES = {
 
 @pytest.mark.parametrize("case", list(TRITON_OP_CASES))
 def test_raw_triton_op_rejects_bad_shapes_before_launching(monkeypatch, case):
-    from conftest import backends_for
-
     if "triton" not in backends_for("cpu"):
         pytest.skip("the triton backend does not run on the CPU here")
     from rtdetrv2_kernels import triton_ms_deform_attn as kernels

@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    EMULATED_BACKENDS,
-    FUSED_POINTS,
-    GPU_KERNELS,
-    SHAPES,
-    assert_close,
-    backend_params,
-    backends_for,
-    capture_cuda_graph,
-    make_fused_inputs,
-    needs_gpu_kernels,
-)
+from helpers import FUSED_POINTS, SHAPES, assert_close, backend_params, backends_for, make_fused_inputs, run_with_grads
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
 
@@ -58,44 +47,16 @@ def test_reference_follows_the_formulas(reference, per_level, method):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backends_match_the_reference_with_gradients(backend, device, reference, per_level, method, dtype):
     inputs = make_fused_inputs(reference=reference, per_level=per_level, device=device)
-    grad_output = torch.randn(2, 5, 3 * 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-
-    def run(fn, tensors):
-        tensors = [t.detach().clone().requires_grad_() for t in tensors]
-        out = fn(*tensors)
-        return [out, *torch.autograd.grad(out, tensors, grad_output.to(out))]
-
-    expected = run(lambda v, r, o, a: ms_deform_attn_fused_reference(v, SHAPES, r, o, a, POINTS, 0.5, method), inputs)
-    actual = run(lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, method, backend=backend),
-                 [t.to(dtype) for t in inputs])
+    expected = run_with_grads(
+        lambda v, r, o, a: ms_deform_attn_fused_reference(v, SHAPES, r, o, a, POINTS, 0.5, method), *inputs)
+    actual = run_with_grads(
+        lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, method, backend=backend),
+        *(t.to(dtype) for t in inputs))
     for name, a, e in zip(("output", "value", "reference_points", "sampling_offsets", "attention_logits"),
                           actual, expected):
         assert_close(a, e, dtype, f"{backend} {name}")
     if method == "discrete":  # the nearest pixel does not move with the offsets
         assert actual[2].abs().max() == 0 and actual[3].abs().max() == 0
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch", *EMULATED_BACKENDS])
-@pytest.mark.parametrize("reference", ["boxes", "points"])
-def test_gradcheck_fp64(backend, reference):
-    value, ref, offsets, logits = make_fused_inputs(batch=1, queries=2, heads=2, channels=3, reference=reference,
-                                               per_level=True)
-    tensors = [t.requires_grad_() for t in (value, ref, offsets, logits)]
-    assert torch.autograd.gradcheck(
-        lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, backend=backend), tensors
-    )
-
-
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in backends_for("cpu")] + EMULATED_BACKENDS)
-@pytest.mark.parametrize("method", ["default", "discrete"])
-def test_second_derivatives(backend, method):
-    # create_graph=True: differentiable gradients (from the reference), never a silent None.
-    shapes, points = [(2, 3), (2, 2)], [1, 2]
-    tensors = [t.requires_grad_() for t in make_fused_inputs(batch=1, queries=2, heads=1, channels=2, shapes=shapes,
-                                                             points=points, reference="boxes")]
-    assert torch.autograd.gradgradcheck(
-        lambda v, r, o, a: ms_deform_attn_fused(v, shapes, r, o, a, points, 0.5, method, backend=backend), tensors,
-        eps=1e-6, atol=1e-6)
 
 
 def test_matches_transformers_rtdetrv2_cross_attention():
@@ -205,25 +166,3 @@ def test_empty_and_nonfinite(backend, device):
     expected = ms_deform_attn_fused_reference(value.double(), SHAPES, ref.double(), offsets.double(),
                                               logits.double(), POINTS, 0.5)
     assert_close(out, expected, torch.float32, f"{backend} with non-finite offsets")
-
-
-@needs_gpu_kernels
-@pytest.mark.parametrize("backend", GPU_KERNELS or ["none"])
-@pytest.mark.parametrize("method", ["default", "discrete"])
-def test_forward_and_backward_replay_in_a_cuda_graph(backend, method):
-    inputs = [t.float().requires_grad_() for t in make_fused_inputs(channels=32, device="cuda")]
-    value, reference, offsets, logits = inputs
-    grad_output = torch.randn(2, 5, 3 * 32, device="cuda")
-
-    def step():
-        output = ms_deform_attn_fused(value, SHAPES, reference, offsets, logits, POINTS, 0.5, method, backend=backend)
-        return (output, *torch.autograd.grad(output, inputs, grad_output))
-
-    graph, captured = capture_cuda_graph(step)
-    with torch.no_grad():
-        for target, source in zip(inputs, make_fused_inputs(channels=32, device="cuda", seed=7)):
-            target.copy_(source)
-    graph.replay()
-    names = ("output", "value", "reference_points", "sampling_offsets", "attention_logits")
-    for name, replayed, eager in zip(names, captured, step()):  # atomics may sum in another order
-        assert_close(replayed, eager, torch.float32, f"{name} replayed")

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_inputs
+from helpers import make_inputs
 from onnx_helpers import export, export_at, operators, run_onnxruntime, run_openvino
 
 import rtdetrv2_kernels

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import backend_params, make_inputs
+from helpers import backend_params, make_inputs
 
 import rtdetrv2_kernels
 
