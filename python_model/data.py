@@ -35,7 +35,8 @@ class CocoDetection(torch.utils.data.Dataset):
     image file names are relative to `images_dir`.
 
     As the original: crowd annotations are skipped, boxes (x, y, w, h) are clamped to the image, boxes that
-    are empty after clamping are dropped (with one warning listing them). A missing image file, an
+    are empty after clamping are dropped (with one warning listing them). A category that other categories
+    name as their supercategory and that no annotation uses (Roboflow exports the dataset so) is not a class. A missing image file, an
     annotation of an unknown image or category, or a malformed bbox raise ValueError / FileNotFoundError
     naming the file and the annotation."""
 
@@ -46,7 +47,12 @@ class CocoDetection(torch.utils.data.Dataset):
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise ValueError(f"{annotations}: not a COCO instances file (no {key!r} list)")
-        categories = sorted(data["categories"], key=lambda c: c["id"])
+        # Roboflow's COCO export lists the dataset itself as a category too: the supercategory of every other
+        # one, used by no annotation. A group, not a class: left out, as it would be a class never trained.
+        used = {annotation.get("category_id") for annotation in data["annotations"]}
+        groups = {c.get("supercategory") for c in data["categories"] if c.get("supercategory") != c.get("name")}
+        categories = sorted((c for c in data["categories"] if c["id"] in used or c.get("name") not in groups),
+                            key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in categories]  # label -> COCO category id
         self.class_names = [c.get("name", str(c["id"])) for c in categories]
         label_of = {category_id: label for label, category_id in enumerate(self.category_ids)}

@@ -71,6 +71,23 @@ def test_dataset_reads_coco_and_maps_sparse_category_ids(tmp_path):
     torch.testing.assert_close(target["boxes"][0], torch.tensor([7 / 40, 5.5 / 30, 10 / 40, 5 / 30]))
 
 
+def test_roboflows_dataset_category_is_not_a_class(tmp_path):
+    """Roboflow's COCO export: category 0 is the dataset, the supercategory of the real classes, never used.
+    COCO's own categories that are their own supercategory stay classes."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    path = write_instances(tmp_path, [{"id": 0, "file_name": "a.png", "width": 40, "height": 30}], [
+        {"id": 0, "image_id": 0, "category_id": 1, "bbox": [2, 3, 10, 5], "iscrowd": 0},
+        {"id": 1, "image_id": 0, "category_id": 3, "bbox": [5, 5, 10, 5], "iscrowd": 0},
+    ], [{"id": 0, "name": "cells-abc", "supercategory": "none"},
+        {"id": 1, "name": "red", "supercategory": "cells-abc"}, {"id": 2, "name": "white", "supercategory": "cells-abc"},
+        {"id": 3, "name": "person", "supercategory": "person"}])
+    dataset = CocoDetection(str(tmp_path), path)
+    assert dataset.class_names == ["red", "white", "person"] and dataset.category_ids == [1, 2, 3]
+    assert dataset[0][1]["labels"].tolist() == [0, 2]
+
+
 @pytest.mark.parametrize(
     "annotation, error, message",
     [
