@@ -8,9 +8,10 @@ would otherwise pass and every GPU test skip), the GPU tests of those backends (
 configuration mode: no autotuning), the benchmark of the named inference and training shapes (fp32 and
 bf16, against the PyTorch path and torch-ms-deform-attn when installed, or built from PEER_SDIST),
 compute-sanitizer memcheck of one small case per kernel (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that the
-caching allocator hides no out-of-bounds access), the end-to-end model, and a whole training step of it
-against transformers' (batch 16, 640x640, bf16; skipped, saying why, without scipy for the matching). The
-report (gpu_check.md, gpu_check.json and each step's log) is rewritten after every step, so a call cut short
+caching allocator hides no out-of-bounds access), the end-to-end model, a whole training step of it
+against transformers' (batch 16, 640x640, bf16; skipped, saying why, without scipy for the matching), and the
+original Deformable-DETR kernels timed beside ours at RT-DETRv2's decoder shapes (the GPU simulation's peer,
+so that the simulation can be held against hardware). The report (gpu_check.md, gpu_check.json and each step's log) is rewritten after every step, so a call cut short
 still returns what finished. Exits non-zero if a step failed or ran out of time.
 
 --rehearse runs the same logic without a GPU (arguments, budgets, report writing), reporting the GPU steps
@@ -67,7 +68,7 @@ def steps(out: Path, arch: str) -> list[Step]:
     test_env = {"RTDETRV2_SKIP_EMULATION": "1", "RTDETRV2_TRITON_AUTOTUNE": "0"}
     return [
         # Editable: `python -m bench` runs from the checkout, so the checkout must hold the build.
-        Step("build", 140, [python(), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
+        Step("build", 130, [python(), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
              env={"MAX_JOBS": str(os.cpu_count() or 4), "TORCH_CUDA_ARCH_LIST": arch}),
         # With PEER_SDIST=path/to/torch_ms_deform_attn-*.tar.gz (no network there) the peer is built and timed.
         *([Step("build-peer", 60, [python(), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
@@ -75,18 +76,24 @@ def steps(out: Path, arch: str) -> list[Step]:
         Step("backends", 20, [python(), "-c", "import rtdetrv2_kernels as rk, sys; b = rk.available_backends(); "
                                               "print('backends:', b); sys.exit(0 if {'cuda', 'triton'} <= set(b) "
                                               "else 'cuda or triton is missing: the GPU tests would only skip')"]),
-        Step("tests", 140, [*pytest_gpu, "-k", "cuda or triton", *KERNEL_TESTS], env=test_env),
-        Step("benchmark", 90, [python(), "-m", "bench", "--devices", "cuda", "--shapes", *BENCH_SHAPES,
+        Step("tests", 120, [*pytest_gpu, "-k", "cuda or triton", *KERNEL_TESTS], env=test_env),
+        Step("benchmark", 80, [python(), "-m", "bench", "--devices", "cuda", "--shapes", *BENCH_SHAPES,
                                "--dtypes", "float32", "bfloat16", "--budget", "0.5", "--rounds", "3", "--no-sweep",
                                "--no-model", "--no-training", "--no-charts", "--out", str(out / "benchmark")]),
-        Step("memcheck", 80, ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", *pytest_gpu, "-x",
+        Step("memcheck", 70, ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", *pytest_gpu, "-x",
                               "-k", "cuda and not emulated", *MEMCHECK_TESTS],
              env={**test_env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-        Step("model", 40, [python(), "-m", "bench", "--devices", "cuda", *MODEL_ONLY, "--no-training",
+        Step("model", 30, [python(), "-m", "bench", "--devices", "cuda", *MODEL_ONLY, "--no-training",
                            "--out", str(out / "model")]),
         # Without scipy (the matching) the benchmark skips this section, saying so.
         Step("training", 30, [python(), "-m", "bench", "--devices", "cuda", *MODEL_ONLY, "--no-model",
                               "--out", str(out / "training")]),
+        # The simulation's peer on hardware: the original Deformable-DETR kernels beside ours, timed by the
+        # simulation harness's own driver (bench/gpusim/). Its source comes from GPUSIM_CACHE, which a machine
+        # without network gets carried (`GPUSIM_CACHE=bench/gpusim/.cache python3 -m bench.gpusim --fetch-original`).
+        Step("original", 60, [python(), "-m", "bench.gpusim", "--hardware", "--shapes", "rtdetrv2-infer-b1",
+                              "rtdetrv2-infer-b8", "--methods", "default", "--out", str(out / "original")],
+             env={"GPUSIM_CACHE": str(REPO / "bench" / "gpusim" / ".cache")}),
     ]
 
 

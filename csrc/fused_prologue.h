@@ -64,27 +64,40 @@ struct FusedPrologue {
   // Calls f(level, point, weight, loc_x, loc_y) for each point of bqh, levels in order.
   template <typename F>
   RTDETRV2_HOST_DEVICE void visit(int64_t bqh, const F& f) const {
+    visit(bqh, 0, 1, static_cast<int32_t>(points), f);
+  }
+
+  // The same for `rounds` of the points first, first + stride, ...: a lane's share when several lanes split
+  // bqh's points. Rounds past the last point call f(last level, point, 0, 0, 0), so that every lane of a group
+  // can make the same calls. One call site, reached once per round whatever the level: lanes that combine
+  // their results with warp shuffles inside f reach those shuffles together.
+  template <typename F>
+  RTDETRV2_HOST_DEVICE void visit(int64_t bqh, int32_t first, int32_t stride, int32_t rounds, const F& f) const {
     acc_t largest, total;
     softmax_stats(bqh, largest, total);
     const scalar_t* logit_row = logits + bqh * points;
     const scalar_t* offset_row = offsets + 2 * bqh * points;
-    int32_t p = 0;
-    for (int32_t level = 0; level < static_cast<int32_t>(num_levels); ++level) {
-      acc_t factor_x, factor_y;
-      offset_factors(level, factor_x, factor_y);
-      const scalar_t* ref = reference_row(bqh, level);
-      const acc_t ref_x = static_cast<acc_t>(ref[0]), ref_y = static_cast<acc_t>(ref[1]);
-      if (reference_size == 4) {  // boxes: offsets scale with the box size
-        factor_x *= static_cast<acc_t>(ref[2]);
-        factor_y *= static_cast<acc_t>(ref[3]);
+    int32_t level = -1, level_end = 0;
+    acc_t factor_x = 0, factor_y = 0, ref_x = 0, ref_y = 0;
+    for (int32_t round = 0, p = first; round < rounds; ++round, p += stride) {
+      if (p >= level_end && level + 1 < static_cast<int32_t>(num_levels)) {
+        while (p >= level_end && level + 1 < static_cast<int32_t>(num_levels)) {
+          level_end += static_cast<int32_t>(levels.points[++level]);
+        }
+        offset_factors(level, factor_x, factor_y);
+        const scalar_t* ref = reference_row(bqh, level);
+        ref_x = static_cast<acc_t>(ref[0]);
+        ref_y = static_cast<acc_t>(ref[1]);
+        if (reference_size == 4) {  // boxes: offsets scale with the box size
+          factor_x *= static_cast<acc_t>(ref[2]);
+          factor_y *= static_cast<acc_t>(ref[3]);
+        }
       }
-      const int32_t count = static_cast<int32_t>(levels.points[level]);
-      for (int32_t i = 0; i < count; ++i, ++p) {
-        const acc_t weight = exponential(static_cast<acc_t>(logit_row[p]) - largest) / total;
-        const acc_t loc_x = ref_x + static_cast<acc_t>(offset_row[2 * p]) * factor_x;
-        const acc_t loc_y = ref_y + static_cast<acc_t>(offset_row[2 * p + 1]) * factor_y;
-        f(level, p, weight, loc_x, loc_y);
-      }
+      const bool real = p < points;
+      const acc_t weight = real ? exponential(static_cast<acc_t>(logit_row[p]) - largest) / total : acc_t(0);
+      const acc_t loc_x = real ? ref_x + static_cast<acc_t>(offset_row[2 * p]) * factor_x : acc_t(0);
+      const acc_t loc_y = real ? ref_y + static_cast<acc_t>(offset_row[2 * p + 1]) * factor_y : acc_t(0);
+      f(level, p, weight, loc_x, loc_y);
     }
   }
 

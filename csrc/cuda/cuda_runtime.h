@@ -1,7 +1,7 @@
 #pragma once
 // The one seam between the CUDA sources and the CUDA runtime: the headers the kernels' host code needs, and
 // the few runtime pieces a host compiler cannot see (the launch, the current stream, the device guard, the
-// op namespace the kernels register under). nvcc builds take the real ones. The test suite compiles the same
+// L2 size, the op namespace the kernels register under). nvcc builds take the real ones. The test suite compiles the same
 // sources with g++ for the CPU (tests/emulated_cuda/) with RTDETRV2_CUDA_EMULATION defined, and then the
 // emulation supplies these names, __CUDA_ARCH__ and the CUDA built-ins, and runs every launch on the CPU.
 #include <ATen/Dispatch.h>
@@ -24,6 +24,9 @@ using Stream = cudaStream_t;
 using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+
+// The current GPU's L2 size in bytes (the launch policy asks whether value fits in it).
+inline int64_t l2_cache_bytes() { return at::cuda::getCurrentDeviceProperties()->l2CacheSize; }
 
 // Kernel<<<blocks, threads, 0, stream>>>(args...), then the launch check. The kernel is a template argument
 // so that the emulation can name (and count) every instantiation that is launched.

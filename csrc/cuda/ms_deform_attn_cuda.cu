@@ -11,8 +11,6 @@
 namespace rtdetrv2_kernels {
 namespace {
 
-int64_t blocks_for(int64_t threads) { return (threads + kThreadsPerBlock - 1) / kThreadsPerBlock; }
-
 void check_level_count(const LevelTable& table) {
   TORCH_CHECK(table.num_levels() <= kMaxLevels, "rtdetrv2_kernels: the CUDA kernels support up to ", kMaxLevels,
               " levels, got ", table.num_levels());
@@ -78,21 +76,16 @@ class FixedPointAccumulator {
   at::Tensor sums_, non_finite_, scale_;
 };
 
-// Channels per lane: 16 bytes when the channel count, value's strides and both pointers allow it, else 1.
 template <typename scalar_t>
-int vector_width(const at::Tensor& value, const at::Tensor& other) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
-  const int64_t C = value.size(3);
-  const bool aligned = C % kWide == 0 && value.stride(0) % kWide == 0 && value.stride(1) % kWide == 0 &&
-                       value.stride(2) % kWide == 0 && reinterpret_cast<uintptr_t>(value.const_data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(other.const_data_ptr()) % 16 == 0;
-  return aligned ? kWide : 1;
+int vector_width_of(const at::Tensor& value, const at::Tensor& other) {
+  return vector_width<scalar_t>(value.size(3), {value.stride(0), value.stride(1), value.stride(2)},
+                                {value.const_data_ptr(), other.const_data_ptr()});
 }
 
-Geometry make_geometry(const KernelInputs& in, int vec) {
+Geometry geometry_of(const KernelInputs& in, int vec) {
   const at::Tensor& value = in.value;
-  return {in.locations.size(1), value.size(2), value.size(3), in.locations.size(3), value.size(3) / vec,
-          value.size(1), value.stride(0), value.stride(1), value.stride(2)};
+  return make_geometry(in.locations.size(1), value.size(2), value.size(3), in.locations.size(3), vec, value.size(1),
+                       value.stride(0), value.stride(1), value.stride(2));
 }
 
 // Runs f.template operator()<VEC, kDiscrete>() for the runtime vector width and method.
@@ -123,13 +116,24 @@ at::Tensor forward_cuda(const KernelInputs& in, const Levels& levels, const Make
   const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     const auto points = make_points(static_cast<scalar_t*>(nullptr));
-    const int vec = vector_width<scalar_t>(in.value, output);
-    const Geometry g = make_geometry(in, vec);
-    const int64_t total = output.numel() / vec;
-    dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-      gpu::launch<forward_kernel<scalar_t, VEC, kDiscrete, std::decay_t<decltype(points)>, Levels>>(
-          blocks_for(total), kThreadsPerBlock, stream, in.value.const_data_ptr<scalar_t>(), points,
-          output.mutable_data_ptr<scalar_t>(), g, levels, total);
+    const int vec = vector_width_of<scalar_t>(in.value, output);
+    const Geometry g = geometry_of(in, vec);
+    constexpr int kWide = 16 / sizeof(scalar_t);
+    const int point_lane_count =
+        point_lanes(g, vec == kWide, /*forward=*/true, in.value.nbytes() <= gpu::l2_cache_bytes());
+    const int64_t total = output.numel() / vec * point_lane_count;
+    dispatch_width_and_method<kWide>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
+      const auto launch = [&](auto lanes) {
+        gpu::launch<forward_kernel<scalar_t, VEC, decltype(lanes)::value, kDiscrete, std::decay_t<decltype(points)>,
+                                   Levels>>(blocks_for(total), kThreadsPerBlock, stream,
+                                            in.value.const_data_ptr<scalar_t>(), points,
+                                            output.mutable_data_ptr<scalar_t>(), g, levels, total);
+      };
+      if constexpr (VEC == kWide) {
+        dispatch_point_lanes(point_lane_count, launch);
+      } else {
+        launch(std::integral_constant<int, 1>());
+      }
     });
   });
   return output;
@@ -160,10 +164,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto points = make_points(static_cast<scalar_t*>(nullptr));
-    const int vec = vector_width<scalar_t>(in.value, grad_output);
-    const Geometry g = make_geometry(in, vec);
-    const int64_t total = grad_output.numel() / vec;
-    const bool shuffle = g.lanes <= 32 && (g.lanes & (g.lanes - 1)) == 0;
+    const int vec = vector_width_of<scalar_t>(in.value, grad_output);
+    const Geometry g = geometry_of(in, vec);
+    const bool shuffle = shuffles_within_groups(g);
+    constexpr int kWide = 16 / sizeof(scalar_t);
+    const int point_lane_count =
+        point_lanes(g, vec == kWide, /*forward=*/false, in.value.nbytes() <= gpu::l2_cache_bytes());
+    const int64_t total = grad_output.numel() / vec * point_lane_count;
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     if (deterministic && !shuffle) {
       // Raises, or warns under use_deterministic_algorithms(True, warn_only=True) and goes on with atomics.
@@ -172,15 +179,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
           "channels in 16 bytes when C and value's strides are multiples of it, else 1)");
     }
     using Points = std::decay_t<decltype(points)>;
-    // Runs backward_kernel into `sink` for the runtime vector width and method. Shuffles need whole warps:
-    // with kShuffle, a multiple of 32 lanes is launched.
+    // Runs backward_kernel into `sink` for the runtime vector width, method and point lanes (which need
+    // shuffles and the vectorized path; point_lanes() is 1 without them).
     const auto run_into = [&]<bool kShuffle, typename Sink>(const Sink& sink) {
-      dispatch_width_and_method<16 / sizeof(scalar_t)>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
-        const int64_t threads = kShuffle ? blocks_for(total) * kThreadsPerBlock : total;
-        gpu::launch<backward_kernel<scalar_t, VEC, kDiscrete, kShuffle, Points, Levels, Sink>>(
-            blocks_for(threads), kThreadsPerBlock, stream, grad_output.const_data_ptr<scalar_t>(),
-            in.value.const_data_ptr<scalar_t>(), points, sink, grad_locations.mutable_data_ptr<acc_t>(),
-            grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
+      dispatch_width_and_method<kWide>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
+        const auto launch = [&](auto lanes) {
+          gpu::launch<backward_kernel<scalar_t, VEC, decltype(lanes)::value, kDiscrete, kShuffle, Points, Levels,
+                                      Sink>>(
+              blocks_for(total), kThreadsPerBlock, stream, grad_output.const_data_ptr<scalar_t>(),
+              in.value.const_data_ptr<scalar_t>(), points, sink, grad_locations.mutable_data_ptr<acc_t>(),
+              grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
+        };
+        if constexpr (kShuffle && VEC == kWide) {
+          dispatch_point_lanes(point_lane_count, launch);
+        } else {
+          launch(std::integral_constant<int, 1>());
+        }
       });
     };
     if (deterministic && shuffle) {

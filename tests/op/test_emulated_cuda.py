@@ -41,16 +41,19 @@ def vector_width(dtype):
 
 
 def channel_counts(dtype):
-    """Channel counts selecting every kernel variant: per lane 1 channel (VEC = 1) or 16 bytes of them, and
-    lanes per (batch, query, head) a power of two up to 32 (shuffle reductions) or not (atomics)."""
+    """Channel counts selecting every kernel variant: per lane 1 channel (VEC = 1) or 16 bytes of them; lanes
+    per (batch, query, head) a power of two up to 32 (shuffle reductions) or not (atomics); and, on the wide
+    path, the point lanes that split the 11 points beside them (launch policy: as many as fit in a warp)."""
     wide = vector_width(dtype)
     return {
         "C=1": 1,  # VEC 1, 1 lane: shuffle
         "C=3": 3,  # VEC 1, 3 lanes: atomics
         f"C={10 * wide}": 10 * wide,  # wide, 10 lanes: atomics (fp32: C = 40)
         f"C={12 * wide}": 12 * wide,  # wide, 12 lanes: atomics (fp32: C = 48)
-        f"C={8 * wide}": 8 * wide,  # wide, 8 lanes: shuffle (fp32: C = 32, the models')
-        f"C={32 * wide}": 32 * wide,  # wide, 32 lanes: a whole warp's shuffle
+        f"C={4 * wide}": 4 * wide,  # wide, 4 lanes: shuffle, 8 point lanes (fp32: C = 16, DEIMv2's)
+        f"C={8 * wide}": 8 * wide,  # wide, 8 lanes: shuffle, 4 point lanes (fp32: C = 32, the models')
+        f"C={16 * wide}": 16 * wide,  # wide, 16 lanes: shuffle, 2 point lanes
+        f"C={32 * wide}": 32 * wide,  # wide, 32 lanes: a whole warp's shuffle, 1 point lane
     }
 
 
@@ -125,7 +128,7 @@ def test_the_variant_matrix_launches_every_instantiation(emulated_arch):
     after = emulated_cuda.launch_counts(emulated_arch)
     missed = sorted(name for name in after if after[name] == before.get(name, 0))
     assert not missed, f"{len(missed)} of {len(after)} instantiations never launched: {missed}"
-    assert len(after) >= 137  # the registry itself works: 137 instantiations when this test was written
+    assert len(after) >= 417  # the registry itself works: 417 instantiations when point lanes came
 
 
 @pytest.mark.parametrize("emulated_arch", EMULATED_ARCHS, indirect=True)

@@ -156,7 +156,7 @@ def test_gpu_check_rehearsal_writes_its_report(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["step"] for s in report["steps"]] == ["build", "backends", "tests", "benchmark", "memcheck", "model",
-                                                    "training"]
+                                                    "training", "original"]
     assert all(s["result"] == "not run (rehearsal: no GPU)" for s in report["steps"])
     assert sum(s["budget"] for s in report["steps"]) <= 9 * 60  # the budgets fit one 10-minute call
     assert report["mode"].startswith("rehearsal") and report["commit"]
