@@ -12,8 +12,8 @@
 // per level), softmaxed attention weights. Every result is checked here against a plain double-precision
 // computation on the host (not the kernels' sampling.h), printed as "check <what> <max relative error>";
 // dump=FILE writes the results as raw float32 so that run.py can compare implementations with each other.
-// l2_bytes is the simulated GPU's L2 size, which our launch policy asks about (run.py passes the config's;
-// without it the GPU is asked);
+// l2_bytes and multiprocessors are the simulated GPU's L2 size and SM count, which our launch policy asks
+// about (run.py passes the config's; without them the GPU is asked);
 // block= and point_lanes= override the policy's choices (threads per block, point lanes), to explore.
 // On a real GPU (bench/gpu_check.py), repeat=N times N more launches after the checked one with CUDA events
 // and prints "time_ms <mean>"; under the simulator events measure the host, so run.py asks for none.
@@ -40,7 +40,8 @@ struct Args {
   int batch = 1, queries = 300, heads = 8, channels = 32;
   int block = 0, point_lanes = 0;  // ours only, for exploring: 0 = the op's launch policy
   int repeat = 0;                  // on a GPU: time this many more launches
-  int64_t l2_bytes = 0;            // the simulated GPU's L2, which the launch policy asks about
+  int64_t l2_bytes = 0;            // the simulated GPU's L2 and SMs, which the launch policy asks about
+  int multiprocessors = 0;
   std::vector<int> heights, widths, points;
   uint64_t seed = 0;
 };
@@ -80,6 +81,7 @@ Args parse(int argc, char** argv) {
     else if (key == "block") args.block = std::atoi(value.c_str());
     else if (key == "point_lanes") args.point_lanes = std::atoi(value.c_str());
     else if (key == "repeat") args.repeat = std::atoi(value.c_str());
+    else if (key == "multiprocessors") args.multiprocessors = std::atoi(value.c_str());
     else if (key == "l2_bytes") args.l2_bytes = std::strtoll(value.c_str(), nullptr, 10);
     else if (key == "seed") args.seed = std::strtoull(value.c_str(), nullptr, 10);
     else if (key == "points") args.points = int_list(value);
@@ -384,10 +386,10 @@ Results run_ours(const Problem& pr, const Device& d) {
     const Geometry g = make_geometry(a.queries, a.heads, a.channels, pr.total_points, vec, pr.rows, stride_b,
                                      stride_s, stride_h);
     const int lanes = a.point_lanes ? a.point_lanes : point_lanes(g, vec == 4, true, value_bytes <= a.l2_bytes);
-    const int block = a.block ? a.block : kThreadsPerBlock;
+    const int64_t total = static_cast<int64_t>(outputs) / vec * lanes;
+    const int block = a.block ? a.block : threads_per_block(total, a.multiprocessors);
     const auto launch = [&] {
-      dispatch(OursForward{d.value, points, output, g, levels, lanes, block, static_cast<int64_t>(outputs) / vec * lanes},
-               vec, discrete);
+      dispatch(OursForward{d.value, points, output, g, levels, lanes, block, total}, vec, discrete);
     };
     launch();
     check(cudaDeviceSynchronize(), "forward_kernel");
@@ -401,10 +403,11 @@ Results run_ours(const Problem& pr, const Device& d) {
     const Geometry g = make_geometry(a.queries, a.heads, a.channels, pr.total_points, vec, pr.rows, stride_b,
                                      stride_s, stride_h);
     const int lanes = a.point_lanes ? a.point_lanes : point_lanes(g, vec == 4, false, value_bytes <= a.l2_bytes);
-    const int block = a.block ? a.block : kThreadsPerBlock;
+    const int64_t total = static_cast<int64_t>(outputs) / vec * lanes;
+    const int block = a.block ? a.block : threads_per_block(total, a.multiprocessors);
     const auto launch = [&] {
       dispatch(OursBackward{d.grad_output, d.value, points, grad_value, grad_locations, grad_weights, g, levels, lanes,
-                            block, static_cast<int64_t>(outputs) / vec * lanes},
+                            block, total},
                vec, discrete);
     };
     launch();
@@ -475,6 +478,9 @@ int main(int argc, char** argv) {
     int l2 = 0;
     check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0), "cudaDeviceGetAttribute");
     args.l2_bytes = l2;
+  }
+  if (args.multiprocessors == 0) {
+    check(cudaDeviceGetAttribute(&args.multiprocessors, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
   }
   const Problem problem(args);
   const Device device{upload(problem.value), upload(problem.locations), upload(problem.weights),

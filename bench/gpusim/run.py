@@ -35,8 +35,10 @@ DRIVER = ROOT / "bench" / "gpusim" / "driver.cu"
 # The PTX each config simulates (GPGPU-Sim runs the highest PTX in a binary, whatever the config: one binary
 # per architecture). SM90_H100 is a V100 model grown to H100 size, so it runs sm_70 code.
 CONFIGS = {"SM86_RTX3070": 86, "SM7_QV100": 70, "SM90_H100": 70}
-# Their L2 sizes (the configs' -gpgpu_cache:dl2 times memory sub-partitions), which our launch policy asks about.
+# What our launch policy asks of the GPU: the configs' L2 sizes (-gpgpu_cache:dl2 times memory sub-partitions)
+# and SMs (-gpgpu_n_clusters).
 L2_BYTES = {"SM86_RTX3070": 4 << 20, "SM7_QV100": 6 << 20, "SM90_H100": 50 << 20}
+MULTIPROCESSORS = {"SM86_RTX3070": 46, "SM7_QV100": 80, "SM90_H100": 132}
 # Appended to a config. The RTX 3070 config lists no latency for SHFL (the sixth value), which the simulator
 # then reads from uninitialized memory (a crash, or nonsense timing); these are the other two configs' values.
 CONFIG_FIXES = {"SM86_RTX3070": ["-ptx_opcode_latency_int 4,4,4,4,21,21", "-ptx_opcode_initiation_int 2,2,2,2,2,4"]}
@@ -80,7 +82,7 @@ class Run:
         levels = ",".join(f"{h}x{w}" for h, w in s.levels)
         return (f"impl={self.impl} pass={self.pass_} method={self.method} batch={s.batch} queries={s.queries} "
                 f"heads={s.heads} channels={s.channels} levels={levels} points={','.join(map(str, s.points))} "
-                f"l2_bytes={L2_BYTES[self.config]}")
+                f"l2_bytes={L2_BYTES[self.config]} multiprocessors={MULTIPROCESSORS[self.config]}")
 
     def command(self) -> str:
         """The shell command, from the repository root with GPUSIM_PREFIX set, that reproduces this record."""
@@ -254,8 +256,8 @@ def hardware(args) -> int:
     subprocess.run(command, check=True)
     records = []
     for run in runs_for([list(CONFIGS)[0]], args.shapes, args.passes, args.impls, args.methods):
-        # Without l2_bytes the driver asks the GPU for its L2 size.
-        arguments = [a for a in run.driver_args().split() if not a.startswith("l2_bytes=")]
+        # Without them the driver asks the GPU for its L2 size and SMs.
+        arguments = [a for a in run.driver_args().split() if not a.startswith(("l2_bytes=", "multiprocessors="))]
         result = subprocess.run([str(binary), *arguments, "repeat=20"], capture_output=True, text=True)
         checks = {m[1]: float(m[2]) for m in re.finditer(r"^check (\S+) (\S+)$", result.stdout, re.MULTILINE)}
         time_ms = re.search(r"^time_ms (\S+)$", result.stdout, re.MULTILINE)

@@ -25,8 +25,9 @@ using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
 
-// The current GPU's L2 size in bytes (the launch policy asks whether value fits in it).
+// What the launch policy asks of the current GPU: its L2 size in bytes (does value fit?) and its SMs.
 inline int64_t l2_cache_bytes() { return at::cuda::getCurrentDeviceProperties()->l2CacheSize; }
+inline int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // Kernel<<<blocks, threads, 0, stream>>>(args...), then the launch check. The kernel is a template argument
 // so that the emulation can name (and count) every instantiation that is launched.

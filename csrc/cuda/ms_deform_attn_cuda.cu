@@ -122,10 +122,11 @@ at::Tensor forward_cuda(const KernelInputs& in, const Levels& levels, const Make
     const int point_lane_count =
         point_lanes(g, vec == kWide, /*forward=*/true, in.value.nbytes() <= gpu::l2_cache_bytes());
     const int64_t total = output.numel() / vec * point_lane_count;
+    const int block = threads_per_block(total, gpu::multiprocessor_count());
     dispatch_width_and_method<kWide>(vec, in.discrete, [&]<int VEC, bool kDiscrete>() {
       const auto launch = [&](auto lanes) {
         gpu::launch<forward_kernel<scalar_t, VEC, decltype(lanes)::value, kDiscrete, std::decay_t<decltype(points)>,
-                                   Levels>>(blocks_for(total), kThreadsPerBlock, stream,
+                                   Levels>>(blocks_for(total, block), block, stream,
                                             in.value.const_data_ptr<scalar_t>(), points,
                                             output.mutable_data_ptr<scalar_t>(), g, levels, total);
       };
@@ -171,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     const int point_lane_count =
         point_lanes(g, vec == kWide, /*forward=*/false, in.value.nbytes() <= gpu::l2_cache_bytes());
     const int64_t total = grad_output.numel() / vec * point_lane_count;
+    const int block = threads_per_block(total, gpu::multiprocessor_count());
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     if (deterministic && !shuffle) {
       // Raises, or warns under use_deterministic_algorithms(True, warn_only=True) and goes on with atomics.
@@ -186,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
         const auto launch = [&](auto lanes) {
           gpu::launch<backward_kernel<scalar_t, VEC, decltype(lanes)::value, kDiscrete, kShuffle, Points, Levels,
                                       Sink>>(
-              blocks_for(total), kThreadsPerBlock, stream, grad_output.const_data_ptr<scalar_t>(),
+              blocks_for(total, block), block, stream, grad_output.const_data_ptr<scalar_t>(),
               in.value.const_data_ptr<scalar_t>(), points, sink, grad_locations.mutable_data_ptr<acc_t>(),
               grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
         };

@@ -159,8 +159,10 @@ namespace rtdetrv2_kernels::gpu {
 struct Stream {};
 inline Stream current_stream() { return {}; }
 
-// A V100's 6 MiB: tests' values fit, so their launches take the policy's choices for values that do.
+// A V100's: 6 MiB of L2, which tests' values fit, so their launches take the policy's choices for values that
+// do; 80 SMs, so that tests' small launches run in blocks of 64 threads and larger ones in blocks of 256.
 inline int64_t l2_cache_bytes() { return int64_t{6} << 20; }
+inline int multiprocessor_count() { return 80; }
 
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device device) {
