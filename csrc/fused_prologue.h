@@ -103,7 +103,9 @@ struct FusedPrologue {
 
   // From the gradients of bqh's weights (grad_weight[P]) and locations (grad_location[2P], (x, y) pairs),
   // writes those of its logits and offsets, and its head's share of the reference gradient into
-  // grad_reference, the (R, K) block of a (B, Q, H, R, K) buffer.
+  // grad_reference, the (R, K) block of a (B, Q, H, R, K) buffer. grad_location is null where the locations
+  // pass no gradient (discrete sampling): offsets and references then get exact zeros, also where the chain
+  // rule would multiply a zero by an infinite or NaN offset or box size.
   RTDETRV2_HOST_DEVICE void backpropagate(int64_t bqh, const acc_t* grad_weight, const acc_t* grad_location,
                                           scalar_t* grad_logits, scalar_t* grad_offsets,
                                           acc_t* grad_reference) const {
@@ -119,6 +121,10 @@ struct FusedPrologue {
       grad_logits[first + p] = static_cast<scalar_t>(weight * (grad_weight[p] - expected));
     }
     for (int64_t i = 0; i < reference_rows * reference_size; ++i) grad_reference[i] = acc_t(0);
+    if (grad_location == nullptr) {
+      for (int64_t i = 2 * first; i < 2 * (first + points); ++i) grad_offsets[i] = scalar_t(0);
+      return;
+    }
     int64_t p = 0;
     for (int64_t level = 0; level < num_levels; ++level) {
       acc_t factor[2];

@@ -55,27 +55,40 @@ inline LevelTable make_level_table(at::IntArrayRef spatial_shapes, at::IntArrayR
   return table;
 }
 
+// What messages call the two per-point tensors: the plain op's, or the fused op's raw offsets and logits.
+struct PointTensorNames {
+  const char* locations;
+  const char* weights;
+};
+constexpr PointTensorNames kPlainNames{"sampling_locations", "attention_weights"};
+constexpr PointTensorNames kFusedNames{"sampling_offsets", "attention_logits"};
+
+// Every tensor argument has value's dtype and device, checked by name: a raw call may mix devices.
+inline void check_like_value(const char* name, const at::Tensor& tensor, const at::Tensor& value) {
+  TORCH_CHECK_TYPE(tensor.scalar_type() == value.scalar_type(), "rtdetrv2_kernels: ", name, " has dtype ",
+                   tensor.scalar_type(), " but value has ", value.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(tensor.device() == value.device(), "rtdetrv2_kernels: ", name, " is on ", tensor.device(),
+                    " but value is on ", value.device(), "; every tensor argument must be on value's device");
+}
+
 inline void check_inputs(const at::Tensor& value, const LevelTable& levels, const at::Tensor& sampling_locations,
-                         const at::Tensor& attention_weights) {
+                         const at::Tensor& attention_weights, const PointTensorNames& names) {
   TORCH_CHECK(value.dim() == 4, "rtdetrv2_kernels: value must be (B, S, H, C), got ", value.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 5 && sampling_locations.size(4) == 2,
-              "rtdetrv2_kernels: sampling_locations must be (B, Q, H, P, 2), got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.dim() == 4, "rtdetrv2_kernels: attention_weights must be (B, Q, H, P), got ",
+  TORCH_CHECK(sampling_locations.dim() == 5 && sampling_locations.size(4) == 2, "rtdetrv2_kernels: ",
+              names.locations, " must be (B, Q, H, P, 2), got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == 4, "rtdetrv2_kernels: ", names.weights, " must be (B, Q, H, P), got ",
               attention_weights.sizes());
   int64_t total_points = 0;
   for (int64_t p : levels.points) total_points += p;
   const int64_t B = value.size(0), H = value.size(2), Q = sampling_locations.size(1);
-  TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef({B, Q, H, total_points, 2}),
-              "rtdetrv2_kernels: sampling_locations must be (B, Q, H, P, 2) = (", B, ", Q, ", H, ", ", total_points,
-              ", 2), got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({B, Q, H, total_points}),
-              "rtdetrv2_kernels: attention_weights must be (B, Q, H, P) = (", B, ", ", Q, ", ", H, ", ",
-              total_points, "), got ", attention_weights.sizes());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "rtdetrv2_kernels: value, sampling_locations and attention_weights must share one dtype");
-  TORCH_CHECK(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
-              "rtdetrv2_kernels: value, sampling_locations and attention_weights must be on one device");
+  TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef({B, Q, H, total_points, 2}), "rtdetrv2_kernels: ",
+              names.locations, " must be (B, Q, H, P, 2) = (", B, ", Q, ", H, ", ", total_points, ", 2), got ",
+              sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({B, Q, H, total_points}), "rtdetrv2_kernels: ",
+              names.weights, " must be (B, Q, H, P) = (", B, ", ", Q, ", ", H, ", ", total_points, "), got ",
+              attention_weights.sizes());
+  check_like_value(names.locations, sampling_locations, value);
+  check_like_value(names.weights, attention_weights, value);
 }
 
 // The list form packs the levels back to back: value's rows must be exactly theirs.
@@ -89,18 +102,19 @@ inline void check_rows_match_levels(const at::Tensor& value, const LevelTable& l
 inline void check_level_tensors(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                 const at::Tensor& level_start_index, at::IntArrayRef num_points) {
   const int64_t num_levels = static_cast<int64_t>(num_points.size());
+  TORCH_CHECK_VALUE(value.dim() == 4, "rtdetrv2_kernels: value must be (B, S, H, C), got ", value.sizes());
   TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == num_levels && spatial_shapes.size(1) == 2,
                     "rtdetrv2_kernels: spatial_shapes must be (L, 2) with L = ", num_levels,
                     " (the entries of num_points), got ", spatial_shapes.sizes());
   TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == num_levels,
                     "rtdetrv2_kernels: level_start_index must be (L,) with L = ", num_levels, ", got ",
                     level_start_index.sizes());
-  for (const at::Tensor* table : {&spatial_shapes, &level_start_index}) {
-    TORCH_CHECK_TYPE(table->scalar_type() == at::kLong,
-                     "rtdetrv2_kernels: spatial_shapes and level_start_index must be int64, got ", table->scalar_type());
-    TORCH_CHECK_VALUE(table->device() == value.device(),
-                      "rtdetrv2_kernels: spatial_shapes and level_start_index must be on value's device (",
-                      value.device(), "), got ", table->device());
+  for (const auto& [name, table] : {std::pair<const char*, const at::Tensor*>{"spatial_shapes", &spatial_shapes},
+                                     {"level_start_index", &level_start_index}}) {
+    TORCH_CHECK_TYPE(table->scalar_type() == at::kLong, "rtdetrv2_kernels: ", name, " must be int64, got ",
+                     table->scalar_type());
+    TORCH_CHECK_VALUE(table->device() == value.device(), "rtdetrv2_kernels: ", name, " is on ", table->device(),
+                      " but value is on ", value.device(), "; every tensor argument must be on value's device");
   }
 }
 
@@ -111,7 +125,7 @@ inline LevelTable read_level_tensors(const at::Tensor& value, const at::Tensor& 
   check_level_tensors(value, spatial_shapes, level_start_index, num_points);
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
   LevelTable table = make_level_table(at::IntArrayRef(shapes.const_data_ptr<int64_t>(), shapes.numel()), num_points);
-  const int64_t rows = value.dim() > 1 ? value.size(1) : 0;
+  const int64_t rows = value.size(1);
   const int64_t* start = starts.const_data_ptr<int64_t>();
   for (int64_t l = 0; l < table.num_levels(); ++l) {
     const int64_t size = static_cast<int64_t>(table.height[l]) * table.width[l];
@@ -134,6 +148,14 @@ inline LevelTable points_only_level_table(at::IntArrayRef num_points) {
   return table;
 }
 
+// The backward's grad_output: (B, Q, H*C) in value's dtype, on value's device.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, int64_t queries) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({value.size(0), queries, value.size(2) * value.size(3)}),
+                    "rtdetrv2_kernels: grad_output must be (B, Q, H*C) = (", value.size(0), ", ", queries, ", ",
+                    value.size(2) * value.size(3), "), got ", grad_output.sizes());
+  check_like_value("grad_output", grad_output, value);
+}
+
 // The inputs as every kernel reads them: checked, with the level table built, value's channels and the
 // whole of locations and weights contiguous. An expanded or sliced value is used in place (the kernels take
 // any batch, row and head stride); only a value whose channels are strided is copied.
@@ -144,8 +166,9 @@ struct KernelInputs {
 };
 
 inline KernelInputs prepare_inputs(LevelTable levels, const at::Tensor& value, const at::Tensor& sampling_locations,
-                                   const at::Tensor& attention_weights, c10::string_view method) {
-  check_inputs(value, levels, sampling_locations, attention_weights);
+                                   const at::Tensor& attention_weights, c10::string_view method,
+                                   const PointTensorNames& names = kPlainNames) {
+  check_inputs(value, levels, sampling_locations, attention_weights, names);
   const bool discrete = is_discrete(std::string(method));
   return {std::move(levels), discrete, value.stride(3) == 1 ? value : value.contiguous(),
           sampling_locations.contiguous(), attention_weights.contiguous()};
@@ -154,9 +177,10 @@ inline KernelInputs prepare_inputs(LevelTable levels, const at::Tensor& value, c
 // The list form: spatial_shapes flattened, levels back to back.
 inline KernelInputs prepare_inputs(const at::Tensor& value, at::IntArrayRef spatial_shapes,
                                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                                   at::IntArrayRef num_points, c10::string_view method) {
+                                   at::IntArrayRef num_points, c10::string_view method,
+                                   const PointTensorNames& names = kPlainNames) {
   LevelTable levels = make_level_table(spatial_shapes, num_points);
-  KernelInputs in = prepare_inputs(std::move(levels), value, sampling_locations, attention_weights, method);
+  KernelInputs in = prepare_inputs(std::move(levels), value, sampling_locations, attention_weights, method, names);
   check_rows_match_levels(in.value, in.levels);
   return in;
 }
@@ -166,14 +190,14 @@ inline KernelInputs prepare_fused_inputs(const at::Tensor& value, at::IntArrayRe
                                          const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
                                          const at::Tensor& attention_logits, at::IntArrayRef num_points,
                                          c10::string_view method) {
-  KernelInputs in = prepare_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method);
+  KernelInputs in =
+      prepare_inputs(value, spatial_shapes, sampling_offsets, attention_logits, num_points, method, kFusedNames);
   TORCH_CHECK(reference_points.dim() == 4 && reference_points.size(0) == value.size(0) &&
                   reference_points.size(1) == sampling_offsets.size(1) &&
                   (reference_points.size(2) == 1 || reference_points.size(2) == in.levels.num_levels()) &&
                   (reference_points.size(3) == 2 || reference_points.size(3) == 4),
               "rtdetrv2_kernels: reference_points must be (B, Q, 1 or L, 4 or 2), got ", reference_points.sizes());
-  TORCH_CHECK(reference_points.scalar_type() == value.scalar_type() && reference_points.device() == value.device(),
-              "rtdetrv2_kernels: reference_points must have value's dtype and device");
+  check_like_value("reference_points", reference_points, value);
   return in;
 }
 

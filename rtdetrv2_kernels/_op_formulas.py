@@ -74,6 +74,35 @@ def backward_fake(grad_output, *inputs):
     return tuple(t.new_empty(t.shape) for t in inputs if _differentiable(t))
 
 
+def _argument_names(op) -> tuple[str, ...]:
+    """The names of an op's arguments, in order, from its schema (op: a qualified name or a custom op)."""
+    namespace, name = (op if isinstance(op, str) else op._qualname).split("::")
+    return tuple(argument.name for argument in getattr(getattr(torch.ops, namespace), name).default._schema.arguments)
+
+
+def check_one_device(names: tuple[str, ...], arguments) -> None:
+    """Every tensor argument on value's device. A direct call mixing a meta tensor with CPU ones reaches the
+    fake kernel (Meta outranks CPU in dispatch), which would return uninitialized memory on value's device."""
+    value = arguments[names.index("value")]
+    for name, argument in zip(names, arguments):
+        if isinstance(argument, torch.Tensor) and argument.device != value.device:
+            raise ValueError(f"{name} is on {argument.device} but value is on {value.device}; every tensor "
+                             "argument must be on value's device")
+
+
+def register_fakes(forward_op, backward_op) -> None:
+    """forward_fake and backward_fake as the fake kernels of an op pair (qualified names or custom ops), each
+    checking check_one_device first."""
+    for op, fake in ((forward_op, forward_fake), (backward_op, backward_fake)):
+        names = _argument_names(op)
+
+        def checked_fake(*arguments, names=names, fake=fake):
+            check_one_device(names, arguments)
+            return fake(*arguments)
+
+        torch.library.register_fake(op)(checked_fake)
+
+
 def register_autograd(forward_op, backward_op, reference) -> None:
     """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
     forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
@@ -112,6 +141,5 @@ def register_op_pairs(namespace: str) -> None:
     `namespace` (rtdetrv2_kernels, or the test suite's emulated CUDA builds)."""
     ops = getattr(torch.ops, namespace)
     for forward, backward, reference in OP_PAIRS:
-        torch.library.register_fake(f"{namespace}::{forward}")(forward_fake)
-        torch.library.register_fake(f"{namespace}::{backward}")(backward_fake)
+        register_fakes(f"{namespace}::{forward}", f"{namespace}::{backward}")
         register_autograd(f"{namespace}::{forward}", getattr(ops, backward), reference)

@@ -8,6 +8,7 @@ docs/semantics.md; compat.ms_deform_attn_v1 keeps such a table on the device).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -36,10 +37,19 @@ def check_shapes_tensor(spatial_shapes: torch.Tensor) -> int:
     return spatial_shapes.shape[0]
 
 
+def check_readable(name: str, table: torch.Tensor, value=None) -> None:
+    """A level table tensor whose values will be read or copied to value's device: not on the meta device
+    (which holds no values), unless value is there too (a call that only propagates shapes)."""
+    if table.is_meta and not (isinstance(value, torch.Tensor) and value.is_meta):
+        raise ValueError(f"{name} is on the meta device, which holds no values to read; pass it as a list of ints "
+                         "or a tensor on the CPU or value's device")
+
+
 def level_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
     """spatial_shapes as a tuple of (height, width) pairs of Python ints."""
     if isinstance(spatial_shapes, torch.Tensor):
         check_shapes_tensor(spatial_shapes)
+        check_readable("spatial_shapes", spatial_shapes)
         spatial_shapes = spatial_shapes.tolist()
     if not isinstance(spatial_shapes, Sequence) or isinstance(spatial_shapes, str):
         raise TypeError(
@@ -82,6 +92,8 @@ def points_per_level(num_points, num_levels: int) -> tuple[int, ...]:
 def _check_tensor(name: str, tensor, dims: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor of shape {dims}, got layout {tensor.layout}")
     if tensor.dim() != dims.count(",") + 1:
         raise ValueError(f"{name} must have shape {dims}, got {tuple(tensor.shape)}")
 
@@ -173,6 +185,13 @@ def check_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets
             f"reference_points must have shape (B, Q, 1 or L, 4) for boxes (cx, cy, w, h) or (B, Q, 1 or L, 2) "
             f"for points, with B={batch}, Q={queries}, L={levels}; got {tuple(reference_points.shape)}"
         )
-    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)) or not math.isfinite(offset_scale):
-        raise TypeError(f"offset_scale must be a finite Python number, got {offset_scale!r}")
+    check_offset_scale(offset_scale)
     return shapes, points
+
+
+def check_offset_scale(offset_scale) -> None:
+    """Any finite real scalar: Python's, NumPy's (np.float32 too), not bool."""
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, numbers.Real):
+        raise TypeError(f"offset_scale must be a real number, got {type(offset_scale).__name__}")
+    if not math.isfinite(offset_scale):
+        raise ValueError(f"offset_scale must be finite, got {float(offset_scale)}")

@@ -1,10 +1,12 @@
 """Drop-in adapters: the calling conventions of other multi-scale deformable attention code, run on this
 package's op (see docs/integrations.md).
 
-- ``MSDeformAttnFunction.apply`` / ``ms_deform_attn_v1``: Deformable DETR's (and mmcv's) layout, with
-  ``level_start_index`` and locations of shape (B, Q, H, L, P, 2).
-- ``deformable_attention_core_func_v2``: the attention core of the original RT-DETRv2, D-FINE and DEIM code,
-  including D-FINE's value given as one tensor per level.
+- ``MSDeformAttnFunction.apply`` / ``ms_deform_attn_v1``: Deformable DETR's layout, with ``level_start_index``
+  and locations of shape (B, Q, H, L, P, 2); ``MultiScaleDeformableAttnFunction.apply``: mmcv's, the same
+  after casting locations and weights to value's dtype.
+- ``deformable_attention_core_func``: RT-DETR (v1)'s core, the same locations without level_start_index.
+- ``deformable_attention_core_func_v2``: the attention core of the original RT-DETRv2, D-FINE, DEIM / DEIMv2
+  and lightly-train code, including D-FINE's value given as one tensor per level and DEIM's value_shape.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ._validation import (
     _as_int,
     _check_tensor,
     check_dtypes_and_devices,
+    check_readable,
     check_shapes_tensor,
     level_shapes,
     widen_under_autocast,
@@ -31,6 +34,7 @@ __all__ = [
     "MSDeformAttnFunction",
     "MultiScaleDeformableAttnFunction",
     "ms_deform_attn_v1",
+    "deformable_attention_core_func",
     "deformable_attention_core_func_v2",
 ]
 
@@ -41,8 +45,9 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_start_index(level_start_index, num_levels: int) -> None:
+def _check_start_index(level_start_index, num_levels: int, value) -> None:
     if isinstance(level_start_index, torch.Tensor):
+        check_readable("level_start_index", level_start_index, value)
         if level_start_index.dim() != 1:
             raise ValueError(f"level_start_index must have shape (L,), got {tuple(level_start_index.shape)}")
         if level_start_index.dtype.is_floating_point or level_start_index.dtype.is_complex \
@@ -60,11 +65,12 @@ def _check_start_index(level_start_index, num_levels: int) -> None:
         raise ValueError(f"level_start_index has {length} entries but spatial_shapes has {num_levels} levels")
 
 
-def _read_layout(spatial_shapes, level_start_index):
+def _read_layout(spatial_shapes, level_start_index, value):
     """(level shapes as Python ints, level starts as Python ints, or the starts tensor where reading it
     would cost a host-device sync that reading the shapes does not already pay)."""
     if isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.device.type != "cpu":
-        _check_start_index(level_start_index, check_shapes_tensor(spatial_shapes))
+        check_readable("spatial_shapes", spatial_shapes)
+        _check_start_index(level_start_index, check_shapes_tensor(spatial_shapes), value)
         if isinstance(level_start_index, torch.Tensor):
             # The shapes must come to the host anyway: bring the starts in the same copy (one sync for both).
             both = torch.cat((spatial_shapes.reshape(-1), level_start_index.to(spatial_shapes)))
@@ -73,7 +79,7 @@ def _read_layout(spatial_shapes, level_start_index):
             pairs = [both[2 * i : 2 * i + 2] for i in range(num_levels)]
             return level_shapes(pairs), [int(s) for s in both[2 * num_levels :]]
     shapes = level_shapes(spatial_shapes)
-    _check_start_index(level_start_index, len(shapes))
+    _check_start_index(level_start_index, len(shapes), value)
     if isinstance(level_start_index, torch.Tensor):
         if level_start_index.device.type == "cpu":
             return shapes, level_start_index.tolist()
@@ -120,7 +126,8 @@ def _v1_with_level_tensors(run, value, spatial_shapes, level_start_index, sampli
     num_levels = check_shapes_tensor(spatial_shapes)
     if num_levels == 0:
         raise ValueError("spatial_shapes must hold at least one level")
-    _check_start_index(level_start_index, num_levels)
+    check_readable("spatial_shapes", spatial_shapes, value)
+    _check_start_index(level_start_index, num_levels, value)
     value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations, attention_weights)
     _check_v1_tensors(value, sampling_locations, attention_weights, num_levels)
     check_dtypes_and_devices(value, {"sampling_locations": sampling_locations, "attention_weights": attention_weights})
@@ -178,7 +185,7 @@ def ms_deform_attn_v1(
                 f"kernels read it on the device ('cpu' or 'cuda'); backend {backend!r} resolved to one that reads "
                 "it on the host. Pass the shapes as a list of (height, width) pairs, or choose 'cuda'/'cpu'."
             )
-    shapes, starts = _read_layout(spatial_shapes, level_start_index)
+    shapes, starts = _read_layout(spatial_shapes, level_start_index, value)
     _check_v1_tensors(value, sampling_locations, attention_weights, len(shapes))
     if isinstance(starts, torch.Tensor):
         value = _gather_levels_on_device(value, shapes, starts)
@@ -191,10 +198,9 @@ def ms_deform_attn_v1(
 
 
 class MSDeformAttnFunction:
-    """Stands in for Deformable DETR's ``MSDeformAttnFunction`` (and mmcv's
-    ``MultiScaleDeformableAttnFunction``): ``apply(value, spatial_shapes, level_start_index,
-    sampling_locations, attention_weights, im2col_step)``. Differentiable through the op's own autograd;
-    im2col_step (the original CUDA kernel's batch chunking) is accepted and ignored."""
+    """Stands in for Deformable DETR's ``MSDeformAttnFunction``: ``apply(value, spatial_shapes,
+    level_start_index, sampling_locations, attention_weights, im2col_step)``. Differentiable through the op's
+    own autograd; im2col_step (the original CUDA kernel's batch chunking) is accepted and ignored."""
 
     @staticmethod
     def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
@@ -204,7 +210,33 @@ class MSDeformAttnFunction:
         )
 
 
-MultiScaleDeformableAttnFunction = MSDeformAttnFunction
+class MultiScaleDeformableAttnFunction:
+    """Stands in for mmcv's ``MultiScaleDeformableAttnFunction``: as :class:`MSDeformAttnFunction`, after
+    casting sampling_locations and attention_weights to value's dtype, as mmcv does (so an fp16 value with
+    fp32 locations runs in fp16 there too)."""
+
+    @staticmethod
+    def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+              im2col_step=64):
+        if isinstance(value, torch.Tensor):
+            if isinstance(sampling_locations, torch.Tensor):
+                sampling_locations = sampling_locations.type_as(value)
+            if isinstance(attention_weights, torch.Tensor):
+                attention_weights = attention_weights.type_as(value)
+        return ms_deform_attn_v1(
+            value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights
+        )
+
+
+def deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights, *,
+                                   backend: str | None = None) -> torch.Tensor:
+    """RT-DETR (v1)'s attention core (and transformers' Mask2Former / OneFormer one): value (B, S, H, C),
+    value_spatial_shapes L (height, width) pairs or an (L, 2) tensor, sampling_locations (B, Q, H, L, P, 2),
+    attention_weights (B, Q, H, L, P); returns (B, Q, H*C), the same points on every level."""
+    _check_tensor("sampling_locations", sampling_locations, "(B, Q, H, L, P, 2)")
+    _check_tensor("attention_weights", attention_weights, "(B, Q, H, L, P)")
+    return _package.ms_deform_attn(value, value_spatial_shapes, sampling_locations.flatten(3, 4),
+                                   attention_weights.flatten(3, 4), sampling_locations.shape[4], backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,11 +282,13 @@ def deformable_attention_core_func_v2(
     attention_weights: torch.Tensor,
     num_points_list,
     method: str = "default",
+    value_shape: str | None = None,
     *,
     original_discrete_clamp: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """The attention core of the original RT-DETRv2, D-FINE and DEIM code on this package's op.
+    """The attention core of the original RT-DETRv2, D-FINE, DEIM / DEIMv2 and lightly-train code on this
+    package's op.
 
     Args:
         value: (B, S, H, C) as RT-DETRv2 passes it, or D-FINE's sequence of per-level tensors of shape
@@ -262,7 +296,11 @@ def deformable_attention_core_func_v2(
         value_spatial_shapes: L (height, width) pairs (a list avoids a host sync; a tensor works too).
         sampling_locations: (B, Q, H, sum(num_points_list), 2), attention_weights (B, Q, H, sum(...)).
         num_points_list: points per level.
-        method: "default" (bilinear) or "discrete".
+        method: "default" (bilinear), "discrete", or lightly-train's "bilinear_gather" (bilinear sampling
+            written as corner gathers for export: the same values as "default", which it runs; an ONNX
+            export writes the op as gathers by default, see docs/integrations.md, "Deployment").
+        value_shape: DEIM's argument saying which of value's two forms it is: "default", the per-level
+            sequence, or "reshape", one (B, S, H, C) tensor. None accepts either.
         original_discrete_clamp: discrete only. True (default) reproduces the original code on levels wider
             than tall, which clamps the x pixel to H_l - 1; False clamps each axis into its own size, as
             transformers and :func:`rtdetrv2_kernels.ms_deform_attn` do. Square levels agree either way.
@@ -271,6 +309,14 @@ def deformable_attention_core_func_v2(
     Returns:
         (B, Q, H*C), the values of the original (which returns a transposed view; this is contiguous).
     """
+    if value_shape not in (None, "default", "reshape"):
+        raise ValueError(f"value_shape must be 'default' (value as per-level tensors) or 'reshape' (one "
+                         f"(B, S, H, C) tensor), got {value_shape!r}")
+    if value_shape is not None and isinstance(value, torch.Tensor) != (value_shape == "reshape"):
+        expected = "one (B, S, H, C) tensor" if value_shape == "reshape" else "a sequence of (B, H, C, H_l*W_l) tensors"
+        raise TypeError(f"value_shape={value_shape!r} needs value as {expected}, got {type(value).__name__}")
+    if method == "bilinear_gather":
+        method = "default"
     shapes = level_shapes(value_spatial_shapes)
     if isinstance(value, (list, tuple)):
         if len(value) == 0:

@@ -176,7 +176,17 @@ def ms_deform_attn_fused_reference(
     bilinear: str = "grid_sample",
 ) -> torch.Tensor:
     """The fused op (see ``rtdetrv2_kernels.ms_deform_attn_fused``) as its prologue then the plain op."""
+    discrete = method == "discrete"
     locations, weights = fused_prologue_reference(
-        spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale
+        spatial_shapes, reference_points.detach() if discrete else reference_points,
+        sampling_offsets.detach() if discrete else sampling_offsets, attention_logits, num_points, offset_scale
     )
+    if discrete and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+        # The nearest pixel does not move with small changes of the offsets and references: their gradient is
+        # exactly zero, as the kernels give, also where the chain rule through the locations would multiply
+        # zero by an infinite or NaN offset or box size. torch.where passes zeros without multiplying; it
+        # keeps the layers that produce them in the autograd graph (DDP expects every parameter used).
+        for tensor in (reference_points, sampling_offsets):
+            locations = locations + torch.where(torch.zeros_like(tensor, dtype=torch.bool), tensor, 0).sum().to(
+                locations.dtype)
     return ms_deform_attn_reference(value, spatial_shapes, locations, weights, num_points, method, bilinear=bilinear)

@@ -24,13 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op_formulas import (
-    backward_fake,
-    forward_fake,
-    fused_reference,
-    plain_reference,
-    register_autograd,
-)
+from ._op_formulas import fused_reference, plain_reference, register_autograd, register_fakes
 from ._validation import METHODS, check_dtypes_and_devices
 
 
@@ -314,13 +308,16 @@ def _backward_kernel(
                 # The raw weight gradient waits in the (ACC) logits buffer for the softmax pass below.
                 tl.store(grad_weight_ptr + point, grad_w, mask=q_mask)
                 expected += w * grad_w
-                tl.store(grad_loc_ptr + 2 * point, (grad_x * factor_x * size_x).to(out_ty), mask=q_mask)
-                tl.store(grad_loc_ptr + 2 * point + 1, (grad_y * factor_y * size_y).to(out_ty), mask=q_mask)
-                g_ref_x += grad_x
-                g_ref_y += grad_y
-                if K == 4:
-                    g_ref_w += grad_x * factor_x * offset_x
-                    g_ref_h += grad_y * factor_y * offset_y
+                # Discrete locations pass no gradient: the offsets and references keep their zeros, also
+                # where the chain rule would multiply zero by an infinite or NaN offset or box size.
+                if not DISCRETE:
+                    tl.store(grad_loc_ptr + 2 * point, (grad_x * factor_x * size_x).to(out_ty), mask=q_mask)
+                    tl.store(grad_loc_ptr + 2 * point + 1, (grad_y * factor_y * size_y).to(out_ty), mask=q_mask)
+                    g_ref_x += grad_x
+                    g_ref_y += grad_y
+                    if K == 4:
+                        g_ref_w += grad_x * factor_x * offset_x
+                        g_ref_h += grad_y * factor_y * offset_y
             else:
                 tl.store(grad_weight_ptr + point, grad_w.to(out_ty), mask=q_mask)
                 tl.store(grad_loc_ptr + 2 * point, grad_x.to(out_ty), mask=q_mask)
@@ -557,7 +554,6 @@ def triton_ms_deform_attn_forward(
     return output
 
 
-triton_ms_deform_attn_forward.register_fake(forward_fake)
 
 
 @torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_backward", mutates_args=())
@@ -587,7 +583,7 @@ def triton_ms_deform_attn_backward(
     return grad_value.to(value.dtype), grad_locations, grad_weights
 
 
-triton_ms_deform_attn_backward.register_fake(backward_fake)
+register_fakes(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward)
 register_autograd(triton_ms_deform_attn_forward, triton_ms_deform_attn_backward, plain_reference)
 
 
@@ -623,7 +619,6 @@ def triton_ms_deform_attn_fused_forward(
     return output
 
 
-triton_ms_deform_attn_fused_forward.register_fake(forward_fake)
 
 
 @torch.library.custom_op("rtdetrv2_kernels::triton_ms_deform_attn_fused_backward", mutates_args=())
@@ -660,5 +655,5 @@ def triton_ms_deform_attn_fused_backward(
             grad_logits.to(value.dtype))
 
 
-triton_ms_deform_attn_fused_backward.register_fake(backward_fake)
+register_fakes(triton_ms_deform_attn_fused_forward, triton_ms_deform_attn_fused_backward)
 register_autograd(triton_ms_deform_attn_fused_forward, triton_ms_deform_attn_fused_backward, fused_reference)

@@ -131,7 +131,9 @@ struct PlainPoints {
   RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t*, const acc_t* grad_loc,
                                        const acc_t* grad_weight) const {
     const int64_t first = bqh * points;
-    for (int64_t i = 0; i < 2 * points; ++i) grad_locations[2 * first + i] = static_cast<scalar_t>(grad_loc[i]);
+    for (int64_t i = 0; i < 2 * points; ++i) {
+      grad_locations[2 * first + i] = grad_loc ? static_cast<scalar_t>(grad_loc[i]) : scalar_t(0);
+    }
     for (int64_t i = 0; i < points; ++i) grad_weights[first + i] = static_cast<scalar_t>(grad_weight[i]);
   }
 };
@@ -475,8 +477,8 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
                                                             grad_out_buffer.data(), grad_loc.data(),
                                                             grad_weight.data());
       });
-      problem.source.store_gradients(bqh, taps.loc.data(), taps.attention.data(), grad_loc.data(),
-                                     grad_weight.data());
+      problem.source.store_gradients(bqh, taps.loc.data(), taps.attention.data(),
+                                     kDiscrete ? nullptr : grad_loc.data(), grad_weight.data());
     }
   }
 }
@@ -508,10 +510,7 @@ template <typename MakePoints>
 at::Tensor backward_cpu(const at::Tensor& grad_output_in, const KernelInputs& in, int64_t queries,
                         const MakePoints& make_points) {
   const at::Tensor grad_output = grad_output_in.contiguous();
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({in.value.size(0), queries, in.value.size(2) * in.value.size(3)}),
-              "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type(), "rtdetrv2_kernels: grad_output must have dtype ",
-              in.value.scalar_type(), ", got ", grad_output.scalar_type());
+  check_grad_output(grad_output, in.value, queries);
   at::Tensor grad_value = zeros_for_accumulation(in.value.sizes(), at::toOpMathType(in.value.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     const auto source = make_points(static_cast<scalar_t*>(nullptr));

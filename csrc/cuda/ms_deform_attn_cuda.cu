@@ -149,11 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const Levels& levels, const MakePoints& make_points,
                                                              const WeightMass& weight_mass) {
   const at::Tensor grad_output = grad_output_in.contiguous();
-  TORCH_CHECK(grad_output.sizes() ==
-                  at::IntArrayRef({in.value.size(0), in.locations.size(1), in.value.size(2) * in.value.size(3)}),
-              "rtdetrv2_kernels: grad_output must be (B, Q, H*C), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type() && grad_output.device() == in.value.device(),
-              "rtdetrv2_kernels: grad_output must match value's dtype and device");
+  check_grad_output(grad_output, in.value, in.locations.size(1));
   const auto acc_options = in.value.options().dtype(at::toOpMathType(in.value.scalar_type()));
   at::Tensor grad_value;
   at::Tensor grad_locations = at::zeros(in.locations.sizes(), acc_options);
@@ -345,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
       using acc_t = acc_type<scalar_t>;
       gpu::launch<fused_backpropagate_kernel<scalar_t>>(
           blocks_for(total_bqh), kThreadsPerBlock, stream, fused_points<scalar_t>(in, reference, offset_scale), levels,
-          grad_weights.const_data_ptr<acc_t>(), grad_locations.const_data_ptr<acc_t>(),
+          grad_weights.const_data_ptr<acc_t>(), in.discrete ? nullptr : grad_locations.const_data_ptr<acc_t>(),
           grad_logits.mutable_data_ptr<scalar_t>(), grad_offsets.mutable_data_ptr<scalar_t>(),
           grad_reference_per_head.mutable_data_ptr<acc_t>(), total_bqh);
     });

@@ -466,7 +466,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSM)
   const int64_t bqh = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (bqh >= total_bqh) return;
   points.prologue(levels).backpropagate(bqh, grad_weights + bqh * points.points,
-                                        grad_locations + 2 * bqh * points.points, grad_logits, grad_offsets,
+                                        grad_locations ? grad_locations + 2 * bqh * points.points : nullptr,
+                                        grad_logits, grad_offsets,
                                         grad_reference + bqh * points.reference_rows * points.reference_size);
 }
 

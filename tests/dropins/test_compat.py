@@ -367,6 +367,36 @@ def test_v1_aliases_and_im2col_step():
     assert_close(a, v1_oracle(value, SHAPES, cumulative(SIZES), locations, weights), torch.float64, "output")
 
 
+def test_mmcv_function_casts_locations_and_weights_to_value_dtype():
+    """mmcv's MultiScaleDeformableAttnFunction casts them first; Deformable DETR's (as the op) refuses the mix."""
+    value, locations, weights = v1_inputs()
+    starts = torch.tensor(cumulative(SIZES))
+    value32 = value.float().requires_grad_()
+    locations = locations.clone().requires_grad_()
+    output = compat.MultiScaleDeformableAttnFunction.apply(value32, torch.tensor(SHAPES), starts, locations, weights, 64)
+    assert output.dtype == torch.float32
+    expected = v1_oracle(value.float().double(), SHAPES, cumulative(SIZES), locations.float().double(),
+                         weights.float().double())
+    assert_close(output, expected, torch.float32, "output")
+    output.sum().backward()
+    assert locations.grad.dtype == torch.float64 and value32.grad is not None
+    with pytest.raises(TypeError, match="has dtype torch.float64 but value has torch.float32"):
+        compat.MSDeformAttnFunction.apply(value32, torch.tensor(SHAPES), starts, locations, weights, 64)
+
+
+def test_rtdetr_v1_core():
+    """RT-DETR (v1)'s deformable_attention_core_func: Deformable DETR's locations, levels back to back."""
+    value, locations, weights = v1_inputs()
+    expected = run_with_grads(lambda v, l, w: v1_oracle(v, SHAPES, cumulative(SIZES), l, w), value, locations, weights)
+    for shapes in (SHAPES, torch.tensor(SHAPES)):
+        actual = run_with_grads(lambda v, l, w: compat.deformable_attention_core_func(v, shapes, l, w),
+                                value, locations, weights)
+        for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+            assert_close(a, e, torch.float64, name)
+    with pytest.raises(ValueError, match=r"sampling_locations must have shape \(B, Q, H, L, P, 2\)"):
+        compat.deformable_attention_core_func(value, SHAPES, locations.flatten(3, 4), weights)
+
+
 def test_v1_rejects_bad_arguments():
     value, locations, weights = v1_inputs()
     starts = cumulative(SIZES)
@@ -471,3 +501,33 @@ def test_core_v2_rejects_bad_value():
         compat.deformable_attention_core_func_v2(memory.numpy(), V2_SHAPES, locations, weights, V2_POINTS)
     with pytest.raises(ValueError, match="method"):
         compat.deformable_attention_core_func_v2(levels, V2_SHAPES, locations, weights, V2_POINTS, "nearest")
+
+
+def test_core_v2_value_shape_as_deim_passes_it():
+    """DEIM's value_shape: "default" with per-level value tensors, "reshape" with one (B, S, H, C) tensor."""
+    heads, channels = 2, 4
+    value, locations, weights = make_inputs(batch=2, queries=6, heads=heads, channels=channels, shapes=V2_SHAPES,
+                                            points=V2_POINTS, seed=3)
+    levels = [level.permute(0, 2, 3, 1) for level in value.split([h * w for h, w in V2_SHAPES], dim=1)]
+    expected = compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS)
+    assert torch.equal(compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS,
+                                                                "default", "reshape"), expected)
+    assert_close(compat.deformable_attention_core_func_v2(levels, V2_SHAPES, locations, weights, V2_POINTS,
+                                                          value_shape="default"), expected, torch.float64, "levels")
+    with pytest.raises(TypeError, match="value_shape='default' needs value as a sequence"):
+        compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS, value_shape="default")
+    with pytest.raises(TypeError, match="value_shape='reshape' needs value as one"):
+        compat.deformable_attention_core_func_v2(levels, V2_SHAPES, locations, weights, V2_POINTS, value_shape="reshape")
+    with pytest.raises(ValueError, match="value_shape must be"):
+        compat.deformable_attention_core_func_v2(value, V2_SHAPES, locations, weights, V2_POINTS, value_shape="flat")
+
+
+def test_core_v2_bilinear_gather_is_bilinear():
+    """lightly-train's third method: bilinear sampling written as corner gathers, the same values."""
+    inputs = make_inputs(batch=2, queries=6, heads=2, channels=4, shapes=V2_SHAPES, points=V2_POINTS, seed=6)
+    expected = run_with_grads(
+        lambda v, l, w: original_v2(rtdetrv2_levels(v, V2_SHAPES), V2_SHAPES, l, w, V2_POINTS, "default"), *inputs)
+    actual = run_with_grads(lambda v, l, w: compat.deformable_attention_core_func_v2(
+        v, V2_SHAPES, l, w, V2_POINTS, "bilinear_gather"), *inputs)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert_close(a, e, torch.float64, name)

@@ -3,6 +3,9 @@ locations from reference boxes or points, then the sampling), on every backend."
 
 from __future__ import annotations
 
+import fractions
+
+import numpy as np
 import pytest
 import torch
 from helpers import FUSED_POINTS, SHAPES, assert_close, backend_params, backends_for, make_fused_inputs, run_with_grads
@@ -102,23 +105,57 @@ def test_compiles_without_graph_breaks(backend):
 
 
 @pytest.mark.parametrize(
-    "change,message",
+    "change,error,message",
     [
-        (lambda i: {**i, "reference_points": i["reference_points"][..., :3]}, "reference_points must have shape"),
-        (lambda i: {**i, "reference_points": i["reference_points"].expand(-1, -1, 2, -1)}, "1 or L"),
-        (lambda i: {**i, "sampling_offsets": i["sampling_offsets"][..., :1, :]}, "sampling_offsets must have shape"),
-        (lambda i: {**i, "attention_logits": i["attention_logits"].float()}, "attention_logits has dtype"),
-        (lambda i: {**i, "reference_points": i["reference_points"].float()}, "reference_points has dtype"),
-        (lambda i: {**i, "offset_scale": "0.5"}, "offset_scale must be a finite Python number"),
-        (lambda i: {**i, "offset_scale": float("nan")}, "offset_scale must be a finite Python number"),
+        (lambda i: {**i, "reference_points": i["reference_points"][..., :3]}, None, "reference_points must have shape"),
+        (lambda i: {**i, "reference_points": i["reference_points"].expand(-1, -1, 2, -1)}, None, "1 or L"),
+        (lambda i: {**i, "sampling_offsets": i["sampling_offsets"][..., :1, :]}, None,
+         "sampling_offsets must have shape"),
+        (lambda i: {**i, "attention_logits": i["attention_logits"].float()}, None, "attention_logits has dtype"),
+        (lambda i: {**i, "reference_points": i["reference_points"].float()}, None, "reference_points has dtype"),
+        (lambda i: {**i, "offset_scale": "0.5"}, TypeError, "offset_scale must be a real number, got str"),
+        (lambda i: {**i, "offset_scale": True}, TypeError, "offset_scale must be a real number, got bool"),
+        (lambda i: {**i, "offset_scale": float("nan")}, ValueError, "offset_scale must be finite, got nan"),
+        (lambda i: {**i, "offset_scale": -float("inf")}, ValueError, "offset_scale must be finite, got -inf"),
+        (lambda i: {**i, "offset_scale": np.float32("inf")}, ValueError, "offset_scale must be finite, got inf"),
     ],
 )
-def test_bad_input_names_the_argument(change, message):
+def test_bad_input_names_the_argument(change, error, message):
     value, ref, offsets, logits = make_fused_inputs()
     arguments = dict(value=value, spatial_shapes=SHAPES, reference_points=ref, sampling_offsets=offsets,
                      attention_logits=logits, num_points=POINTS, offset_scale=0.5)
-    with pytest.raises((ValueError, TypeError), match=message):
+    if error is None:
+        error = (ValueError, TypeError)
+    with pytest.raises(error, match=message):
         ms_deform_attn_fused(**change(arguments))
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), np.float64(0.5), np.int64(1), 1, fractions.Fraction(1, 2)],
+                         ids=lambda s: type(s).__name__)
+def test_offset_scale_takes_any_real_scalar(scale):
+    value, ref, offsets, logits = make_fused_inputs()
+    expected = ms_deform_attn_fused(value, SHAPES, ref, offsets, logits, POINTS, float(scale))
+    torch.testing.assert_close(ms_deform_attn_fused(value, SHAPES, ref, offsets, logits, POINTS, scale), expected,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reference", ["boxes", "points"])
+def test_discrete_gradients_of_offsets_and_references_are_zero_even_when_not_finite(backend, device, reference):
+    """docs/semantics.md: with method="discrete" the offsets and references get exact zeros, also where the
+    chain rule through the locations would multiply zero by an infinite or NaN offset or box size."""
+    value, ref, offsets, logits = make_fused_inputs(reference=reference, device=device)
+    ref, offsets = ref.clone(), offsets.clone()
+    offsets[0, 0, 0, 0, 0] = float("nan")
+    offsets[0, 1, 1, 2, 1] = float("inf")
+    ref[1, 2, 0, -1] = float("inf")  # a box height, or a point's y
+    ref[1, 3, 0, 0] = float("nan")
+    _, grad_value, grad_ref, grad_offsets, grad_logits = run_with_grads(
+        lambda v, r, o, a: ms_deform_attn_fused(v, SHAPES, r, o, a, POINTS, 0.5, "discrete", backend=backend),
+        value, ref, offsets, logits)
+    assert torch.equal(grad_ref, torch.zeros_like(grad_ref)), backend
+    assert torch.equal(grad_offsets, torch.zeros_like(grad_offsets)), backend
+    assert torch.isfinite(grad_logits[0, 2:]).all() and torch.isfinite(grad_value).any()
 
 
 FUSED_OPS = {"cpu": "ms_deform_attn_fused", "triton": "triton_ms_deform_attn_fused"}

@@ -302,3 +302,25 @@ def test_pooled_gradient_shows_in_memory_profiles():
                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
         assert value.numel() * 4 in sizes, "the pooled grad_value's allocation is not reported"
         assert -value.numel() * 4 in sizes, "the pooled grad_value's release is not reported"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_weights_as_documented(backend, device, method):
+    """docs/semantics.md, "Non-finite and huge locations": a weight's own row for NaN and infinite weights."""
+    value, locations, _ = make_inputs(batch=1, queries=4, heads=1, channels=3, shapes=[(4, 4)], points=[1],
+                                      device=device)
+    # On a pixel centre (corner weights 1 and 0), between pixels, and outside the level (a zero sample).
+    locations[0, :3, 0, 0] = torch.tensor([[1.5 / 4, 2.5 / 4], [0.33, 0.55], [5.0, 5.0]], dtype=value.dtype)
+    for weight in (float("nan"), float("inf"), -float("inf")):
+        weights = torch.full((1, 4, 1, 1), weight, dtype=value.dtype, device=device)
+        weights[0, 3] = 1.0  # a finite row beside them stays finite
+        output = ms_deform_attn(value, [(4, 4)], locations, weights, [1], method, backend=backend)[0, :, :]
+        sample = ms_deform_attn_reference(value, [(4, 4)], locations, torch.ones_like(weights), [1], method)[0]
+        assert torch.isfinite(output[3]).all()
+        if weight != weight:
+            assert output[:3].isnan().all()
+        elif method == "discrete" or backend != "cpu":
+            torch.testing.assert_close(output[:3], weight * sample[:3], equal_nan=True, rtol=0, atol=0)
+        else:  # the weight folded into the corner weights: NaN from a corner of weight 0, else non-finite
+            assert output[[0, 2]].isnan().all() and not torch.isfinite(output[1]).any()

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from helpers import POINTS, SHAPES, backend_params, backends_for, make_inputs
+from helpers import POINTS, SHAPES, backend_params, backends_for, make_inputs, needs_cpu_kernels
 
 from rtdetrv2_kernels import ms_deform_attn
 
@@ -145,3 +145,104 @@ def test_raw_triton_op_rejects_bad_shapes_before_launching(monkeypatch, case):
     boxes = torch.rand(2, 5, 1, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=message):
         getattr(torch.ops.rtdetrv2_kernels, op)(*arguments(value, locations, weights, grad_output, boxes))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tensors on several devices in a direct call of an op. A meta tensor among CPU ones makes the dispatcher run
+# the fake kernel, which returned uninitialized memory on value's device; the C++ and Triton ops alike.
+def _raw_op_arguments(op_name: str) -> list:
+    """The arguments of torch.ops.rtdetrv2_kernels.<op_name>, by its schema's names, for a valid call."""
+    value, locations, weights = make_inputs(batch=2, queries=5, heads=3, channels=7)
+    tensor_levels = op_name.endswith("_tensor_levels")
+    known = dict(
+        value=value, sampling_locations=locations, attention_weights=weights, sampling_offsets=locations,
+        attention_logits=weights, reference_points=torch.rand(2, 5, 1, 4, dtype=torch.float64),
+        grad_output=torch.randn(2, 5, 21, dtype=torch.float64), num_points=POINTS, offset_scale=0.5,
+        method="default", spatial_shapes=torch.tensor(SHAPES) if tensor_levels else FLAT,
+        level_start_index=torch.tensor([0, 32, 48]),
+    )
+    schema = getattr(torch.ops.rtdetrv2_kernels, op_name).default._schema
+    return [known[argument.name] for argument in schema.arguments]
+
+
+def _raw_op_names() -> list[str]:
+    names = [f"ms_deform_attn_{kind}{form}" for form in ("", "_tensor_levels") for kind in ("forward", "backward")]
+    names += ["ms_deform_attn_fused_forward", "ms_deform_attn_fused_backward"]
+    if "triton" in backends_for("cpu"):
+        names += [f"triton_ms_deform_attn_{fused}{kind}" for fused in ("", "fused_") for kind in ("forward", "backward")]
+    return names
+
+
+def _mixed_device_cases():
+    for op_name in _raw_op_names():
+        schema = getattr(torch.ops.rtdetrv2_kernels, op_name).default._schema
+        for argument in schema.arguments:
+            if argument.type.kind() == "TensorType":
+                yield pytest.param(op_name, argument.name, id=f"{op_name}-{argument.name}")
+
+
+@pytest.mark.parametrize("op_name,moved", list(_mixed_device_cases()))
+def test_raw_ops_reject_tensors_on_several_devices(op_name, moved):
+    op = getattr(torch.ops.rtdetrv2_kernels, op_name)
+    schema = op.default._schema
+    arguments = _raw_op_arguments(op_name)
+    position = [a.name for a in schema.arguments].index(moved)
+    arguments[position] = arguments[position].to("meta")
+    if moved == "value":  # every other tensor is then the one on another device; the first is named
+        other = next(a.name for a in schema.arguments if a.type.kind() == "TensorType" and a.name != "value")
+        message = rf"{other} is on cpu but value is on meta"
+    else:
+        message = rf"{moved} is on meta but value is on cpu"
+    with pytest.raises(ValueError, match=message):
+        op(*arguments)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in backends_for("cuda"), reason="needs a GPU")
+def test_raw_cuda_ops_name_the_tensor_on_another_device():
+    """The C++ checks themselves (csrc/ms_deform_attn.h), which no fake kernel precedes: value on the GPU,
+    one other tensor on the CPU, for each tensor of each C++ op (grad_output included)."""
+    for op_name in [name for name in _raw_op_names() if not name.startswith("triton")]:
+        schema = getattr(torch.ops.rtdetrv2_kernels, op_name).default._schema
+        names = [a.name for a in schema.arguments]
+        for moved in names:
+            arguments = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _raw_op_arguments(op_name)]
+            if not isinstance(arguments[names.index(moved)], torch.Tensor) or moved == "value":
+                continue
+            arguments[names.index(moved)] = arguments[names.index(moved)].cpu()
+            with pytest.raises((ValueError, RuntimeError), match=rf"{moved} is on cpu but value is on cuda"):
+                getattr(torch.ops.rtdetrv2_kernels, op_name)(*arguments)
+
+
+def test_meta_level_tables_are_named():
+    value, locations, weights = make_inputs()
+    with pytest.raises(ValueError, match="spatial_shapes is on the meta device"):
+        ms_deform_attn(value, torch.tensor(SHAPES, device="meta"), locations, weights, POINTS)
+    from rtdetrv2_kernels import compat
+
+    value, locations, weights = make_inputs(points=[2, 2, 2])
+    locations, weights = locations.view(2, 5, 3, 3, 2, 2), weights.view(2, 5, 3, 3, 2)
+    starts = torch.tensor([0, 32, 48])
+    for backend in backends_for("cpu"):
+        with pytest.raises(ValueError, match="spatial_shapes is on the meta device"):
+            compat.ms_deform_attn_v1(value, torch.tensor(SHAPES, device="meta"), starts, locations, weights,
+                                     backend=backend)
+        for shapes in (SHAPES, torch.tensor(SHAPES)):
+            with pytest.raises(ValueError, match="level_start_index is on the meta device"):
+                compat.ms_deform_attn_v1(value, shapes, starts.to("meta"), locations, weights, backend=backend)
+
+
+@pytest.mark.parametrize("sparse", ["value", "sampling_locations", "attention_weights"])
+def test_sparse_tensors_are_named(inputs, sparse):
+    value, locations, weights = inputs
+    tensors = dict(value=value, sampling_locations=locations, attention_weights=weights)
+    tensors[sparse] = tensors[sparse].to_sparse()
+    with pytest.raises(TypeError, match=rf"{sparse} must be a dense \(strided\) tensor .* got layout torch.sparse_coo"):
+        call(inputs, **tensors)
+
+
+@needs_cpu_kernels
+def test_raw_tensor_levels_op_names_a_bad_value():
+    value, locations, weights = make_inputs()
+    op = torch.ops.rtdetrv2_kernels.ms_deform_attn_forward_tensor_levels
+    with pytest.raises(ValueError, match=r"value must be \(B, S, H, C\)"):
+        op(value[0, :, 0], torch.tensor(SHAPES), torch.tensor([0, 32, 48]), locations, weights, POINTS, "default")
