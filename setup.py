@@ -88,7 +88,11 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=[*find_packages(include=["rtdetrv2_kernels", "rtdetrv2_kernels.*", "python_model"]), *SOURCE_PACKAGES],
     package_dir={"rtdetrv2_kernels.csrc": "csrc"},
-    package_data={name: ["*.h", "*.cuh", "*.cpp", "*.cu"] for name in SOURCE_PACKAGES},
+    package_data={
+        **{name: ["*.h", "*.cuh", "*.cpp", "*.cu"] for name in SOURCE_PACKAGES},
+        # The Hugging Face kernels layer repository (integrations/kernels_hub.py), data rather than a package.
+        "rtdetrv2_kernels.integrations": ["kernels_hub_layer/build/torch-universal/*"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

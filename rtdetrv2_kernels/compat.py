@@ -228,6 +228,18 @@ class MultiScaleDeformableAttnFunction:
         )
 
 
+def flat_points(sampling_locations: torch.Tensor, num_levels: int) -> tuple[torch.Tensor, int]:
+    """Locations (B, Q, H, L, P, 2) or (B, Q, H, L*P, 2) as (B, Q, H, L*P, 2), level-major (the op's order),
+    and P: the layouts of codebases with the same point count on every level."""
+    if sampling_locations.dim() == 6:
+        return sampling_locations.flatten(3, 4), sampling_locations.shape[4]
+    points, remainder = divmod(sampling_locations.shape[3], num_levels)
+    if remainder:
+        raise ValueError(f"sampling_locations has {sampling_locations.shape[3]} points, not the same number for "
+                         f"each of the {num_levels} levels")
+    return sampling_locations, points
+
+
 def deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights, *,
                                    backend: str | None = None) -> torch.Tensor:
     """RT-DETR (v1)'s attention core (and transformers' Mask2Former / OneFormer one): value (B, S, H, C),

@@ -15,7 +15,8 @@ How each family calls its attention core in transformers 5.x, and what is swappe
   (built before or while patched) call the op instead; an instance given another core keeps it.
 - Deformable DETR, RT-DETR (v1), Grounding DINO, MM Grounding DINO, OmDet-Turbo, LW-DETR, RF-DETR and
   PP-DocLayout v2-v4: a ``MultiScaleDeformableAttention`` layer (Deformable DETR's layout): its class's
-  ``forward`` is replaced.
+  ``forward`` is replaced, also on layers that ``kernels.kernelize`` gave a hub kernel's forward (what
+  ``from_pretrained`` does on CUDA in transformers >= 5.25); unpatch() gives them that kernel back.
 - Mask2Former, OneFormer: the module function ``multi_scale_deformable_attention`` is replaced.
 
 A family missing from the installed transformers is skipped. patch() is idempotent and unpatch() restores
@@ -24,22 +25,20 @@ every attribute it changed; neither is thread-safe (do not patch while another t
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+from types import MethodType
 
 import rtdetrv2_kernels as _package  # the op is looked up per call, so a test can watch it
 
+from .. import compat
+from ._patching import InstanceAttributeSwap, Patches
+
 __all__ = ["patch", "unpatch", "patched", "is_patched", "patched_targets"]
 
-_MISSING = object()
 _V2_CORE_CLASSES = (("d_fine", "DFineMultiscaleDeformableAttention"), ("deimv2", "Deimv2MultiscaleDeformableAttention"))
 _V2_CORE_ATTRIBUTE = "ms_deformable_attn_core"
 _LAYER_MODULES = ("deformable_detr", "rt_detr", "grounding_dino", "mm_grounding_dino", "omdet_turbo", "lw_detr",
                   "rf_detr", "pp_doclayout_v2", "pp_doclayout_v3", "pp_doclayout_v4")
-
-# (owner, attribute name, what was there or _MISSING, description) for every change in force.
-_applied: list[tuple[object, str, object, str]] = []
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The replacements: transformers' calling conventions on the op.
@@ -59,40 +58,37 @@ def multi_scale_deformable_attention_v2(value, value_spatial_shapes, sampling_lo
 
 def multi_scale_deformable_attention(value, value_spatial_shapes, sampling_locations, attention_weights):
     """transformers' Mask2Former / OneFormer core: locations (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
-    return _package.ms_deform_attn(value, value_spatial_shapes, sampling_locations.flatten(3, 4),
-                                   attention_weights.flatten(3, 4), sampling_locations.shape[4])
+    return compat.deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights)
 
 
-def _layer_forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
-                   sampling_locations, attention_weights, im2col_step):
+def multi_scale_deformable_attention_layer_forward(self, value, value_spatial_shapes, value_spatial_shapes_list,
+                                                   level_start_index, sampling_locations, attention_weights,
+                                                   im2col_step):
+    """``MultiScaleDeformableAttention.forward`` of transformers' Deformable-DETR-style models on the op (also
+    the kernels hub layer's forward, integrations/kernels_hub.py)."""
     # transformers builds level_start_index as the running sum of the level sizes (levels in order), and its
     # own forward ignores it too; the host-side shapes list spares a device sync.
     return multi_scale_deformable_attention(value, value_spatial_shapes_list, sampling_locations, attention_weights)
 
 
-class _CoreWhileOriginal:
-    """Class attribute (a data descriptor, so it is consulted before the instance's __dict__) standing in for
-    ``ms_deformable_attn_core``: an instance holding transformers' own function reads the replacement; any
-    other value reads as stored. Writes store into the instance as before, so removing the descriptor leaves
-    every instance exactly as transformers built it."""
+def _core_swap(original, replacement):
+    """Reads of ``ms_deformable_attn_core``: an instance holding transformers' own function gets the
+    replacement; any other core it was given stays."""
+    return InstanceAttributeSwap(_V2_CORE_ATTRIBUTE, lambda instance, stored: replacement if stored is original else stored)
 
-    def __init__(self, name: str, original, replacement):
-        self.name, self.original, self.replacement = name, original, replacement
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        try:
-            stored = instance.__dict__[self.name]
-        except KeyError:
-            raise AttributeError(self.name) from None
-        return self.replacement if stored is self.original else stored
+def _forward_swap():
+    """``MultiScaleDeformableAttention.forward``: the replacement, also for an instance whose ``forward``
+    ``kernels.kernelize`` replaced (it binds the hub layer's forward in the instance's __dict__, which a plain
+    class attribute would not outrank); an instance-level forward set otherwise stays."""
 
-    def __set__(self, instance, value):
-        instance.__dict__[self.name] = value
+    def ours(instance):
+        return MethodType(multi_scale_deformable_attention_layer_forward, instance)
 
-    def __delete__(self, instance):
-        del instance.__dict__[self.name]
+    def swap(instance, stored):
+        return ours(instance) if "_kernel_repo" in instance.__dict__ else stored
+
+    return InstanceAttributeSwap("forward", swap, missing=ours, on_class=multi_scale_deformable_attention_layer_forward)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,12 +101,6 @@ def _module(family: str):
         return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     except ImportError:
         return None
-
-
-def _set(owner, name: str, replacement, description: str) -> None:
-    _applied.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type)
-                     else getattr(owner, name, _MISSING), description))
-    setattr(owner, name, replacement)
 
 
 # (families, module-level function name, replacement): functions their modeling files look up per call.
@@ -132,53 +122,13 @@ def _targets():
         cls = getattr(module, class_name, None)
         original = getattr(module, "multi_scale_deformable_attention_v2", None)
         if cls is not None and callable(original):
-            descriptor = _CoreWhileOriginal(_V2_CORE_ATTRIBUTE, original, multi_scale_deformable_attention_v2)
-            yield cls, _V2_CORE_ATTRIBUTE, descriptor, f"{module.__name__}.{class_name}.{_V2_CORE_ATTRIBUTE}"
+            yield (cls, _V2_CORE_ATTRIBUTE, _core_swap(original, multi_scale_deformable_attention_v2),
+                   f"{module.__name__}.{class_name}.{_V2_CORE_ATTRIBUTE}")
     for family in _LAYER_MODULES:
         module = _module(family)
         cls = getattr(module, "MultiScaleDeformableAttention", None)
         if cls is not None and "forward" in cls.__dict__:
-            yield cls, "forward", _layer_forward, f"{module.__name__}.MultiScaleDeformableAttention.forward"
+            yield cls, "forward", _forward_swap(), f"{module.__name__}.MultiScaleDeformableAttention.forward"
 
 
-def patch() -> list[str]:
-    """Makes the supported transformers models call rtdetrv2_kernels.ms_deform_attn; returns what was
-    swapped (dotted names). Calling it again while patched changes nothing."""
-    if not _applied:
-        try:
-            for owner, name, replacement, description in _targets():
-                _set(owner, name, replacement, description)
-        except BaseException:
-            unpatch()
-            raise
-    return patched_targets()
-
-
-def unpatch() -> None:
-    """Restores every attribute patch() changed, in reverse order; a no-op when not patched."""
-    while _applied:
-        owner, name, original, _ = _applied.pop()
-        if original is _MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
-
-
-def is_patched() -> bool:
-    return bool(_applied)
-
-
-def patched_targets() -> list[str]:
-    return [description for *_, description in _applied]
-
-
-@contextlib.contextmanager
-def patched():
-    """patch() for the duration of a block; only unpatches on exit if it was the one that patched."""
-    already = is_patched()
-    patch()
-    try:
-        yield patched_targets()
-    finally:
-        if not already:
-            unpatch()
+patch, unpatch, patched, is_patched, patched_targets = Patches(_targets).interface()

@@ -309,3 +309,94 @@ def test_every_layer_and_function_target_computes_the_same(op_calls):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=description)
         checked += 1
     assert checked >= 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hugging Face kernels hub: transformers >= 5.25 kernelizes MultiScaleDeformableAttention layers by
+# binding a hub layer's forward to each instance.
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    return pytest.importorskip("kernels", reason="the kernels package is not installed")
+
+
+def _model_and_input():
+    torch.manual_seed(0)
+    model, calls_per_forward = deformable_detr("default")
+    return off_pixel_centres(model.double().eval()), calls_per_forward, torch.rand(*IMAGE, dtype=torch.float64)
+
+
+def _other_hub_layer(tmp_path):
+    """A local layer repository whose layer runs transformers' own forward (stands in for the Hub's
+    deformable-detr kernel, which needs CUDA and a download)."""
+    variant = tmp_path / "build" / "torch-universal"
+    variant.mkdir(parents=True)
+    (variant / "metadata.json").write_text(
+        '{"id": "rtdetrv2_kernels_test_other_layer", "name": "other-msda", "version": 1, "license": "apache-2.0", '
+        '"python-depends": [], "backend": {"type": "universal"}}')
+    (variant / "__init__.py").write_text("from . import layers\n")
+    (variant / "layers.py").write_text(
+        "from torch import nn\n"
+        "from transformers.models.deformable_detr import modeling_deformable_detr as m\n"
+        "class MultiScaleDeformableAttention(nn.Module):\n"
+        "    forward = m.MultiScaleDeformableAttention.__dict__['forward']\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("mode", ["INFERENCE", "TRAINING"])
+def test_kernelize_with_the_package_layer_runs_the_op(mode, op_calls):
+    kernels = _kernels()
+    from rtdetrv2_kernels.integrations import kernels_hub
+
+    model, calls_per_forward, pixel_values = _model_and_input()
+    expected = run(model, pixel_values)
+    with kernels.use_kernel_mapping(kernels_hub.kernel_mapping(), inherit_mapping=False):
+        kernels.kernelize(model, mode=getattr(kernels.Mode, mode), device="cpu")
+    layer = next(m for m in model.modules() if type(m).__name__ == "MultiScaleDeformableAttention")
+    assert "forward" in layer.__dict__  # what kernelize leaves: an instance-level forward
+    actual = run(model, pixel_values)
+    assert len(op_calls) == calls_per_forward
+    torch.testing.assert_close(actual[:2], expected[:2], rtol=1e-10, atol=1e-10)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(actual[2][name], grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_patch_takes_over_kernelized_layers_and_unpatch_gives_them_back(tmp_path, op_calls):
+    kernels = _kernels()
+    model, calls_per_forward, pixel_values = _model_and_input()
+    repository = kernels.LocalLayerRepository(_other_hub_layer(tmp_path), layer_name="MultiScaleDeformableAttention")
+    with kernels.use_kernel_mapping({"MultiScaleDeformableAttention": {"cpu": repository}}, inherit_mapping=False):
+        kernels.kernelize(model, mode=kernels.Mode.INFERENCE, device="cpu")
+    layers = [m for m in model.modules() if type(m).__name__ == "MultiScaleDeformableAttention"]
+    hub_forwards = [layer.__dict__["forward"] for layer in layers]
+    expected = run(model, pixel_values)
+    assert op_calls == []  # the other layer's forward ran
+    integration.patch()
+    actual = run(model, pixel_values)
+    assert len(op_calls) == calls_per_forward
+    torch.testing.assert_close(actual[:2], expected[:2], rtol=1e-10, atol=1e-10)
+    integration.unpatch()
+    assert [layer.__dict__["forward"] for layer in layers] == hub_forwards
+    op_calls.clear()
+    run(model, pixel_values)
+    assert op_calls == []
+
+
+def test_patch_keeps_an_instance_forward_set_otherwise(op_calls):
+    model, _, pixel_values = _model_and_input()
+    layer = next(m for m in model.modules() if type(m).__name__ == "MultiScaleDeformableAttention")
+    own = type(layer).forward.__get__(layer)  # a user's own instance-level forward (no kernels involved)
+    layer.forward = own
+    integration.patch()
+    assert layer.forward is own
+    integration.unpatch()
+    assert layer.forward is own
+
+
+def test_kernel_config_names_the_packaged_layer():
+    _kernels()
+    from rtdetrv2_kernels.integrations import kernels_hub
+
+    config = kernels_hub.kernel_config()
+    assert (kernels_hub.repository_path() / "build" / "torch-universal" / "metadata.json").is_file()
+    assert str(kernels_hub.repository_path()) in repr(config.kernel_mapping)
