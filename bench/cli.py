@@ -19,7 +19,7 @@ import torch
 
 from rtdetrv2_kernels.backends import unavailable_reason
 
-from . import cases, deployment, fused, model, peers, report, selfcheck, timing, training
+from . import cases, codebases, deployment, fused, model, peers, report, selfcheck, timing, training
 from .cases import PASSES, REFERENCE, SHAPES, Problem, Runner
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -82,6 +82,12 @@ def parse_args(argv):
                         help="skip timing a whole training step of python_model against transformers'")
     parser.add_argument("--no-deployment", action="store_true",
                         help="skip timing the exported detector in onnxruntime and OpenVINO (CPU)")
+    parser.add_argument("--no-codebases", action="store_true",
+                        help="skip timing other codebases' detectors patched onto the op (ultralytics, RF-DETR, "
+                             "transformers through the kernels hub layer)")
+    parser.add_argument("--codebases-only", action="store_true",
+                        help="only the self-check and the other codebases' detectors (in the virtualenv that has "
+                             "them: bash scripts/test_integrations.sh builds .venv-integrations)")
     parser.add_argument("--no-charts", action="store_true", help="write no PNG charts")
     parser.add_argument("--out", type=Path,
                         help="directory for benchmark.md, benchmark.json and the charts "
@@ -98,6 +104,10 @@ def parse_args(argv):
         reasons = [f"{device}: {unavailable_reason(backend, device)}" for device in args.devices]
         if all(unavailable_reason(backend, device) for device in args.devices):
             parser.error(f"--backends {backend} is not available ({'; '.join(reasons)})")
+    if args.codebases_only:
+        if args.no_codebases:
+            parser.error("--codebases-only and --no-codebases contradict each other")
+        args.no_sweep = args.no_fused = args.no_model = args.no_training = args.no_deployment = True
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.budget = args.budget or (0.3 if args.quick else 4.0)
     return args
@@ -202,22 +212,26 @@ def main(argv=None) -> int:
 
     # The optional sections this run asks for whose packages are missing here: each skipped with one line why.
     requested = {model: not args.no_model, training: not args.no_training,
-                 deployment: not args.no_deployment and "cpu" in args.devices}
+                 deployment: not args.no_deployment and "cpu" in args.devices,
+                 codebases: not args.no_codebases and "cpu" in args.devices}
     skipped = {section.TITLE: reason for section, wanted in requested.items()
                if wanted and (reason := section.unavailable_reason()) is not None}
     if not args.no_peers:
         skipped.update({f"peer {name}": reason for name, reason in peers.unavailable().items()})
     for what, reason in skipped.items():
         print(f"skipped: {what}: {reason}")
-    run_model, run_training, run_deployment = (wanted and section.TITLE not in skipped
-                                               for section, wanted in requested.items())
+    run_model, run_training, run_deployment, run_codebases = (wanted and section.TITLE not in skipped
+                                                              for section, wanted in requested.items())
+    if run_codebases:  # some of the codebases may be here without the others
+        skipped.update({f"{codebases.TITLE}: {name}": reason for name, reason in codebases.missing_models().items()})
 
-    plan = {device: problems_for(args, device) for device in args.devices}
+    plan = {device: [] if args.codebases_only else problems_for(args, device) for device in args.devices}
     sweep_steps = 0 if args.no_sweep else sum(len(v) for v in SWEEPS[args.quick].values()) * len(args.devices)
     fused_steps = 0 if args.no_fused else len(args.devices)
     progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps
-                        + (run_model + run_training) * len(args.devices) + run_deployment)
+                        + (run_model + run_training) * len(args.devices) + run_deployment + run_codebases)
     rows, scaling, fused_rows, model_rows, training_rows, deployment_rows = [], [], [], [], [], []
+    codebase_rows = []
     for device, problems in plan.items():
         bandwidth = None
         if any(problem.shape.floor for problem in problems):
@@ -245,9 +259,13 @@ def main(argv=None) -> int:
         deployment_rows = checked(failures, deployment.TITLE, deployment.time_deployment, args.rounds, args.budget,
                                   args.threads, quick=args.quick)
         progress.step("exported detector in deployment runtimes")
+    if run_codebases:
+        codebase_rows = checked(failures, codebases.TITLE, codebases.time_codebases, args.rounds, args.budget,
+                                args.threads, quick=args.quick)
+        progress.step("other codebases' detectors, patched")
 
     sections = dict(fused_rows=fused_rows, model_rows=model_rows, training_rows=training_rows,
-                    deployment_rows=deployment_rows, skipped=skipped)
+                    deployment_rows=deployment_rows, codebase_rows=codebase_rows, skipped=skipped)
     table = report.markdown(info, rows, scaling, **sections)
     print(table)
     out = args.out or report.ROOT / "bench" / "results" / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())

@@ -12,7 +12,7 @@ import torch
 
 import rtdetrv2_kernels
 
-from . import deployment, fused, model, peers, training
+from . import codebases, deployment, fused, model, peers, training
 from .cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def summary(rows: list[dict]) -> str:
 
 def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict] = (),
              model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
-             skipped: dict[str, str] | None = None) -> str:
+             codebase_rows: list[dict] = (), skipped: dict[str, str] | None = None) -> str:
     """The report; `skipped`: what this run left out (a section's title, or "peer <name>") -> why."""
     peer_columns = [name for name in peers.NAMES if any(r.get(f"vs {name}") for r in rows)]
     lines = ["# rtdetrv2_kernels benchmark", ""]
@@ -115,6 +115,8 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list
         lines += ["", training.markdown(training_rows)]
     if deployment_rows:
         lines += ["", deployment.markdown(deployment_rows)]
+    if codebase_rows:
+        lines += ["", codebases.markdown(codebase_rows)]
     if skipped:
         lines += ["", "## Skipped", "", "Parts of the benchmark this run could not do here, and why:", ""]
         lines += [f"- {what}: {reason}" for what, reason in skipped.items()]
@@ -130,6 +132,7 @@ def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], sections
                                           fused=sections.get("fused_rows", []), model=sections.get("model_rows", []),
                                           training=sections.get("training_rows", []),
                                           deployment=sections.get("deployment_rows", []),
+                                          codebases=sections.get("codebase_rows", []),
                                           skipped=sections.get("skipped", {})),
                                      indent=2))
     if charts:

@@ -62,6 +62,14 @@ def assert_same(actual, expected, what, tolerance=(1e-9, 1e-10)):
         assert actual == expected, what
 
 
+def run_core(core, *inputs):
+    """core's output and the gradients of its inputs for a fixed random output gradient."""
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    output = core(*inputs)
+    grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(3), dtype=output.dtype)
+    return [output.detach(), *torch.autograd.grad(output, inputs, grad)]
+
+
 def compare(integration, step, op_calls, expected_calls, tolerance=(1e-9, 1e-10)):
     """step() -> (outputs, gradients) unpatched, patched, and unpatched again; all equal, the op run only
     while patched."""
@@ -218,6 +226,22 @@ def test_lightly_train_ltdetr(model_name, op_calls):
         return raw["pred_logits"].detach(), raw["pred_boxes"].detach()
 
     compare(integration, training_forward, op_calls, None, tolerance=(1e-5, 1e-6))
+    # Gradients: in fp32 this tiny model (1 channel per head) amplifies rounding through its norms, so the
+    # attention core is compared on the inputs the model gives it, in fp64: lightly-train's own against the
+    # patched core, outputs and all gradients.
+    captured = []
+    original_core = attention[0].ms_deformable_attn_core
+    attention[0].ms_deformable_attn_core = lambda *args: captured.append(args) or original_core(*args)
+    training_forward()
+    attention[0].ms_deformable_attn_core = original_core
+    with integration.patched():
+        patched_core = attention[0].ms_deformable_attn_core
+    assert patched_core.func.__module__ == "rtdetrv2_kernels.compat"
+    value, shapes, locations, weights, points = captured[0]
+    fp64 = [t.detach().double() for t in (value, locations, weights)]
+    expected = run_core(lambda v, l, w: original_core(v, shapes, l, w, points), *fp64)
+    actual = run_core(lambda v, l, w: patched_core(v, shapes, l, w, points), *fp64)
+    assert_same(actual, expected, "the attention core in fp64")
     # The ONNX export path rebinds the core with method="bilinear_gather": lightly-train's own, patched or not.
     with integration.patched():
         for module in attention:

@@ -52,6 +52,17 @@ def test_cli_quick_run_writes_every_report(tmp_path):
     assert [(r["model"], r["batch"], r["image"]) for r in report["training"]] == [("r18vd", 1, 256)]
     assert all(r[f"{name} ms"] > 0 for r in report["training"]
                for name in ("python_model", "transformers", "transformers patched"))
+    # Other codebases' detectors, patched vs not, for those installed here; the others skipped by name.
+    sys.path.append(str(ROOT))
+    try:
+        from bench import codebases
+    finally:
+        sys.path.remove(str(ROOT))
+
+    present = [name for name in codebases.MODELS if name not in codebases.missing_models()]
+    assert sorted({r["model"] for r in report["codebases"]}) == sorted(present)
+    assert all(r["patched ms"] > 0 and r["speedup"] > 0 for r in report["codebases"])
+    assert {f"{codebases.TITLE}: {name}" for name in codebases.missing_models()} <= set(report["skipped"])
     # The exported detector in onnxruntime and OpenVINO (quick: 320x320), after each graph's check.
     assert [(r["method"], r["bilinear"], r["image"]) for r in report["deployment"]] == [
         ("default", "gather", 320), ("default", "grid_sample", 320), ("discrete", "-", 320)]
@@ -69,12 +80,16 @@ def test_cli_quick_run_writes_every_report(tmp_path):
 # A module set to None in sys.modules cannot be imported: the run then sees it as not installed.
 MISSING_PACKAGE_CASES = {
     # The README's main job died here on a fresh machine: transformers without scipy for its matcher.
-    "scipy-and-runtimes": (["scipy", "onnxruntime", "torch_ms_deform_attn"], ["--no-model"],
+    "scipy-and-runtimes": (["scipy", "onnxruntime", "torch_ms_deform_attn"], ["--no-model", "--no-codebases"],
                            ["Training step: scipy", "Deployment runtimes (CPU): onnxruntime",
                             "peer torch-ms-deform-attn: torch_ms_deform_attn"]),
     "transformers": (["transformers", "torch_ms_deform_attn"], ["--no-deployment"],
                      ["End-to-end model: transformers", "Training step: transformers", "peer transformers:",
-                      "peer torch-ms-deform-attn:"]),
+                      "peer torch-ms-deform-attn:", "Other codebases, patched: ultralytics"]),
+    # The main job's virtualenv has none of the other codebases (their own: scripts/test_integrations.sh).
+    "codebases": (["ultralytics", "rfdetr", "kernels", "torch_ms_deform_attn"],
+                  ["--no-model", "--no-training", "--no-deployment"],
+                  ["Other codebases, patched: ultralytics", "peer torch-ms-deform-attn:"]),
 }
 
 
@@ -108,7 +123,7 @@ def test_a_failed_agreement_check_exits_1_after_writing_the_report(tmp_path, mon
     monkeypatch.setattr(model, "time_models", disagree)
     monkeypatch.setattr(model, "unavailable_reason", lambda: None)
     status = cli.main(["--quick", "--shapes", "tiny", "--devices", "cpu", "--methods", "default", "--no-sweep",
-                       "--no-fused", "--no-training", "--no-deployment", "--no-peers", "--no-charts",
+                       "--no-fused", "--no-training", "--no-deployment", "--no-codebases", "--no-peers", "--no-charts",
                        "--out", str(tmp_path)])
     assert status == 1
     assert "CHECK FAILED: End-to-end model: python_model and transformers disagree" in capsys.readouterr().err
