@@ -84,14 +84,17 @@ SOURCE_PACKAGES = ["rtdetrv2_kernels.csrc"] + sorted(
     for d in (ROOT / "csrc").rglob("*")
     if d.is_dir()
 )
+HUB_LAYER_PACKAGES = ["rtdetrv2_kernels.integrations.kernels_hub_layer",
+                      "rtdetrv2_kernels.integrations.kernels_hub_layer.build"]
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=[*find_packages(include=["rtdetrv2_kernels", "rtdetrv2_kernels.*", "python_model"]), *SOURCE_PACKAGES],
+    packages=[*find_packages(include=["rtdetrv2_kernels", "rtdetrv2_kernels.*", "python_model"]), *SOURCE_PACKAGES,
+              *HUB_LAYER_PACKAGES],
     package_dir={"rtdetrv2_kernels.csrc": "csrc"},
     package_data={
         **{name: ["*.h", "*.cuh", "*.cpp", "*.cu"] for name in SOURCE_PACKAGES},
-        # The Hugging Face kernels layer repository (integrations/kernels_hub.py), data rather than a package.
-        "rtdetrv2_kernels.integrations": ["kernels_hub_layer/build/torch-universal/*"],
+        # The Hugging Face kernels layer repository (integrations/kernels_hub.py): data, in data-only packages.
+        HUB_LAYER_PACKAGES[-1]: ["torch-universal/*"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

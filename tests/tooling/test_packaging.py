@@ -42,7 +42,10 @@ def test_isolated_wheel_ships_sources_and_compiles_at_first_use(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for source in ("rtdetrv2_kernels/csrc/sampling.h", "rtdetrv2_kernels/csrc/cpu/ms_deform_attn_cpu.cpp",
                    "rtdetrv2_kernels/integrations/transformers.py", "python_model/__main__.py",
-                   "python_model/checkpoints.py"):
+                   "python_model/checkpoints.py",
+                   # the kernels hub layer repository (data files, not a package)
+                   *(f"rtdetrv2_kernels/integrations/kernels_hub_layer/build/torch-universal/{name}"
+                     for name in ("metadata.json", "__init__.py", "layers.py"))):
         assert source in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))], "an isolated build must not ship a binary"
 
