@@ -80,15 +80,11 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict] = (),
-             model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
-             codebase_rows: list[dict] = (), skipped: dict[str, str] | None = None) -> str:
-    """The report; `skipped`: what this run left out (a section's title, or "peer <name>") -> why."""
+def _op_tables(rows: list[dict]) -> list[str]:
+    """The op's summary and the table of every measurement."""
     peer_columns = [name for name in peers.NAMES if any(r.get(f"vs {name}") for r in rows)]
-    lines = ["# rtdetrv2_kernels benchmark", ""]
-    lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["", "## Summary", "", "Median ms per call; \"ours\" is our fastest backend on the problem.", "",
-              summary(rows), "", "## All measurements", ""]
+    lines = ["", "## Summary", "", "Median ms per call; \"ours\" is our fastest backend on the problem.", "",
+             summary(rows), "", "## All measurements", ""]
     lines += ["Median time per call over interleaved rounds; ± is the interquartile range over the median. "
               f"Speedups are the other implementation's time over this one's (vs {REFERENCE}: the PyTorch "
               "reference). Peak memory: allocated at the peak of one forward+backward, beyond its inputs. "
@@ -103,6 +99,17 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list
                  *(_ratio(r.get(f"vs {name}")) for name in peer_columns),
                  f"{r['peak_mib']:.1f}" if r.get("peak_mib") is not None else "-", _ratio(r.get("x floor"))]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict] = (),
+             model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
+             codebase_rows: list[dict] = (), skipped: dict[str, str] | None = None) -> str:
+    """The report; `skipped`: what this run left out (a section's title, or "peer <name>") -> why."""
+    lines = ["# rtdetrv2_kernels benchmark", ""]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    if rows:  # `--codebases-only` measures no op shapes
+        lines += _op_tables(rows)
     if scaling:
         lines += ["", "## Cost growth (forward+backward, ms)", "",
                   "| sweep | value | implementation | ms |", "|---|---:|---|---:|"]

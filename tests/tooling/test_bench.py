@@ -130,6 +130,20 @@ def test_a_failed_agreement_check_exits_1_after_writing_the_report(tmp_path, mon
     assert json.loads((tmp_path / "benchmark.json").read_text())["results"]
 
 
+def test_a_report_without_op_measurements_has_no_empty_op_tables():
+    # `--codebases-only` measures no op shapes: its report opens with the codebases, not two empty tables.
+    sys.path.append(str(ROOT))
+    try:
+        from bench import codebases, report
+    finally:
+        sys.path.remove(str(ROOT))
+    row = {"model": "ultralytics RT-DETR-l", "pass": "inference", "image": 640, "batch": 1, "unpatched ms": 2.0,
+           "unpatched spread": 0.01, "patched ms": 1.0, "patched spread": 0.01, "speedup": 2.0}
+    text = report.markdown({"commit": "x"}, [], [], codebase_rows=[row])
+    assert "## Summary" not in text and "## All measurements" not in text
+    assert f"## {codebases.TITLE}" in text and "| ultralytics RT-DETR-l | inference |" in text
+
+
 def test_pytest_benchmark_file_runs(tmp_path):
     pytest.importorskip("pytest_benchmark")
     stdout = run(["-m", "pytest", str(ROOT / "bench"), "--benchmark-disable", "--bench-shapes", "tiny",
