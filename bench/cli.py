@@ -19,7 +19,7 @@ import torch
 
 from rtdetrv2_kernels.backends import unavailable_reason
 
-from . import cases, codebases, deployment, fused, model, peers, report, selfcheck, timing, training
+from . import call_cost, cases, codebases, deployment, fused, model, peers, report, selfcheck, timing, training
 from .cases import PASSES, REFERENCE, SHAPES, Problem, Runner
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -76,6 +76,8 @@ def parse_args(argv):
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch and query sweeps")
     parser.add_argument("--no-fused", action="store_true",
                         help="skip timing ms_deform_attn_fused against its eager equivalent")
+    parser.add_argument("--no-call-cost", action="store_true",
+                        help="skip timing the cost of a tiny call beside torch-ms-deform-attn's")
     parser.add_argument("--no-model", action="store_true",
                         help="skip timing python_model's RT-DETRv2 against transformers' end to end")
     parser.add_argument("--no-training", action="store_true",
@@ -107,7 +109,8 @@ def parse_args(argv):
     if args.codebases_only:
         if args.no_codebases:
             parser.error("--codebases-only and --no-codebases contradict each other")
-        args.no_sweep = args.no_fused = args.no_model = args.no_training = args.no_deployment = True
+        args.no_sweep = args.no_fused = args.no_call_cost = args.no_model = args.no_training = True
+        args.no_deployment = True
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.budget = args.budget or (0.3 if args.quick else 4.0)
     return args
@@ -218,6 +221,9 @@ def main(argv=None) -> int:
                if wanted and (reason := section.unavailable_reason()) is not None}
     if not args.no_peers:
         skipped.update({f"peer {name}": reason for name, reason in peers.unavailable().items()})
+    call_cost_devices = [] if args.no_call_cost else [d for d in args.devices if call_cost.unavailable_reason(d) is None]
+    skipped.update({f"{call_cost.TITLE} on {d}": call_cost.unavailable_reason(d)
+                    for d in args.devices if not args.no_call_cost and d not in call_cost_devices})
     for what, reason in skipped.items():
         print(f"skipped: {what}: {reason}")
     run_model, run_training, run_deployment, run_codebases = (wanted and section.TITLE not in skipped
@@ -228,10 +234,10 @@ def main(argv=None) -> int:
     plan = {device: [] if args.codebases_only else problems_for(args, device) for device in args.devices}
     sweep_steps = 0 if args.no_sweep else sum(len(v) for v in SWEEPS[args.quick].values()) * len(args.devices)
     fused_steps = 0 if args.no_fused else len(args.devices)
-    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps
+    progress = Progress(sum(len(p) for p in plan.values()) + sweep_steps + fused_steps + len(call_cost_devices)
                         + (run_model + run_training) * len(args.devices) + run_deployment + run_codebases)
     rows, scaling, fused_rows, model_rows, training_rows, deployment_rows = [], [], [], [], [], []
-    codebase_rows = []
+    codebase_rows, call_cost_rows = [], []
     for device, problems in plan.items():
         bandwidth = None
         if any(problem.shape.floor for problem in problems):
@@ -247,6 +253,9 @@ def main(argv=None) -> int:
             fused_rows += fused.time_fused(device, dtype, [b for b in backends_for(args, device) if b != REFERENCE],
                                            args.rounds, args.budget, args.threads)
             progress.step(f"fused attention core on {device}")
+        if device in call_cost_devices:
+            call_cost_rows += call_cost.time_call_cost(device, args.rounds, args.budget, args.threads)
+            progress.step(f"the cost of a call on {device}")
         if run_model:
             model_rows += checked(failures, model.TITLE, model.time_models, device, args.rounds, args.budget,
                                   args.threads, quick=args.quick)
@@ -264,8 +273,8 @@ def main(argv=None) -> int:
                                 args.threads, quick=args.quick)
         progress.step("other codebases' detectors, patched")
 
-    sections = dict(fused_rows=fused_rows, model_rows=model_rows, training_rows=training_rows,
-                    deployment_rows=deployment_rows, codebase_rows=codebase_rows, skipped=skipped)
+    sections = dict(fused_rows=fused_rows, call_cost_rows=call_cost_rows, model_rows=model_rows,
+                    training_rows=training_rows, deployment_rows=deployment_rows, codebase_rows=codebase_rows, skipped=skipped)
     table = report.markdown(info, rows, scaling, **sections)
     print(table)
     out = args.out or report.ROOT / "bench" / "results" / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())

@@ -12,7 +12,7 @@ import torch
 
 import rtdetrv2_kernels
 
-from . import codebases, deployment, fused, model, peers, training
+from . import call_cost, codebases, deployment, fused, model, peers, training
 from .cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def _op_tables(rows: list[dict]) -> list[str]:
 
 
 def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list[dict] = (),
-             model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
+             call_cost_rows: list[dict] = (), model_rows: list[dict] = (), training_rows: list[dict] = (), deployment_rows: list[dict] = (),
              codebase_rows: list[dict] = (), skipped: dict[str, str] | None = None) -> str:
     """The report; `skipped`: what this run left out (a section's title, or "peer <name>") -> why."""
     lines = ["# rtdetrv2_kernels benchmark", ""]
@@ -116,6 +116,8 @@ def markdown(info: dict, rows: list[dict], scaling: list[dict], fused_rows: list
         lines += [f"| {s['sweep']} | {s['value']} | {s['implementation']} | {s['ms']:.3f} |" for s in scaling]
     if fused_rows:
         lines += ["", fused.markdown(fused_rows)]
+    if call_cost_rows:
+        lines += ["", call_cost.markdown(call_cost_rows)]
     if model_rows:
         lines += ["", model.markdown(model_rows)]
     if training_rows:
@@ -136,7 +138,8 @@ def write(out: Path, info: dict, rows: list[dict], scaling: list[dict], sections
     written = [out / "benchmark.md", out / "benchmark.json"]
     written[0].write_text(markdown(info, rows, scaling, **sections))
     written[1].write_text(json.dumps(dict(environment=info, results=rows, scaling=scaling,
-                                          fused=sections.get("fused_rows", []), model=sections.get("model_rows", []),
+                                          fused=sections.get("fused_rows", []),
+                                          call_cost=sections.get("call_cost_rows", []), model=sections.get("model_rows", []),
                                           training=sections.get("training_rows", []),
                                           deployment=sections.get("deployment_rows", []),
                                           codebases=sections.get("codebase_rows", []),

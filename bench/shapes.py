@@ -87,6 +87,7 @@ def _shapes() -> dict[str, Shape]:
         Shape("deimv2-c16-infer-b1", 1, 300, feature_levels(640), (3, 6, 3), channels=16),
         *_family_shapes(),
         Shape("tiny", 2, 20, ((6, 10), (3, 5)), (2, 3), heads=2, channels=8),  # smoke runs
+        Shape("call-cost", 1, 8, ((4, 4), (2, 2)), (2, 2), heads=2, channels=8),  # bench/call_cost.py
     ]
     return {shape.name: shape for shape in shapes}
 

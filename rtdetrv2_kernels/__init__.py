@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _extension
+from . import _call_cache, _extension
 from ._export_options import export_options
-from ._validation import check_fused_inputs, check_inputs, widen_under_autocast
+from ._validation import check_fused_inputs, check_inputs, check_offset_scale, widen_under_autocast
 from .backends import BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
@@ -56,10 +56,18 @@ def ms_deform_attn(
         (B, Q, H*C) in value's dtype; channel index h*C + c. Under torch.autocast, inputs of mixed float dtypes
         are first cast to the widest, which is then the output's dtype (docs/integrations.md, "Autocast").
     """
-    value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations, attention_weights)
-    shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points, method)
-    run = implementation(resolve_backend(backend, value.device.type, value.dtype, len(shapes)))
-    return run(value, shapes, sampling_locations, attention_weights, points, method)
+    key = None if torch.compiler.is_compiling() else _call_cache.signature(
+        "plain", (value, sampling_locations, attention_weights), spatial_shapes, num_points, method, backend)
+    checked = _call_cache.lookup(key)
+    if checked is None:
+        value, sampling_locations, attention_weights = widen_under_autocast(value, sampling_locations,
+                                                                            attention_weights)
+        shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points,
+                                      method)
+        checked = shapes, points, resolve_backend(backend, value.device.type, value.dtype, len(shapes))
+        _call_cache.remember(key, checked)
+    shapes, points, name = checked
+    return implementation(name)(value, shapes, sampling_locations, attention_weights, points, method)
 
 
 def ms_deform_attn_fused(
@@ -92,14 +100,23 @@ def ms_deform_attn_fused(
     The "cpu", "cuda" and "triton" backends compute the softmax and the locations inside their kernels;
     "torch" runs them as PyTorch ops before its sampling (docs/semantics.md, "The fused op").
     """
-    value, reference_points, sampling_offsets, attention_logits = widen_under_autocast(
-        value, reference_points, sampling_offsets, attention_logits
-    )
-    shapes, points = check_fused_inputs(
-        value, spatial_shapes, reference_points, sampling_offsets, attention_logits, num_points, offset_scale, method
-    )
-    run = fused_implementation(resolve_backend(backend, value.device.type, value.dtype, len(shapes)))
-    return run(value, shapes, reference_points, sampling_offsets, attention_logits, points, float(offset_scale), method)
+    key = None if torch.compiler.is_compiling() else _call_cache.signature(
+        "fused", (value, reference_points, sampling_offsets, attention_logits), spatial_shapes, num_points, method,
+        backend)
+    checked = _call_cache.lookup(key)
+    if checked is None:
+        value, reference_points, sampling_offsets, attention_logits = widen_under_autocast(
+            value, reference_points, sampling_offsets, attention_logits
+        )
+        shapes, points = check_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
+                                            attention_logits, num_points, offset_scale, method)
+        checked = shapes, points, resolve_backend(backend, value.device.type, value.dtype, len(shapes))
+        _call_cache.remember(key, checked)
+    else:
+        check_offset_scale(offset_scale)  # a plain number, not part of the signature
+    shapes, points, name = checked
+    return fused_implementation(name)(value, shapes, reference_points, sampling_offsets, attention_logits, points,
+                                      float(offset_scale), method)
 
 
 def empty_cache() -> None:

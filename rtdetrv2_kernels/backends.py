@@ -90,13 +90,69 @@ class Backend:
         return reasons
 
 
+def _onnx_export_flags():
+    """The two flags torch.onnx.is_in_onnx_export() reads, found once; None where this torch keeps them
+    elsewhere (then it is called)."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    if not hasattr(_flags, "_is_onnx_exporting") or not hasattr(GLOBALS, "in_onnx_export"):
+        return None
+    return _flags, GLOBALS
+
+
+_UNSET = object()
+_onnx_flags = _UNSET  # found at the first call: torch.onnx takes 20 ms to import
+
+
+def in_onnx_export() -> bool:
+    """torch.onnx.is_in_onnx_export() without its imports on every call (a microsecond, a sixth of a small
+    call's cost)."""
+    global _onnx_flags
+    if torch.compiler.is_compiling():  # traced: the official check, which torch.compile folds
+        return torch.onnx.is_in_onnx_export()
+    if _onnx_flags is _UNSET:
+        _onnx_flags = _onnx_export_flags()
+    if _onnx_flags is None:
+        return torch.onnx.is_in_onnx_export()
+    return _onnx_flags[1].in_onnx_export or _onnx_flags[0]._is_onnx_exporting
+
+
+def call_op(op, tensors, *arguments):
+    """op(*arguments) (`tensors`: its tensor arguments), below autograd where nothing needs a gradient: there
+    the op's autograd kernel (a Python function, torch.library.register_autograd) would only redispatch below
+    autograd, which this does for a few microseconds less. Traced calls (torch.compile, export), functorch
+    transforms and tensor subclasses always take the op's own path."""
+    if torch.compiler.is_compiling():
+        return op(*arguments)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
+        return op(*arguments)
+    if torch._C._are_functorch_transforms_active():
+        return op(*arguments)
+    for tensor in tensors:
+        if type(tensor) is not torch.Tensor:
+            return op(*arguments)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*arguments)
+
+
 def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
     """Calls torch.ops.<namespace>.<name>, whose schema takes the level shapes flattened; the other
     arguments (the plain op's or the fused op's) pass as given."""
 
+    @functools.cache
+    def op():  # looked up on first use: the library defining it is loaded then
+        return getattr(getattr(torch.ops, namespace), name).default
+
     def run(value, spatial_shapes, *arguments):
         flat_shapes = [size for shape in spatial_shapes for size in shape]
-        return getattr(getattr(torch.ops, namespace), name)(value, flat_shapes, *arguments)
+        tensors = [value]
+        for argument in arguments:
+            if type(argument) is torch.Tensor or isinstance(argument, torch.Tensor):
+                tensors.append(argument)
+        return call_op(op(), tensors, value, flat_shapes, *arguments)
 
     return run
 
@@ -179,8 +235,9 @@ BACKENDS = tuple(_REGISTRY)  # the public backends, fastest first
 def register_backend(backend: Backend) -> None:
     """Adds `backend` (after the public ones in priority). Only the test suite adds any (the CUDA kernels
     emulated on the CPU, tests/emulated_cuda/); users never see them in available_backends()."""
+    global _RESOLVED
     _REGISTRY[backend.name] = backend
-    _RESOLVED.clear()
+    _RESOLVED = {}  # a new dict, so that caches checked against resolution_cache() see the change
 
 
 def get(name: str) -> Backend:
@@ -209,6 +266,11 @@ def _warn_fallback(device_type: str, skipped: str) -> None:
 # What each (backend argument, call, environment variable) resolved to: availability does not change within a
 # process, and eager calls then skip the lookups (a few microseconds each call).
 _RESOLVED: dict[tuple[str | None, Call, str | None], str] = {}
+
+
+def resolution_cache() -> dict:
+    """The current cache of resolve_backend: replaced, not emptied, whenever what it remembers may be stale."""
+    return _RESOLVED
 
 
 # torch.compile runs this once per set of arguments while tracing and bakes in the answer, so the environment
@@ -261,7 +323,7 @@ def _exported(reference):
 def implementation(backend: str):
     """The function running the plain op on `backend`. The reference while torch.onnx.export traces
     (bilinear sampling as export_options says)."""
-    if torch.onnx.is_in_onnx_export():
+    if in_onnx_export():
         return _exported(ms_deform_attn_reference)
     return _REGISTRY[backend].plain
 
@@ -269,7 +331,7 @@ def implementation(backend: str):
 def fused_implementation(backend: str):
     """The function running ms_deform_attn_fused on `backend`. The reference while torch.onnx.export traces
     (bilinear sampling as export_options says)."""
-    if torch.onnx.is_in_onnx_export():
+    if in_onnx_export():
         return _exported(ms_deform_attn_fused_reference)
     return _REGISTRY[backend].fused
 
@@ -277,4 +339,4 @@ def fused_implementation(backend: str):
 def tensor_levels_implementation(backend: str):
     """The function running the plain op on `backend` with the level table in tensors, or None where the
     backend has none (its caller then reads the table on the host). None while torch.onnx.export traces."""
-    return None if torch.onnx.is_in_onnx_export() else _REGISTRY[backend].tensor_levels
+    return None if in_onnx_export() else _REGISTRY[backend].tensor_levels

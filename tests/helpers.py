@@ -3,6 +3,7 @@ helper, and the backends (with their pytest parameters and skip markers) that te
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import emulated_cuda
@@ -177,3 +178,14 @@ def capture_cuda_graph(fn):
     with torch.cuda.graph(graph):
         captured = fn()
     return graph, captured
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to `count` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

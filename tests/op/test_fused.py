@@ -120,10 +120,13 @@ def test_compiles_without_graph_breaks(backend):
         (lambda i: {**i, "offset_scale": np.float32("inf")}, ValueError, "offset_scale must be finite, got inf"),
     ],
 )
-def test_bad_input_names_the_argument(change, error, message):
+@pytest.mark.parametrize("after_a_good_call", [False, True], ids=["first", "after-good"])
+def test_bad_input_names_the_argument(change, error, message, after_a_good_call):
     value, ref, offsets, logits = make_fused_inputs()
     arguments = dict(value=value, spatial_shapes=SHAPES, reference_points=ref, sampling_offsets=offsets,
                      attention_logits=logits, num_points=POINTS, offset_scale=0.5)
+    if after_a_good_call:  # a remembered call of the same tensors must not excuse this one
+        ms_deform_attn_fused(**arguments)
     if error is None:
         error = (ValueError, TypeError)
     with pytest.raises(error, match=message):

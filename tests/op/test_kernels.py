@@ -16,6 +16,7 @@ from helpers import (
     needs_cpu_kernels,
     needs_gpu_kernels,
     run_with_grads,
+    torch_threads,
 )
 
 import rtdetrv2_kernels
@@ -71,15 +72,28 @@ def test_shapes(backend, device, method, shapes, points, heads, channels):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("channels", [1, 4, 6, 8, 9, 12, 16, 20, 24, 32, 40, 48, 64, 72])
+@pytest.mark.parametrize("channels", [1, 2, 4, 6, 8, 9, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 72])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", METHODS)
 def test_cpu_channel_counts(channels, dtype, method):
-    # The CPU backward keeps a query's grad_output in registers when C is 2, 4, 6 or 8 SIMD vectors of 32
-    # bytes (fp32, fp16 and bf16, which accumulate in fp32: C = 16, 32, 48, 64; fp64: 8, 16, 24, 32) and
-    # reads it from memory otherwise, whole vectors first and the rest channel by channel: each of those paths
-    # against the reference.
+    # The CPU backward keeps a query's grad_output in registers when C is 1, 2, 3, 4, 6 or 8 SIMD vectors of
+    # 32 bytes (fp32, fp16 and bf16, which accumulate in fp32: C = 8, 16, 24, 32, 48, 64; fp64: 4, 8, 12, 16,
+    # 24, 32) and reads it from memory otherwise; both passes take whole vectors first, then a half vector
+    # (16 bytes), then the rest channel by channel: each of those paths against the reference (DEIMv2's head
+    # sizes 8 to 32 among them).
     check_against_reference("cpu", "cpu", dtype, method, batch=1, queries=3, heads=2, channels=channels)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_forward_walks_the_heads_of_each_query_where_inputs_outgrow_the_l2(method):
+    # A small value and more per-query inputs than a core's L2 (2 MiB) holds, as RF-DETR's training has:
+    # the forward walks the heads of each query innermost (csrc/cpu: walk_heads_innermost), not head by head.
+    # Two threads split its 3 x 1001 x 16 tasks mid-batch and mid-query (at batch 1, query 500, head 8).
+    shapes, points = [(9, 11), (5, 6)], [2, 1]
+    with torch_threads(2):
+        check_against_reference("cpu", "cpu", torch.float64, method, shapes=shapes, points=points, batch=3,
+                                queries=1001, heads=16, channels=16)
 
 
 def test_gather_form_of_the_reference_equals_grid_sample():
@@ -199,15 +213,11 @@ def test_every_output_element_is_written(backend, device):
 @needs_cpu_kernels
 def test_cpu_backward_is_bitwise_reproducible_across_thread_counts():
     inputs = make_inputs(batch=2, queries=16, heads=4, channels=32, dtype=torch.float32)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for count in (1, 2, 1):
-            torch.set_num_threads(count)
+    for count in (1, 2, 1):
+        with torch_threads(count):
             results.append(run_with_grads(
                 lambda v, l, w: ms_deform_attn(v, SHAPES, l, w, POINTS, backend="cpu"), *inputs))
-    finally:
-        torch.set_num_threads(threads)
     for other in results[1:]:
         for name, a, b in zip(NAMES, results[0], other):
             assert torch.equal(a, b), name

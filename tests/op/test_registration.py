@@ -156,6 +156,29 @@ def test_explicit_backend_argument_beats_environment(monkeypatch):
     assert output.shape == (2, 5, 21)
 
 
+def test_the_environment_variable_is_read_at_every_call(monkeypatch):
+    value, locations, weights = make_inputs()
+    monkeypatch.delenv(rtdetrv2_kernels.ENV_VAR, raising=False)
+    ms_deform_attn(value, SHAPES, locations, weights, POINTS)
+    monkeypatch.setenv(rtdetrv2_kernels.ENV_VAR, "cuda")  # the same call, remembered as checked, now refused
+    with pytest.raises(RuntimeError, match="RTDETRV2_KERNELS_BACKEND='cuda' is not available"):
+        ms_deform_attn(value, SHAPES, locations, weights, POINTS)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_a_call_needing_no_gradient_records_none(backend):
+    """Calls that need no gradient skip the op's autograd kernel; the others still record the graph."""
+    value, locations, weights = make_inputs()
+    assert ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend).grad_fn is None
+    value.requires_grad_(True)
+    with torch.no_grad():
+        assert ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend).grad_fn is None
+    output = ms_deform_attn(value, SHAPES, locations, weights, POINTS, backend=backend)
+    assert output.grad_fn is not None
+    output.sum().backward()
+    assert value.grad is not None and value.grad.abs().sum() > 0
+
+
 # 17 levels: one more than the CUDA kernels' level table holds (csrc/cuda/: kMaxLevels).
 MANY_SHAPES = [(1 + level % 3, 2 + level % 4) for level in range(17)]
 MANY_POINTS = [1 + level % 2 for level in range(17)]

@@ -56,9 +56,16 @@ def call(inputs, **overrides):
         (lambda v, l, w: dict(method="bilinear"), ValueError, r"method must be one of \('default', 'discrete'\), got 'bilinear'"),
         (lambda v, l, w: dict(backend="fast"), ValueError, r"backend must be one of"),
         (lambda v, l, w: dict(sampling_locations=l.to("meta")), ValueError, r"sampling_locations is on meta but value is on cpu"),
+        # Equal to valid arguments under ==, so a cache of checked calls keyed by value would let them through.
+        (lambda v, l, w: dict(spatial_shapes=[(4.0, 8), (8, 2), (3, 5)]), TypeError, r"spatial_shapes\[0\]\[0\] must be an int"),
+        (lambda v, l, w: dict(num_points=[3, 6, 2.0]), TypeError, r"num_points\[2\] must be an int"),
+        (lambda v, l, w: dict(num_points=[3, 6, True]), TypeError, r"num_points\[2\] must be an int, got bool"),
     ],
 )
-def test_bad_input_is_named(inputs, overrides, error, message):
+@pytest.mark.parametrize("after_a_good_call", [False, True], ids=["first", "after-good"])
+def test_bad_input_is_named(inputs, overrides, error, message, after_a_good_call):
+    if after_a_good_call:  # the same tensors checked and run once: a remembered call must not excuse this one
+        call(inputs)
     with pytest.raises(error, match=message):
         call(inputs, **overrides(*inputs))
 
