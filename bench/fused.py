@@ -10,7 +10,8 @@ from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused
 from . import timing
 from .cases import PASSES, SHAPES, Shape
 
-FUSED_SHAPES = ("rtdetrv2-infer-b1", "rtdetrv2-train-b16-640")
+# RT-DETRv2 inference and training, and the family's training shapes (python_model trains on the fused op).
+FUSED_SHAPES = ("rtdetrv2-infer-b1", "rtdetrv2-train-b16-640", "deimv2-s-train-b4", "rfdetr-base-train-b4")
 OFFSET_SCALE = 0.5
 
 

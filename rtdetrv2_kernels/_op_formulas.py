@@ -103,30 +103,71 @@ def register_fakes(forward_op, backward_op) -> None:
         torch.library.register_fake(op)(checked_fake)
 
 
-def register_autograd(forward_op, backward_op, reference) -> None:
-    """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
-    forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
+class Gradient:
+    """The autograd formula of a forward op: backward_op computes its gradients; `reference` computes its
+    output from the same arguments with PyTorch operations (for create_graph=True). tensor_positions: where
+    the op's schema takes tensors."""
 
-    def setup_context(ctx, inputs, output):
-        ctx.tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
-        ctx.gradient_positions = [i for i, x in enumerate(inputs) if _differentiable(x)]
-        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
-        ctx.options = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+    def __init__(self, backward_op, reference, tensor_positions: tuple[int, ...]):
+        self.backward_op, self.reference, self.tensor_positions = backward_op, reference, tensor_positions
 
-    def backward(ctx, grad_output):
+    def setup_context(self, ctx, inputs, output):
+        ctx.tensor_positions = self.tensor_positions
+        # The floating-point ones (not the tensor-levels op's integer level table).
+        ctx.gradient_positions = [i for i in self.tensor_positions if inputs[i].is_floating_point()]
+        ctx.save_for_backward(*(inputs[i] for i in self.tensor_positions))
+        options = list(inputs)
+        for i in self.tensor_positions:
+            options[i] = None
+        ctx.options = options
+
+    def backward(self, ctx, grad_output):
         inputs = list(ctx.options)
         for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
             inputs[position] = tensor
         grads = [None] * len(inputs)
         if torch.is_grad_enabled():  # the backward pass builds a graph: second derivatives will be asked for
-            found = _differentiable_gradients(reference, inputs, ctx.gradient_positions, grad_output)
+            found = _differentiable_gradients(self.reference, inputs, ctx.gradient_positions, grad_output)
         else:
-            found = backward_op(grad_output, *inputs)
+            found = self.backward_op(grad_output, *inputs)
         for position, grad in zip(ctx.gradient_positions, found):
             grads[position] = grad
         return tuple(grads)
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+# forward op (an OpOverload) -> its Gradient, for EagerCall.
+GRADIENTS: dict = {}
+
+
+def register_autograd(forward_op, backward_op, reference) -> None:
+    """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
+    forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
+    namespace, name = (forward_op if isinstance(forward_op, str) else forward_op._qualname).split("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    tensor_positions = tuple(i for i, argument in enumerate(overload._schema.arguments)
+                             if isinstance(argument.type, torch.TensorType))
+    gradient = Gradient(backward_op, reference, tensor_positions)
+    torch.library.register_autograd(forward_op, gradient.backward, setup_context=gradient.setup_context)
+    GRADIENTS[overload] = gradient
+
+
+class EagerCall(torch.autograd.Function):
+    """An eager call of a forward op whose inputs need gradients, with the op's own formula (GRADIENTS) but
+    without the dispatcher's round trip through torch.library's Python autograd kernel, which costs more than
+    the rest of a small call (bench "The cost of a call"). Only for eager calls of plain tensors: traced calls
+    take the op's registered path."""
+
+    @staticmethod
+    def forward(ctx, op, gradient, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*inputs)
+        gradient.setup_context(ctx, inputs, output)
+        ctx.gradient = gradient
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *ctx.gradient.backward(ctx, grad_output))
 
 
 OP_PAIRS = (

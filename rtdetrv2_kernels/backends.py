@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _build_config, _extension
+from . import _build_config, _extension, _op_formulas
 from ._export_options import export_bilinear
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
@@ -121,19 +121,19 @@ def in_onnx_export() -> bool:
 
 
 def call_op(op, tensors, *arguments):
-    """op(*arguments) (`tensors`: its tensor arguments), below autograd where nothing needs a gradient: there
-    the op's autograd kernel (a Python function, torch.library.register_autograd) would only redispatch below
-    autograd, which this does for a few microseconds less. Traced calls (torch.compile, export), functorch
-    transforms and tensor subclasses always take the op's own path."""
-    if torch.compiler.is_compiling():
-        return op(*arguments)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
-        return op(*arguments)
-    if torch._C._are_functorch_transforms_active():
+    """op(*arguments) (`tensors`: its tensor arguments) without the dispatcher's round trip through the op's
+    autograd kernel (a Python function, torch.library.register_autograd), which costs more than the rest of a
+    small call: below autograd where nothing needs a gradient (where that kernel would only redispatch), and
+    through _op_formulas.EagerCall, the same formula, where something does. Traced calls (torch.compile,
+    export), functorch transforms and tensor subclasses always take the op's own path."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return op(*arguments)
     for tensor in tensors:
         if type(tensor) is not torch.Tensor:
             return op(*arguments)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
+        gradient = _op_formulas.GRADIENTS.get(op)
+        return op(*arguments) if gradient is None else _op_formulas.EagerCall.apply(op, gradient, *arguments)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*arguments)
 
