@@ -8,7 +8,7 @@ import fractions
 import numpy as np
 import pytest
 import torch
-from helpers import FUSED_POINTS, SHAPES, assert_close, backend_params, backends_for, make_fused_inputs, run_with_grads
+from helpers import FAMILY_HEAD_SIZES, FUSED_POINTS, SHAPES, assert_close, backend_params, backends_for, make_fused_inputs, run_with_grads
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
 
@@ -44,12 +44,10 @@ def test_reference_follows_the_formulas(reference, per_level, method):
     assert_close(actual, expected, torch.float64, "fused reference")
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("reference,per_level", [("boxes", False), ("boxes", True), ("points", True)])
-@pytest.mark.parametrize("method", ["default", "discrete"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backends_match_the_reference_with_gradients(backend, device, reference, per_level, method, dtype):
-    inputs = make_fused_inputs(reference=reference, per_level=per_level, device=device)
+def check_against_reference(backend, device, method, dtype, **options):
+    """The fused op's output and gradients on `backend` in `dtype` against the fp64 reference on the same
+    inputs (make_fused_inputs(**options)); returns the output and the gradients."""
+    inputs = make_fused_inputs(device=device, **options)
     expected = run_with_grads(
         lambda v, r, o, a: ms_deform_attn_fused_reference(v, SHAPES, r, o, a, POINTS, 0.5, method), *inputs)
     actual = run_with_grads(
@@ -57,9 +55,25 @@ def test_backends_match_the_reference_with_gradients(backend, device, reference,
         *(t.to(dtype) for t in inputs))
     for name, a, e in zip(("output", "value", "reference_points", "sampling_offsets", "attention_logits"),
                           actual, expected):
-        assert_close(a, e, dtype, f"{backend} {name}")
+        assert_close(a, e, dtype, f"{backend} C={inputs[0].shape[-1]} {name}")
+    return actual
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reference,per_level", [("boxes", False), ("boxes", True), ("points", True)])
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_match_the_reference_with_gradients(backend, device, reference, per_level, method, dtype):
+    actual = check_against_reference(backend, device, method, dtype, reference=reference, per_level=per_level)
     if method == "discrete":  # the nearest pixel does not move with the offsets
         assert actual[2].abs().max() == 0 and actual[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("channels", FAMILY_HEAD_SIZES)
+def test_family_head_sizes(backend, device, method, channels):
+    check_against_reference(backend, device, method, torch.float32, batch=1, queries=3, heads=2, channels=channels)
 
 
 def test_matches_transformers_rtdetrv2_cross_attention():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    FAMILY_HEAD_SIZES,
     GPU_KERNELS,
     POINTS,
     SHAPES,
@@ -69,6 +70,15 @@ def test_shapes(backend, device, method, shapes, points, heads, channels):
     actual = run_with_grads(lambda v, l, w: ms_deform_attn(v, shapes, l, w, points, method, backend=backend), *inputs)
     for name, a, e in zip(NAMES, actual, expected):
         assert_close(a, e, torch.float64, name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("channels", FAMILY_HEAD_SIZES)
+def test_family_head_sizes(backend, device, method, channels):
+    # Every kernel (the CUDA ones emulated, Triton's in its interpreter) at each head size of the family, in
+    # fp32: vector widths that do and do not divide C.
+    check_against_reference(backend, device, torch.float32, method, batch=1, queries=3, heads=2, channels=channels)
 
 
 @needs_cpu_kernels
