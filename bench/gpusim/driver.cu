@@ -14,7 +14,8 @@
 // dump=FILE writes the results as raw float32 so that run.py can compare implementations with each other.
 // l2_bytes and multiprocessors are the simulated GPU's L2 size and SM count, which our launch policy asks
 // about (run.py passes the config's; without them the GPU is asked);
-// block= and point_lanes= override the policy's choices (threads per block, point lanes), to explore.
+// block= and point_lanes= override the policy's choices (threads per block; point lanes: up to 4 forward,
+// 8 backward), to explore.
 // On a real GPU (bench/gpu_check.py), repeat=N times N more launches after the checked one with CUDA events
 // and prints "time_ms <mean>"; under the simulator events measure the host, so run.py asks for none.
 // Exit status 3 when a check fails.
@@ -304,7 +305,7 @@ struct OursForward {
   int64_t total;  // lanes: (batch, query, head) groups * channel lanes * point lanes
   template <int VEC, bool kDiscrete>
   void run() const {
-    dispatch_point_lanes(point_lanes, [&](auto lanes) {
+    dispatch_point_lanes<kMaxForwardPointLanes>(point_lanes, [&](auto lanes) {
       forward_kernel<float, VEC, decltype(lanes)::value, kDiscrete, PlainPoints<float>, LevelParams>
           <<<(total + block - 1) / block, block>>>(value, points, output, g, levels, total);
     });
@@ -331,7 +332,9 @@ struct OursBackward {
   template <int VEC, bool kDiscrete>
   void run() const {
     if (!shuffles_within_groups(g)) return launch<VEC, kDiscrete, false, 1>();
-    dispatch_point_lanes(point_lanes, [&](auto lanes) { launch<VEC, kDiscrete, true, decltype(lanes)::value>(); });
+    dispatch_point_lanes<kMaxPointLanes>(point_lanes, [&](auto lanes) {
+      launch<VEC, kDiscrete, true, decltype(lanes)::value>();
+    });
   }
 };
 

@@ -131,7 +131,7 @@ at::Tensor forward_cuda(const KernelInputs& in, const Levels& levels, const Make
                                             output.mutable_data_ptr<scalar_t>(), g, levels, total);
       };
       if constexpr (VEC == kWide) {
-        dispatch_point_lanes(point_lane_count, launch);
+        dispatch_point_lanes<kMaxForwardPointLanes>(point_lane_count, launch);
       } else {
         launch(std::integral_constant<int, 1>());
       }
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
               grad_weights.mutable_data_ptr<acc_t>(), g, levels, total);
         };
         if constexpr (kShuffle && VEC == kWide) {
-          dispatch_point_lanes(point_lane_count, launch);
+          dispatch_point_lanes<kMaxPointLanes>(point_lane_count, launch);
         } else {
           launch(std::integral_constant<int, 1>());
         }

@@ -508,27 +508,36 @@ inline Geometry make_geometry(int64_t queries, int64_t heads, int64_t channels, 
 inline bool shuffles_within_groups(const Geometry& g) { return g.lanes <= 32 && (g.lanes & (g.lanes - 1)) == 0; }
 
 constexpr int kMaxPointLanes = 8;
+constexpr int kMaxForwardPointLanes = 4;
 
 // Point lanes per (batch, query, head), on the vectorized path when its channel lanes are a power of two
 // (groups then tile warps and combine with shuffles; else 1; the scalar path, for odd channel counts and
 // strides, keeps one to halve the kernels compiled): as many as fit in a warp beside the channel lanes, up to
-// its point count and kMaxPointLanes, for the backward; the forward takes at most two where value does not fit
-// in the L2. As GPGPU-Sim measured them at RT-DETRv2's decoder shape, B=1 (bench/results/gpusim-2026-12-06/):
-// the backward gains on every config from as many as fit; the forward gains from four where value stays in
-// the L2, but loses to two or one where it does not, as more scattered row fetches in flight contend for DRAM.
+// its point count and kMaxPointLanes, for the backward; the forward takes at most four where value fits in
+// the L2 and two where it does not. As GPGPU-Sim measured them at RT-DETRv2's decoder shape, B=1
+// (bench/results/gpusim-2026-12-06/): the backward gains on every config from as many as fit; the forward
+// gains from four where value stays in the L2, but loses to two or one where it does not, as more scattered
+// row fetches in flight contend for DRAM. Eight lost too, at LW-DETR large's decoder (16-channel heads, 8
+// points; SM90_H100 model): 19.1k cycles against 13.5k for four or two (bench/results/gpusim-family-2026-12-06/).
 inline int point_lanes(const Geometry& g, bool vectorized, bool forward, bool value_fits_l2) {
   if (!vectorized || !shuffles_within_groups(g)) return 1;
-  const int limit = forward && !value_fits_l2 ? 2 : kMaxPointLanes;
+  const int limit = forward ? (value_fits_l2 ? kMaxForwardPointLanes : 2) : kMaxPointLanes;
   int lanes = 1;
   while (lanes < limit && 2 * lanes * g.lanes <= 32 && 2 * lanes <= g.points) lanes *= 2;
   return lanes;
 }
 
-// Calls f(std::integral_constant<int, lanes>()) for the runtime number of point lanes (1, 2, 4 or 8).
-template <typename F>
+// Calls f(std::integral_constant<int, lanes>()) for the runtime number of point lanes (1, 2, 4 or, where kMax
+// allows, 8): only the counts point_lanes() can choose are compiled.
+template <int kMax, typename F>
 void dispatch_point_lanes(int lanes, const F& f) {
   switch (lanes) {
-    case 8: f(std::integral_constant<int, 8>()); break;
+    case 8:
+      if constexpr (kMax >= 8) {
+        f(std::integral_constant<int, 8>());
+        break;
+      }
+      [[fallthrough]];
     case 4: f(std::integral_constant<int, 4>()); break;
     case 2: f(std::integral_constant<int, 2>()); break;
     default: f(std::integral_constant<int, 1>()); break;

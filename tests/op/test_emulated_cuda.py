@@ -128,7 +128,7 @@ def test_the_variant_matrix_launches_every_instantiation(emulated_arch):
     after = emulated_cuda.launch_counts(emulated_arch)
     missed = sorted(name for name in after if after[name] == before.get(name, 0))
     assert not missed, f"{len(missed)} of {len(after)} instantiations never launched: {missed}"
-    assert len(after) >= 417  # the registry itself works: 417 instantiations when point lanes came
+    assert len(after) >= 393  # the registry itself works: 393 instantiations (the forward stops at 4 point lanes)
 
 
 @pytest.mark.parametrize("emulated_arch", EMULATED_ARCHS, indirect=True)
