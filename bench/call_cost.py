@@ -62,11 +62,9 @@ def time_call_cost(device: str, rounds: int, budget_s: float, threads: int) -> l
     thread_counts = sorted({1, threads})
     for requires_grad in (False, True):
         calls = _calls(device, requires_grad)
-        fns = {(name, n): fn for name, fn in calls.items() for n in thread_counts}
-        measured = {}
-        for n in thread_counts:  # the thread count is a Timer setting: one measure() per count
-            measured.update({(name, n): t for (name, _), t in timing.measure(
-                {(name, n): fn for (name, m), fn in fns.items() if m == n}, device, rounds, budget_s, n).items()})
+        # The thread count is a Timer setting: one measure() per count.
+        measured = {(name, n): t for n in thread_counts
+                    for name, t in timing.measure(calls, device, rounds, budget_s, n).items()}
         for name in calls:
             row = {"implementation": name, "device": device, "inputs need grad": requires_grad}
             for n in thread_counts:

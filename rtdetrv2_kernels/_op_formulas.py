@@ -74,10 +74,15 @@ def backward_fake(grad_output, *inputs):
     return tuple(t.new_empty(t.shape) for t in inputs if _differentiable(t))
 
 
+def _overload(op):
+    """The default overload (torch.ops.<namespace>.<name>.default) of op: a qualified name or a custom op."""
+    namespace, name = (op if isinstance(op, str) else op._qualname).split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
 def _argument_names(op) -> tuple[str, ...]:
     """The names of an op's arguments, in order, from its schema (op: a qualified name or a custom op)."""
-    namespace, name = (op if isinstance(op, str) else op._qualname).split("::")
-    return tuple(argument.name for argument in getattr(getattr(torch.ops, namespace), name).default._schema.arguments)
+    return tuple(argument.name for argument in _overload(op)._schema.arguments)
 
 
 def check_one_device(names: tuple[str, ...], arguments) -> None:
@@ -112,7 +117,6 @@ class Gradient:
         self.backward_op, self.reference, self.tensor_positions = backward_op, reference, tensor_positions
 
     def setup_context(self, ctx, inputs, output):
-        ctx.tensor_positions = self.tensor_positions
         # The floating-point ones (not the tensor-levels op's integer level table).
         ctx.gradient_positions = [i for i in self.tensor_positions if inputs[i].is_floating_point()]
         ctx.save_for_backward(*(inputs[i] for i in self.tensor_positions))
@@ -123,7 +127,7 @@ class Gradient:
 
     def backward(self, ctx, grad_output):
         inputs = list(ctx.options)
-        for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
+        for position, tensor in zip(self.tensor_positions, ctx.saved_tensors):
             inputs[position] = tensor
         grads = [None] * len(inputs)
         if torch.is_grad_enabled():  # the backward pass builds a graph: second derivatives will be asked for
@@ -142,8 +146,7 @@ GRADIENTS: dict = {}
 def register_autograd(forward_op, backward_op, reference) -> None:
     """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
     forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
-    namespace, name = (forward_op if isinstance(forward_op, str) else forward_op._qualname).split("::")
-    overload = getattr(getattr(torch.ops, namespace), name).default
+    overload = _overload(forward_op)
     tensor_positions = tuple(i for i, argument in enumerate(overload._schema.arguments)
                              if isinstance(argument.type, torch.TensorType))
     gradient = Gradient(backward_op, reference, tensor_positions)

@@ -138,20 +138,20 @@ def call_op(op, tensors, *arguments):
         return op(*arguments)
 
 
+def _lazy_op(namespace: str, name: str):
+    """A function returning torch.ops.<namespace>.<name>.default, looked up at its first call (the library
+    defining it is loaded on first use)."""
+    return functools.cache(lambda: getattr(getattr(torch.ops, namespace), name).default)
+
+
 def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
     """Calls torch.ops.<namespace>.<name>, whose schema takes the level shapes flattened; the other
     arguments (the plain op's or the fused op's) pass as given."""
-
-    @functools.cache
-    def op():  # looked up on first use: the library defining it is loaded then
-        return getattr(getattr(torch.ops, namespace), name).default
+    op = _lazy_op(namespace, name)
 
     def run(value, spatial_shapes, *arguments):
         flat_shapes = [size for shape in spatial_shapes for size in shape]
-        tensors = [value]
-        for argument in arguments:
-            if type(argument) is torch.Tensor or isinstance(argument, torch.Tensor):
-                tensors.append(argument)
+        tensors = [value, *(argument for argument in arguments if isinstance(argument, torch.Tensor))]
         return call_op(op(), tensors, value, flat_shapes, *arguments)
 
     return run
@@ -159,9 +159,10 @@ def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
 
 def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
     """Calls torch.ops.<namespace>.ms_deform_attn_forward_tensor_levels with its arguments as given."""
+    op = _lazy_op(namespace, "ms_deform_attn_forward_tensor_levels")
 
     def run(*arguments):
-        return getattr(torch.ops, namespace).ms_deform_attn_forward_tensor_levels(*arguments)
+        return call_op(op(), [argument for argument in arguments if isinstance(argument, torch.Tensor)], *arguments)
 
     return run
 

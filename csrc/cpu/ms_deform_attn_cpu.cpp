@@ -227,42 +227,32 @@ constexpr int64_t kTapsPerPoint = kDiscrete ? 1 : 4;
 template <typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weights, int64_t num_taps, int64_t C,
                          scalar_t* out) {
-  using S = Simd<acc_t>;
   constexpr int64_t kGroup = 4;
   int64_t c = 0;
-  auto sum_vectors = [&](auto group_constant) RTDETRV2_LAMBDA_INLINE {
+  // Channels [c, ...) in groups of kVectors bundles of the width V (Simd or HalfSimd) while they fit.
+  auto sum_vectors = [&](auto width, auto group_constant) RTDETRV2_LAMBDA_INLINE {
+    using V = decltype(width);
     constexpr int64_t kVectors = decltype(group_constant)::value;
-    for (; c + kVectors * S::kLanes <= C; c += kVectors * S::kLanes) {
-      typename S::Vec even[kVectors] = {}, odd[kVectors] = {};
+    for (; c + kVectors * V::kLanes <= C; c += kVectors * V::kLanes) {
+      typename V::Vec even[kVectors] = {}, odd[kVectors] = {};
       int64_t t = 0;
       for (; t + 1 < num_taps; t += 2) {
         const scalar_t* even_row = rows[t] + c;
         const scalar_t* odd_row = rows[t + 1] + c;
         for (int64_t j = 0; j < kVectors; ++j) {
-          even[j] += weights[t] * S::load(even_row + j * S::kLanes);
-          odd[j] += weights[t + 1] * S::load(odd_row + j * S::kLanes);
+          even[j] += weights[t] * V::load(even_row + j * V::kLanes);
+          odd[j] += weights[t + 1] * V::load(odd_row + j * V::kLanes);
         }
       }
       if (t < num_taps) {
-        for (int64_t j = 0; j < kVectors; ++j) even[j] += weights[t] * S::load(rows[t] + c + j * S::kLanes);
+        for (int64_t j = 0; j < kVectors; ++j) even[j] += weights[t] * V::load(rows[t] + c + j * V::kLanes);
       }
-      for (int64_t j = 0; j < kVectors; ++j) S::store(out + c + j * S::kLanes, even[j] + odd[j]);
+      for (int64_t j = 0; j < kVectors; ++j) V::store(out + c + j * V::kLanes, even[j] + odd[j]);
     }
   };
-  sum_vectors(std::integral_constant<int64_t, kGroup>{});
-  sum_vectors(std::integral_constant<int64_t, 1>{});
-  using H = HalfSimd<acc_t>;
-  if (c + H::kLanes <= C) {
-    typename H::Vec even = {}, odd = {};
-    int64_t t = 0;
-    for (; t + 1 < num_taps; t += 2) {
-      even += weights[t] * H::load(rows[t] + c);
-      odd += weights[t + 1] * H::load(rows[t + 1] + c);
-    }
-    if (t < num_taps) even += weights[t] * H::load(rows[t] + c);
-    H::store(out + c, even + odd);
-    c += H::kLanes;
-  }
+  sum_vectors(Simd<acc_t>{}, std::integral_constant<int64_t, kGroup>{});
+  sum_vectors(Simd<acc_t>{}, std::integral_constant<int64_t, 1>{});
+  sum_vectors(HalfSimd<acc_t>{}, std::integral_constant<int64_t, 1>{});  // at most once: less than a bundle is left
   for (; c < C; ++c) {
     acc_t acc = 0;
     for (int64_t t = 0; t < num_taps; ++t) acc += weights[t] * static_cast<acc_t>(rows[t][c]);
