@@ -3,6 +3,8 @@
 // This is the single home of the sampling math; the CPU and CUDA kernels both include it, so the two
 // can only differ in how they schedule work. docs/semantics.md states the contract implemented here.
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RTDETRV2_HOST_DEVICE __host__ __device__ __forceinline__
@@ -15,52 +17,85 @@
 
 namespace rtdetrv2_kernels {
 
+// The bilinear math below is written once for two kinds of arguments: scalars (acc_t, int32_t), as the CUDA
+// kernels call it, and GCC/Clang vector types, with which the CPU kernels place a bundle of points at once.
+// Comparisons give bool for scalars and lane masks for vectors; both select with ?: and combine with &, and
+// these two helpers cover what the two kinds spell differently.
+template <typename T, typename = void>
+struct LaneOf {
+  using type = T;
+};
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+template <typename T>
+struct LaneOf<T, std::void_t<decltype(std::declval<T>()[0])>> {
+  using type = std::decay_t<decltype(std::declval<T>()[0])>;
+};
+#endif
+
+// Lane-wise conversion between the real and the integer type.
+template <typename To, typename From>
+RTDETRV2_HOST_DEVICE To convert_to(From x) {
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+  if constexpr (!std::is_arithmetic_v<From>) {
+    return __builtin_convertvector(x, To);
+  } else {
+    return static_cast<To>(x);
+  }
+#else
+  return static_cast<To>(x);
+#endif
+}
+
 // floor() for |x| < 2^31. Truncation plus a correction avoids a libm call where the baseline ISA has no
 // rounding instruction (x86-64 without SSE4.1).
-template <typename acc_t>
-RTDETRV2_HOST_DEVICE int32_t floor_to_int(acc_t x) {
-  const int32_t truncated = static_cast<int32_t>(x);
-  return truncated - (x < static_cast<acc_t>(truncated) ? 1 : 0);
+template <typename Int, typename Real>
+RTDETRV2_HOST_DEVICE Int floor_to_int(Real x) {
+  using int_t = typename LaneOf<Int>::type;
+  const Int truncated = convert_to<Int>(x);
+  return truncated - (x < convert_to<Real>(truncated) ? int_t(1) : int_t(0));
 }
 
 // The four pixels read by a bilinear sample, in the order (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1).
 // A corner outside the level reads nothing: inside[k] is false and its weight and derivatives are zero.
-template <typename acc_t>
+template <typename Real, typename Int = int32_t>
 struct BilinearCorners {
-  int32_t offset[4];    // y * width + x within the level; only meaningful where inside[k]
-  bool inside[4];
-  acc_t weight[4];
-  acc_t dweight_dx[4];  // derivative of weight[k] with respect to the pixel coordinate x
-  acc_t dweight_dy[4];
+  using Mask = decltype(Real() < Real());  // bool, or a vector of lane masks
+  Int offset[4];  // y * width + x within the level; only meaningful where inside[k]
+  Mask inside[4];
+  Real weight[4];
+  Real dweight_dx[4];  // derivative of weight[k] with respect to the pixel coordinate x
+  Real dweight_dy[4];
 };
 
 // grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False) at the normalized location
 // (loc_x, loc_y): pixel centers sit at (i + 0.5) / size.
-template <typename acc_t>
-RTDETRV2_HOST_DEVICE BilinearCorners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int32_t height,
-                                                             int32_t width) {
-  BilinearCorners<acc_t> corners;
-  const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+template <typename Real, typename Int>
+RTDETRV2_HOST_DEVICE BilinearCorners<Real, Int> bilinear_corners(Real loc_x, Real loc_y, Int height, Int width) {
+  using acc_t = typename LaneOf<Real>::type;
+  using int_t = typename LaneOf<Int>::type;
+  BilinearCorners<Real, Int> corners;
+  const Real x = loc_x * convert_to<Real>(width) - acc_t(0.5);
+  const Real y = loc_y * convert_to<Real>(height) - acc_t(0.5);
   // Outside [-1, size) no corner can carry weight or gradient. The test is written so that NaN fails it,
-  // which also keeps the float-to-int conversions below away from non-finite and huge values.
-  const bool near_level = x >= acc_t(-1) && x < static_cast<acc_t>(width) && y >= acc_t(-1) &&
-                          y < static_cast<acc_t>(height);
-  const int32_t x0 = near_level ? floor_to_int(x) : -2;
-  const int32_t y0 = near_level ? floor_to_int(y) : -2;
-  const acc_t fx = x - static_cast<acc_t>(x0);
-  const acc_t fy = y - static_cast<acc_t>(y0);
+  // and the coordinates it fails are replaced before any float-to-int conversion, which therefore never
+  // sees non-finite or huge values.
+  const auto near_level = (x >= acc_t(-1)) & (x < convert_to<Real>(width)) & (y >= acc_t(-1)) &
+                          (y < convert_to<Real>(height));
+  const Int x0 = floor_to_int<Int>(near_level ? x : acc_t(-2));
+  const Int y0 = floor_to_int<Int>(near_level ? y : acc_t(-2));
+  const Real fx = x - convert_to<Real>(x0);
+  const Real fy = y - convert_to<Real>(y0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const int dx = k & 1;
-    const int dy = k >> 1;
-    const int32_t cx = x0 + dx;
-    const int32_t cy = y0 + dy;
-    const bool inside = near_level && cx >= 0 && cx < width && cy >= 0 && cy < height;
-    const acc_t wx = dx ? fx : acc_t(1) - fx;
-    const acc_t wy = dy ? fy : acc_t(1) - fy;
+    const int_t dx = k & 1;
+    const int_t dy = k >> 1;
+    const Int cx = x0 + dx;
+    const Int cy = y0 + dy;
+    const auto inside = near_level & (cx >= int_t(0)) & (cx < width) & (cy >= int_t(0)) & (cy < height);
+    const Real wx = dx ? fx : acc_t(1) - fx;
+    const Real wy = dy ? fy : acc_t(1) - fy;
     corners.inside[k] = inside;
-    corners.offset[k] = inside ? cy * width + cx : 0;
+    corners.offset[k] = inside ? cy * width + cx : int_t(0);
     corners.weight[k] = inside ? wx * wy : acc_t(0);
     corners.dweight_dx[k] = inside ? (dx ? wy : -wy) : acc_t(0);
     corners.dweight_dy[k] = inside ? (dy ? wx : -wx) : acc_t(0);

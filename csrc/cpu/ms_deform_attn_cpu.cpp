@@ -85,7 +85,7 @@ using HalfSimd = Simd<acc_t, 16>;
 // Rows are requested before they are used, one request per 128 bytes: the L2's adjacent-line prefetcher
 // brings the other 64-byte line of each 128-byte pair, and a request per line clogged the miss queue.
 // prefetch_row_start requests a row's first 128 bytes, as soon as the row is known (all of a C=32 fp32 row);
-// longer rows get the rest from prefetch_rows_rest once a whole (batch, query, head) is listed. Faster than
+// longer rows get the rest from PointBatch::prefetch_rows_rest once a batch of tasks is listed. Faster than
 // both a request per line and none (bench/results/cpu-kernel-design/, "Prefetching").
 template <bool kForWrite = false, typename T>
 RTDETRV2_INLINE void prefetch_row_start(const T* row) {
@@ -106,19 +106,10 @@ RTDETRV2_INLINE void prefetch_span(const T* data, int64_t count) {
   for (int64_t offset = 0; offset < last; offset += 64) prefetch_row_start(bytes + offset);
   prefetch_row_start(bytes + last);
 }
-template <bool kForWrite = false, typename T>
-RTDETRV2_INLINE void prefetch_rows_rest(T* const* rows, int64_t num_rows, int64_t count) {
-  const int64_t row_bytes = count * int64_t(sizeof(T));
-  if (row_bytes <= 128) return;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const char* bytes = reinterpret_cast<const char*>(rows[r]);
-    for (int64_t offset = 128; offset < row_bytes; offset += 128) prefetch_row_start<kForWrite>(bytes + offset);
-  }
-}
 
 // Where a kernel's per-point inputs come from, and where the gradients of those inputs go. Each fills the
-// acc_t buffers of one (batch, query, head): loc[2P] as (x, y) pairs and weight[P]; and takes their gradients
-// back in the same layout. PlainPoints reads and writes the plain op's sampling_locations and
+// acc_t buffers of one (batch, query, head): x[P], y[P] and weight[P]; and takes their gradients back as
+// grad_loc[2P], (x, y) pairs, and grad_weight[P]. PlainPoints reads and writes the plain op's sampling_locations and
 // attention_weights; FusedPoints derives them from reference points, raw offsets and raw logits.
 template <typename scalar_t>
 struct PlainPoints {
@@ -133,13 +124,15 @@ struct PlainPoints {
     prefetch_span(locations + 2 * bqh * points, 2 * points);
     prefetch_span(weights + bqh * points, points);
   }
-  RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
+  RTDETRV2_INLINE void load(int64_t bqh, acc_t* x, acc_t* y, acc_t* weight) const {
     const int64_t first = bqh * points;
-    for (int64_t i = 0; i < 2 * points; ++i) loc[i] = static_cast<acc_t>(locations[2 * first + i]);
-    for (int64_t i = 0; i < points; ++i) weight[i] = static_cast<acc_t>(weights[first + i]);
+    for (int64_t i = 0; i < points; ++i) {
+      x[i] = static_cast<acc_t>(locations[2 * (first + i)]);
+      y[i] = static_cast<acc_t>(locations[2 * (first + i) + 1]);
+      weight[i] = static_cast<acc_t>(weights[first + i]);
+    }
   }
-  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t*, const acc_t* grad_loc,
-                                       const acc_t* grad_weight) const {
+  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t* grad_loc, const acc_t* grad_weight) const {
     const int64_t first = bqh * points;
     for (int64_t i = 0; i < 2 * points; ++i) {
       grad_locations[2 * first + i] = grad_loc ? static_cast<scalar_t>(grad_loc[i]) : scalar_t(0);
@@ -169,15 +162,14 @@ struct FusedPoints {
     prefetch_span(prologue.offsets + 2 * bqh * points, 2 * points);
     prefetch_span(prologue.logits + bqh * points, points);
   }
-  RTDETRV2_INLINE void load(int64_t bqh, acc_t* loc, acc_t* weight) const {
-    prologue.visit(bqh, [&](int64_t, int64_t p, acc_t w, acc_t x, acc_t y) RTDETRV2_LAMBDA_INLINE {
+  RTDETRV2_INLINE void load(int64_t bqh, acc_t* x, acc_t* y, acc_t* weight) const {
+    prologue.visit(bqh, [&](int64_t, int64_t p, acc_t w, acc_t loc_x, acc_t loc_y) RTDETRV2_LAMBDA_INLINE {
       weight[p] = w;
-      loc[2 * p] = x;
-      loc[2 * p + 1] = y;
+      x[p] = loc_x;
+      y[p] = loc_y;
     });
   }
-  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t*, const acc_t*, const acc_t* grad_loc,
-                                       const acc_t* grad_weight) const {
+  RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t* grad_loc, const acc_t* grad_weight) const {
     prologue.backpropagate(bqh, grad_weight, grad_loc, grad_logits, grad_offsets,
                            grad_reference + bqh * prologue.reference_rows * prologue.reference_size);
   }
@@ -201,52 +193,54 @@ struct Problem {
         batch_stride(value_t.stride(0)), row_stride(value_t.stride(1)), head_stride(value_t.stride(2)),
         value(value_t.const_data_ptr<scalar_t>()) {}
 
-  // Fills loc[2P] and weight[P] for (batch b, query, head h), whose flat index is bqh, then calls
-  // f(level, point, weight, loc_x, loc_y, level_rows) for each of its points.
-  template <typename F>
-  RTDETRV2_INLINE void visit_points(int64_t b, int64_t h, int64_t bqh, acc_t* loc, acc_t* weight,
-                                    const F& f) const {
-    source.load(bqh, loc, weight);
-    const scalar_t* value_bh = value + b * batch_stride + h * head_stride;
-    int64_t p = 0;
-    for (int64_t l = 0; l < levels.num_levels(); ++l) {
-      const scalar_t* level_rows = value_bh + levels.start[l] * row_stride;
-      for (int64_t i = 0; i < levels.points[l]; ++i, ++p) f(l, p, weight[p], loc[2 * p], loc[2 * p + 1], level_rows);
-    }
-  }
+  // The first row of (batch b, head h).
+  const scalar_t* value_rows(int64_t b, int64_t h) const { return value + b * batch_stride + h * head_stride; }
 };
 
 // The rows one sampling point reads (4 for bilinear, 1 for discrete).
 template <bool kDiscrete>
 constexpr int64_t kTapsPerPoint = kDiscrete ? 1 : 4;
 
-// out[c] = sum over taps t of weights[t] * rows[t][c]. Channels go in groups of up to kGroup vectors, each
-// with two accumulators, for the even and the odd taps: independent FMA chains hide the FMA latency that one
-// chain per vector (48 FMAs long for RT-DETRv2's 48 taps) would serialize on (measured against one
-// accumulator per vector: bench/results/cpu-kernel-design/).
-template <typename scalar_t, typename acc_t>
-RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weights, int64_t num_taps, int64_t C,
-                         scalar_t* out) {
+// Where tap k of point p sits in a PointBatch's tap lists: bundle by bundle of kLanes points, and within a
+// bundle corner by corner, so that placing a bundle stores whole vectors.
+template <int64_t kLanes, int64_t kTaps>
+RTDETRV2_INLINE int64_t tap_index(int64_t p, int64_t k) {
+  return p / kLanes * (kLanes * kTaps) + k * kLanes + p % kLanes;
+}
+
+// out[c] = sum over the taps i of the points [first, last) of weights[i] * rows[i][c]. Channels go in groups
+// of up to kGroup vectors, each with two accumulators that take alternate taps: independent FMA chains hide
+// the FMA latency that one chain per vector (48 FMAs long for RT-DETRv2's 48 taps) would serialize on
+// (measured against one accumulator per vector: bench/results/cpu-kernel-design/).
+template <int64_t kLanes, int64_t kTaps, typename scalar_t, typename acc_t>
+RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weights, int64_t first, int64_t last,
+                                  int64_t C, scalar_t* out) {
   constexpr int64_t kGroup = 4;
   int64_t c = 0;
   // Channels [c, ...) in groups of kVectors bundles of the width V (Simd or HalfSimd) while they fit.
   auto sum_vectors = [&](auto width, auto group_constant) RTDETRV2_LAMBDA_INLINE {
     using V = decltype(width);
+    using Vec = typename V::Vec;
     constexpr int64_t kVectors = decltype(group_constant)::value;
     for (; c + kVectors * V::kLanes <= C; c += kVectors * V::kLanes) {
-      typename V::Vec even[kVectors] = {}, odd[kVectors] = {};
-      int64_t t = 0;
-      for (; t + 1 < num_taps; t += 2) {
-        const scalar_t* even_row = rows[t] + c;
-        const scalar_t* odd_row = rows[t + 1] + c;
-        for (int64_t j = 0; j < kVectors; ++j) {
-          even[j] += weights[t] * V::load(even_row + j * V::kLanes);
-          odd[j] += weights[t + 1] * V::load(odd_row + j * V::kLanes);
+      Vec even[kVectors] = {}, odd[kVectors] = {};
+      // The odd corners of point p go to one chain and the even ones to the other; a point's only tap
+      // (discrete) alternates with the next point's.
+      auto add_point = [&](int64_t p, Vec* mine, Vec* other) RTDETRV2_LAMBDA_INLINE {
+        const int64_t base = tap_index<kLanes, kTaps>(p, 0);
+        for (int64_t k = 0; k < kTaps; ++k) {
+          const scalar_t* row = rows[base + k * kLanes] + c;
+          const acc_t weight = weights[base + k * kLanes];
+          Vec* sums = k % 2 ? other : mine;
+          for (int64_t j = 0; j < kVectors; ++j) sums[j] += weight * V::load(row + j * V::kLanes);
         }
+      };
+      int64_t p = first;
+      for (; p + 1 < last; p += 2) {
+        add_point(p, even, odd);
+        add_point(p + 1, odd, even);
       }
-      if (t < num_taps) {
-        for (int64_t j = 0; j < kVectors; ++j) even[j] += weights[t] * V::load(rows[t] + c + j * V::kLanes);
-      }
+      if (p < last) add_point(p, even, odd);
       for (int64_t j = 0; j < kVectors; ++j) V::store(out + c + j * V::kLanes, even[j] + odd[j]);
     }
   };
@@ -255,14 +249,211 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
   sum_vectors(HalfSimd<acc_t>{}, std::integral_constant<int64_t, 1>{});  // at most once: less than a bundle is left
   for (; c < C; ++c) {
     acc_t acc = 0;
-    for (int64_t t = 0; t < num_taps; ++t) acc += weights[t] * static_cast<acc_t>(rows[t][c]);
+    for (int64_t p = first; p < last; ++p) {
+      for (int64_t k = 0; k < kTaps; ++k) {
+        const int64_t i = tap_index<kLanes, kTaps>(p, k);
+        acc += weights[i] * static_cast<acc_t>(rows[i][c]);
+      }
+    }
     out[c] = static_cast<scalar_t>(acc);
   }
 }
 
-// The output rows of the (batch, head, query) triples i in [begin, end), queries innermost. Each (batch,
-// query, head) first lists the rows its points read with their weights (times the attention weight), then
-// sums them channel block by channel block.
+// Both kernels place the points of several (batch, query, head) tasks at once, a SIMD bundle of points at a
+// time: placed one by one, a point's scalar index math cost more than its channels at C = 8 to 16 (a
+// profile at deimv2-atto-train-b4), and RF-DETR's tasks have two points each, a quarter of a bundle. A
+// batch lists its points task after task; their levels, the same for every task, are filled in once.
+// The forward needs each tap's value row and its weight times the attention weight; the backward
+// (kBackward) also the tap's grad_value row and its weight's derivatives, and keeps the two weights apart.
+template <typename scalar_t, bool kDiscrete, bool kBackward>
+struct PointBatch {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Simd<acc_t>;
+  static constexpr int64_t kLanes = V::kLanes;
+  // The integer lanes of the bilinear math, as wide as acc_t's so that its masks select both (int32 for fp32).
+  using Int = typename LaneOf<decltype(typename V::Vec() < typename V::Vec())>::type;
+  using IV = Simd<Int>;
+  using AV = Simd<intptr_t>;  // row addresses
+  using NarrowIV = Simd<Int, AV::kLanes * sizeof(Int)>;  // as many Int as AV has addresses
+  static constexpr bool kIsDiscrete = kDiscrete;
+  static constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
+  // A batch holds up to kPoints points (four fp32 bundles; more only in a single task), and rows of no more
+  // than kRowBytes in all, half of a 32 KiB L1, so that the rows requested first are still there when summed.
+  static constexpr int64_t kPoints = 32;
+  static constexpr int64_t kRowBytes = 16 << 10;
+
+  int64_t tasks;   // per batch
+  int64_t points;  // per task
+  intptr_t row_bytes, grad_row_bytes;
+  // The arrays below, zeroed, in one allocation: a tiny call pays for one, not a dozen.
+  std::vector<unsigned char> storage;
+  // Per point of the batch, padded to whole bundles: its location and attention weight, its level's size,
+  // and the address of its level's first row in its task's value (and grad_value).
+  acc_t *x, *y, *attention;
+  Int *height, *width;
+  int64_t *level_start, *grad_level_start;  // that row's offset from the (batch, head)'s first
+  intptr_t *level_rows, *grad_level_rows;
+  // Per tap, in tap_index order: the row it reads, its weight (the forward's times the attention weight),
+  // and for the backward the grad_value row it adds to and its weight's derivatives along x and y.
+  const scalar_t** rows;
+  acc_t* weights;
+  acc_t** grad_rows;
+  acc_t *dweight_dx, *dweight_dy;
+  // Taps outside the level read zeros and add into a discarded row, so the summations have no branches.
+  scalar_t* zero_row;
+  acc_t* discarded_row;
+
+  static int64_t tasks_per_batch(int64_t P, int64_t C) {
+    const int64_t task_row_bytes = std::max<int64_t>(1, P * kTaps * C * int64_t(sizeof(scalar_t)));
+    return std::max<int64_t>(1, std::min(kPoints / std::max<int64_t>(1, P), kRowBytes / task_row_bytes));
+  }
+
+  // grad_row_stride: grad_value's, for the backward.
+  template <typename Points>
+  PointBatch(const Problem<scalar_t, Points>& problem, int64_t grad_row_stride = 0)
+      : tasks(tasks_per_batch(problem.points, problem.channels)),
+        points(problem.points),
+        row_bytes(problem.row_stride * intptr_t(sizeof(scalar_t))),
+        grad_row_bytes(grad_row_stride * intptr_t(sizeof(acc_t))) {
+    const int64_t padded = (tasks * points + kLanes - 1) / kLanes * kLanes;
+    const int64_t C = problem.channels;
+    const int64_t backward_points = kBackward ? padded : 0, backward_taps = backward_points * kTaps;
+    // Each array starts at a multiple of 64 bytes into the storage: their offsets, in the order of the
+    // members, then the storage and the members' pointers into it.
+    size_t size = 0;
+    auto reserve = [&](int64_t count, size_t element_size) {
+      const size_t offset = (size + 63) / 64 * 64;
+      size = offset + count * element_size;
+      return offset;
+    };
+    const size_t offsets[] = {
+        reserve(padded, sizeof(acc_t)), reserve(padded, sizeof(acc_t)), reserve(padded, sizeof(acc_t)),
+        reserve(padded, sizeof(Int)), reserve(padded, sizeof(Int)),
+        reserve(padded, sizeof(int64_t)), reserve(backward_points, sizeof(int64_t)),
+        reserve(padded, sizeof(intptr_t)), reserve(backward_points, sizeof(intptr_t)),
+        reserve(padded * kTaps, sizeof(scalar_t*)), reserve(padded * kTaps, sizeof(acc_t)),
+        reserve(backward_taps, sizeof(acc_t*)), reserve(kDiscrete ? 0 : backward_taps, sizeof(acc_t)),
+        reserve(kDiscrete ? 0 : backward_taps, sizeof(acc_t)),
+        reserve(C, sizeof(scalar_t)), reserve(kBackward ? C : 0, sizeof(acc_t))};
+    storage.assign(size, 0);
+    int next = 0;
+    auto point_into_storage = [&](auto*& member) {
+      member = reinterpret_cast<std::remove_reference_t<decltype(member)>>(&storage[offsets[next++]]);
+    };
+    point_into_storage(x), point_into_storage(y), point_into_storage(attention), point_into_storage(height);
+    point_into_storage(width), point_into_storage(level_start), point_into_storage(grad_level_start);
+    point_into_storage(level_rows), point_into_storage(grad_level_rows), point_into_storage(rows);
+    point_into_storage(weights), point_into_storage(grad_rows), point_into_storage(dweight_dx);
+    point_into_storage(dweight_dy), point_into_storage(zero_row), point_into_storage(discarded_row);
+    for (int64_t t = 0, i = 0; t < tasks; ++t) {
+      for (int64_t l = 0; l < problem.levels.num_levels(); ++l) {
+        for (int64_t p = 0; p < problem.levels.points[l]; ++p, ++i) {
+          height[i] = problem.levels.height[l], width[i] = problem.levels.width[l];
+          level_start[i] = problem.levels.start[l] * problem.row_stride;
+          if constexpr (kBackward) grad_level_start[i] = problem.levels.start[l] * grad_row_stride;
+        }
+      }
+    }
+  }
+
+  // Reads the points of (batch, query, head) bqh as the batch's task t; value_bh and grad_value_bh are the
+  // first rows of its (batch, head) in value and grad_value.
+  template <typename Points>
+  RTDETRV2_INLINE void load(const Problem<scalar_t, Points>& problem, int64_t t, int64_t bqh,
+                            const scalar_t* value_bh, acc_t* grad_value_bh = nullptr) {
+    const int64_t first = t * points;
+    problem.source.load(bqh, &x[first], &y[first], &attention[first]);
+    for (int64_t i = first; i < first + points; ++i) {
+      level_rows[i] = reinterpret_cast<intptr_t>(value_bh + level_start[i]);
+      if constexpr (kBackward) grad_level_rows[i] = reinterpret_cast<intptr_t>(grad_value_bh + grad_level_start[i]);
+    }
+  }
+
+  // Lists the taps of the first count points and requests the start of each tap's rows, a bundle at a time:
+  // the misses of one bundle's rows overlap the index math of the next (bench/results/cpu-kernel-design/).
+  // Lanes past count are placed too, and never read.
+  RTDETRV2_INLINE void place(int64_t count) {
+    // The addresses of a corner's rows (offset < 0: outside the level), four at a time: AVX2 has 64-bit
+    // lanes for four, and a wider vector of them is split into scalars, not into registers.
+    auto store_rows = [&](auto* out, const typename IV::Vec& offsets, const intptr_t* level, intptr_t bytes,
+                          const void* outside) RTDETRV2_LAMBDA_INLINE {
+      Int offset[kLanes];
+      IV::store(offset, offsets);
+      for (int64_t j = 0; j < kLanes; j += AV::kLanes) {
+        const typename AV::Vec wide = __builtin_convertvector(NarrowIV::load(offset + j), typename AV::Vec);
+        AV::store(reinterpret_cast<intptr_t*>(out + j),
+                  wide >= 0 ? AV::load(level + j) + wide * bytes : reinterpret_cast<intptr_t>(outside));
+      }
+    };
+    auto store_tap = [&](int64_t tap, int64_t first, const typename IV::Vec& offsets) RTDETRV2_LAMBDA_INLINE {
+      store_rows(&rows[tap], offsets, &level_rows[first], row_bytes, zero_row);
+      if constexpr (kBackward) {
+        store_rows(&grad_rows[tap], offsets, &grad_level_rows[first], grad_row_bytes, discarded_row);
+      }
+    };
+    for (int64_t first = 0; first < count; first += kLanes) {
+      const typename V::Vec point_attention = V::load(&attention[first]);
+      const int64_t taps = first * kTaps;
+      if constexpr (kDiscrete) {
+        Int offset[kLanes];
+        for (int64_t j = 0; j < kLanes; ++j) {
+          offset[j] = discrete_offset(x[first + j], y[first + j], int32_t(height[first + j]),
+                                      int32_t(width[first + j]));
+        }
+        store_tap(taps, first, IV::load(offset));
+        V::store(&weights[taps], kBackward ? typename V::Vec() + acc_t(1) : point_attention);
+      } else {
+        const auto corners = bilinear_corners(V::load(&x[first]), V::load(&y[first]), IV::load(&height[first]),
+                                              IV::load(&width[first]));
+        for (int k = 0; k < 4; ++k) {
+          const int64_t tap = taps + k * kLanes;
+          store_tap(tap, first, corners.inside[k] ? corners.offset[k] : Int(-1));
+          if constexpr (kBackward) {
+            V::store(&weights[tap], corners.weight[k]);
+            V::store(&dweight_dx[tap], corners.dweight_dx[k]);
+            V::store(&dweight_dy[tap], corners.dweight_dy[k]);
+          } else {
+            V::store(&weights[tap], point_attention * corners.weight[k]);
+          }
+        }
+      }
+      const int64_t lanes = std::min(kLanes, count - first);
+      for (int64_t k = 0; k < kTaps; ++k) {
+        for (int64_t j = 0; j < lanes; ++j) {
+          prefetch_row_start(rows[taps + k * kLanes + j]);
+          if constexpr (kBackward) prefetch_row_start</*kForWrite=*/true>(grad_rows[taps + k * kLanes + j]);
+        }
+      }
+    }
+  }
+
+  // Requests the rest of the rows of the first count points where rows are longer than the first request.
+  RTDETRV2_INLINE void prefetch_rows_rest(int64_t count, int64_t C) const {
+    auto request = [&](const auto* row, auto for_write) RTDETRV2_LAMBDA_INLINE {
+      const char* bytes = reinterpret_cast<const char*>(row);
+      const int64_t row_bytes = C * int64_t(sizeof(*row));
+      for (int64_t offset = 128; offset < row_bytes; offset += 128) {
+        prefetch_row_start<decltype(for_write)::value>(bytes + offset);
+      }
+    };
+    if (C * int64_t(sizeof(scalar_t)) <= 128 && (!kBackward || C * int64_t(sizeof(acc_t)) <= 128)) return;
+    for (int64_t p = 0; p < count; ++p) {
+      for (int64_t k = 0; k < kTaps; ++k) {
+        request(rows[tap_index<kLanes, kTaps>(p, k)], std::false_type{});
+        if constexpr (kBackward) request(grad_rows[tap_index<kLanes, kTaps>(p, k)], std::true_type{});
+      }
+    }
+  }
+
+  // The forward's output row of task t: the weighted sum of its taps' rows.
+  RTDETRV2_INLINE void sum_task(int64_t t, int64_t C, scalar_t* out) const {
+    weighted_sum<kLanes, kTaps>(rows, weights, t * points, (t + 1) * points, C, out);
+  }
+};
+
+// The output rows of the (batch, head, query) triples i in [begin, end), queries innermost. A batch of
+// tasks first lists the rows its points read with their weights (times the attention weight), then each task
+// sums its rows channel block by channel block.
 // A task walks one head's queries, as the backward does: the value rows it reads again (queries sample
 // overlapping places) are that head's, 1 MiB at RT-DETRv2's 640x640 levels with C=32 fp32, which the core's
 // own L2 can hold; walking all heads of a query spreads them over every head's rows, which only the shared L3
@@ -271,14 +462,9 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
 template <typename scalar_t, bool kDiscrete, typename Points>
 RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& problem, bool heads_innermost,
                                              int64_t begin, int64_t end, scalar_t* output) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = problem.channels, H = problem.heads, Q = problem.queries;
-  const int64_t num_taps = problem.points * kTapsPerPoint<kDiscrete>;
-  std::vector<const scalar_t*> tap_rows(num_taps);
-  std::vector<acc_t> tap_weights(num_taps);
-  std::vector<acc_t> loc(2 * problem.points), weight(problem.points);
-  // Taps outside the level read this row, so the summation has no branches.
-  const std::vector<scalar_t> zero_row(C, scalar_t(0));
+  PointBatch<scalar_t, kDiscrete, /*kBackward=*/false> batch(problem);
+  std::vector<int64_t> task_bqh(batch.tasks);
   // Task i is (batch b, head h, query q) with q innermost, or (b, q, h) with h innermost; the indices are
   // stepped, not divided out per task (integer divisions cost more than the whole sampling of a 2-point,
   // 16-channel head).
@@ -288,42 +474,27 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
   } else {
     h = begin / Q % H, q = begin % Q;
   }
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t bqh = (b * Q + q) * H + h;
-    // Head by head, the per-query inputs are strided: request the ones two queries on.
-    if (!heads_innermost && q + 2 < Q) problem.source.prefetch(bqh + 2 * H);
-    problem.visit_points(b, h, bqh, loc.data(), weight.data(), [&](int64_t l, int64_t p, acc_t w, acc_t loc_x,
-                                                                   acc_t loc_y, const scalar_t* level_rows)
-                                                                   RTDETRV2_LAMBDA_INLINE {
-      const int32_t height = problem.levels.height[l], width = problem.levels.width[l];
-      const scalar_t** rows = &tap_rows[p * kTapsPerPoint<kDiscrete>];
-      acc_t* weights = &tap_weights[p * kTapsPerPoint<kDiscrete>];
-      if constexpr (kDiscrete) {
-        const int32_t offset = discrete_offset(loc_x, loc_y, height, width);
-        rows[0] = offset >= 0 ? level_rows + offset * problem.row_stride : zero_row.data();
-        weights[0] = w;
-      } else {
-        const auto corners = bilinear_corners(loc_x, loc_y, height, width);
-        for (int k = 0; k < 4; ++k) {
-          rows[k] = corners.inside[k] ? level_rows + corners.offset[k] * problem.row_stride : zero_row.data();
-          weights[k] = w * corners.weight[k];
+  for (int64_t i = begin; i < end;) {
+    const int64_t tasks = std::min(batch.tasks, end - i);
+    for (int64_t t = 0; t < tasks; ++t, ++i) {
+      const int64_t bqh = (b * Q + q) * H + h;
+      task_bqh[t] = bqh;
+      // Head by head, the per-query inputs are strided: request the ones two queries on.
+      if (!heads_innermost && q + 2 < Q) problem.source.prefetch(bqh + 2 * H);
+      batch.load(problem, t, bqh, problem.value_rows(b, h));
+      if (heads_innermost) {
+        if (++h == H) {
+          h = 0;
+          if (++q == Q) q = 0, ++b;
         }
+      } else if (++q == Q) {
+        q = 0;
+        if (++h == H) h = 0, ++b;
       }
-      // The rows of every point are requested as soon as they are known, so the misses of one point overlap
-      // the index math of the next ones instead of stalling the summation (bench/results/cpu-kernel-design/).
-      for (int64_t k = 0; k < kTapsPerPoint<kDiscrete>; ++k) prefetch_row_start(rows[k]);
-    });
-    prefetch_rows_rest(tap_rows.data(), num_taps, C);
-    weighted_sum(tap_rows.data(), tap_weights.data(), num_taps, C, output + bqh * C);
-    if (heads_innermost) {
-      if (++h == H) {
-        h = 0;
-        if (++q == Q) q = 0, ++b;
-      }
-    } else if (++q == Q) {
-      q = 0;
-      if (++h == H) h = 0, ++b;
     }
+    batch.place(tasks * problem.points);
+    batch.prefetch_rows_rest(tasks * problem.points, C);
+    for (int64_t t = 0; t < tasks; ++t) batch.sum_task(t, C, output + task_bqh[t] * C);
   }
 }
 
@@ -359,43 +530,29 @@ struct GradOutRow<acc_t, 0> {
   RTDETRV2_INLINE acc_t channel(int64_t c) const { return row[c]; }
 };
 
-// What the backward lists for the taps of one (batch, query, head) before summing them: per tap, the value
-// row it reads, the grad_value row it adds to, its sampling weight and that weight's derivatives along x and
-// y (bilinear only); per point, its location, attention weight and level size.
-template <typename scalar_t>
-struct BackwardTaps {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<const scalar_t*> rows;
-  std::vector<acc_t*> grad_rows;
-  std::vector<acc_t> weights, dweight_dx, dweight_dy;
-  std::vector<acc_t> loc, attention, level_width, level_height;
-
-  BackwardTaps(int64_t points, bool discrete)
-      : rows(points * (discrete ? 1 : 4)), grad_rows(rows.size()), weights(rows.size()),
-        dweight_dx(discrete ? 0 : rows.size()), dweight_dy(dweight_dx.size()), loc(2 * points), attention(points),
-        level_width(points), level_height(points) {}
-};
-
-// Sums the listed taps of one (batch, query, head): adds attention * weight * grad_out to each tap's
-// grad_value row, and writes the gradients of the points' locations and attention weights. Per point, the
+// Sums the taps of task t of a placed backward batch: adds attention * weight * grad_out to each tap's
+// grad_value row, and writes the gradients of the task's locations and attention weights. Per point, the
 // taps' dot products grad_out . row stay vectors until combined into the three sums the gradients need, so a
 // point costs three horizontal sums, not one per tap (measured against a sum per tap:
 // bench/results/cpu-kernel-design/).
-template <int64_t kVectors, bool kDiscrete, typename scalar_t, typename acc_t>
-RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const scalar_t* grad_output_row,
-                                    int64_t C, int64_t P, acc_t* grad_out_buffer, acc_t* grad_loc,
-                                    acc_t* grad_weight) {
+template <int64_t kVectors, typename Batch, typename scalar_t, typename acc_t>
+RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t* grad_output_row, int64_t C,
+                                   acc_t* grad_out_buffer, acc_t* grad_loc, acc_t* grad_weight) {
   using S = Simd<acc_t>;
   using Vec = typename S::Vec;
-  constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
+  constexpr bool kDiscrete = Batch::kIsDiscrete;
+  constexpr int64_t kTaps = Batch::kTaps;
   const GradOutRow<acc_t, kVectors> grad_out(grad_output_row, C, grad_out_buffer);
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t first = p * kTaps;
+  for (int64_t p = 0; p < batch.points; ++p) {
+    const int64_t point = t * batch.points + p;
+    const int64_t first = tap_index<Batch::kLanes, kTaps>(point, 0);
+    const acc_t attention = batch.attention[point];
     Vec dots[kTaps];
-    for (int64_t t = 0; t < kTaps; ++t) {
-      const scalar_t* row = taps.rows[first + t];
-      acc_t* grad_row = taps.grad_rows[first + t];
-      const acc_t scale = taps.attention[p] * taps.weights[first + t];
+    for (int64_t k = 0; k < kTaps; ++k) {
+      const int64_t tap = first + k * Batch::kLanes;
+      const scalar_t* row = batch.rows[tap];
+      acc_t* grad_row = batch.grad_rows[tap];
+      const acc_t scale = attention * batch.weights[tap];
       Vec dot = {};
       for (int64_t j = 0; j < grad_out.num_vectors(); ++j) {
         const Vec g = grad_out.vector(j);
@@ -418,14 +575,15 @@ RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const sc
         }
         dot[0] += tail;
       }
-      dots[t] = dot;
+      dots[k] = dot;
     }
     Vec grad_w = {}, grad_x = {}, grad_y = {};
-    for (int64_t t = 0; t < kTaps; ++t) {
-      grad_w += taps.weights[first + t] * dots[t];
+    for (int64_t k = 0; k < kTaps; ++k) {
+      const int64_t tap = first + k * Batch::kLanes;
+      grad_w += batch.weights[tap] * dots[k];
       if constexpr (!kDiscrete) {
-        grad_x += taps.dweight_dx[first + t] * dots[t];
-        grad_y += taps.dweight_dy[first + t] * dots[t];
+        grad_x += batch.dweight_dx[tap] * dots[k];
+        grad_y += batch.dweight_dy[tap] * dots[k];
       }
     }
     grad_weight[p] = S::sum(grad_w);
@@ -433,8 +591,8 @@ RTDETRV2_INLINE void backward_query(const BackwardTaps<scalar_t>& taps, const sc
       grad_loc[2 * p] = grad_loc[2 * p + 1] = acc_t(0);  // the nearest pixel does not move with the location
     } else {
       // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
-      grad_loc[2 * p] = taps.attention[p] * S::sum(grad_x) * taps.level_width[p];
-      grad_loc[2 * p + 1] = taps.attention[p] * S::sum(grad_y) * taps.level_height[p];
+      grad_loc[2 * p] = attention * S::sum(grad_x) * static_cast<acc_t>(batch.width[point]);
+      grad_loc[2 * p + 1] = attention * S::sum(grad_y) * static_cast<acc_t>(batch.height[point]);
     }
   }
 }
@@ -464,63 +622,35 @@ template <typename scalar_t, bool kDiscrete, typename Points>
 RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& problem, const scalar_t* grad_output,
                                               int64_t begin, int64_t end, at::opmath_type<scalar_t>* grad_value) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
   const int64_t C = problem.channels, H = problem.heads, Q = problem.queries, P = problem.points;
   const int64_t grad_row_stride = H * C;
-  BackwardTaps<scalar_t> taps(P, kDiscrete);
+  PointBatch<scalar_t, kDiscrete, /*kBackward=*/true> batch(problem, grad_row_stride);
   std::vector<acc_t> grad_out_buffer(C), grad_loc(2 * P), grad_weight(P);  // the buffer: for runtime C only
-  // Taps outside the level read zeros and add into a discarded row, so the summation has no branches.
-  const std::vector<scalar_t> zero_row(C, scalar_t(0));
-  std::vector<acc_t> discarded_row(C);
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / H, h = bh % H;
+    const scalar_t* value_bh = problem.value_rows(b, h);
     acc_t* grad_value_bh = grad_value + (b * problem.rows * H + h) * C;
-    for (int64_t q = 0; q < Q; ++q) {
-      const int64_t bqh = (b * Q + q) * H + h;
-      // A task walks one head's queries, so its per-query inputs are strided: request the ones two queries on.
-      if (q + 2 < Q) {
-        prefetch_span(grad_output + (bqh + 2 * H) * C, C);
-        problem.source.prefetch(bqh + 2 * H);
-      }
-      // First every tap is listed and its rows requested, as in the forward; then the taps are summed.
-      problem.visit_points(b, h, bqh, taps.loc.data(), taps.attention.data(), [&](int64_t l, int64_t p, acc_t,
-                                                                            acc_t loc_x, acc_t loc_y,
-                                                                            const scalar_t* level_rows)
-                                                                            RTDETRV2_LAMBDA_INLINE {
-        const int32_t height = problem.levels.height[l], width = problem.levels.width[l];
-        acc_t* grad_level_rows = grad_value_bh + problem.levels.start[l] * grad_row_stride;
-        taps.level_width[p] = width;
-        taps.level_height[p] = height;
-        // Lists tap k of the point (offset < 0: outside the level) and requests its rows.
-        auto list_tap = [&](int64_t k, int32_t offset, acc_t weight) RTDETRV2_LAMBDA_INLINE {
-          const scalar_t* row = offset >= 0 ? level_rows + offset * problem.row_stride : zero_row.data();
-          acc_t* grad_row = offset >= 0 ? grad_level_rows + offset * grad_row_stride : discarded_row.data();
-          taps.rows[p * kTaps + k] = row;
-          taps.grad_rows[p * kTaps + k] = grad_row;
-          taps.weights[p * kTaps + k] = weight;
-          prefetch_row_start(row);
-          prefetch_row_start</*kForWrite=*/true>(grad_row);
-        };
-        if constexpr (kDiscrete) {
-          list_tap(0, discrete_offset(loc_x, loc_y, height, width), acc_t(1));
-        } else {
-          const auto corners = bilinear_corners(loc_x, loc_y, height, width);
-          for (int k = 0; k < 4; ++k) {
-            list_tap(k, corners.inside[k] ? corners.offset[k] : -1, corners.weight[k]);
-            taps.dweight_dx[p * kTaps + k] = corners.dweight_dx[k];
-            taps.dweight_dy[p * kTaps + k] = corners.dweight_dy[k];
-          }
+    for (int64_t q0 = 0; q0 < Q; q0 += batch.tasks) {
+      const int64_t tasks = std::min(batch.tasks, Q - q0);
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t bqh = (b * Q + q0 + t) * H + h;
+        // A task walks one head's queries, so its per-query inputs are strided: request the next batch's.
+        if (q0 + t + batch.tasks < Q) {
+          prefetch_span(grad_output + (bqh + batch.tasks * H) * C, C);
+          problem.source.prefetch(bqh + batch.tasks * H);
         }
-      });
-      prefetch_rows_rest(taps.rows.data(), P * kTaps, C);
-      prefetch_rows_rest</*kForWrite=*/true>(taps.grad_rows.data(), P * kTaps, C);
-      dispatch_channel_vectors<acc_t>(C, [&](auto vectors) RTDETRV2_LAMBDA_INLINE {
-        backward_query<decltype(vectors)::value, kDiscrete>(taps, grad_output + bqh * C, C, P,
-                                                            grad_out_buffer.data(), grad_loc.data(),
-                                                            grad_weight.data());
-      });
-      problem.source.store_gradients(bqh, taps.loc.data(), taps.attention.data(),
-                                     kDiscrete ? nullptr : grad_loc.data(), grad_weight.data());
+        batch.load(problem, t, bqh, value_bh, grad_value_bh);
+      }
+      batch.place(tasks * P);
+      batch.prefetch_rows_rest(tasks * P, C);
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t bqh = (b * Q + q0 + t) * H + h;
+        dispatch_channel_vectors<acc_t>(C, [&](auto vectors) RTDETRV2_LAMBDA_INLINE {
+          backward_task<decltype(vectors)::value>(batch, t, grad_output + bqh * C, C, grad_out_buffer.data(),
+                                                  grad_loc.data(), grad_weight.data());
+        });
+        problem.source.store_gradients(bqh, kDiscrete ? nullptr : grad_loc.data(), grad_weight.data());
+      }
     }
   }
 }
