@@ -498,26 +498,40 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
   }
 }
 
-// grad_output of one (batch, query, head), one SIMD vector of channels at a time. With kVectors > 0 the row
-// is exactly that many vectors (fp32 C=32: 4), known at compile time: it is loaded once into local vectors
-// the compiler keeps in registers, and every loop over channels unrolls. With kVectors = 0 any C works: the
-// row is converted into a buffer and read from there, its last C % kLanes channels one by one.
-template <typename acc_t, int64_t kVectors>
+// grad_output of one (batch, query, head), as whole SIMD vectors of channels, then a half vector where at
+// least half a vector is left, then single channels. With kChannels > 0, C is known at compile time: the
+// row is loaded once into locals the compiler keeps in registers, and every loop over channels unrolls.
+// With kChannels = 0 any C works: the row is converted into a buffer and read from there.
+template <typename acc_t, int64_t kChannels>
 struct GradOutRow {
   using S = Simd<acc_t>;
-  typename S::Vec vectors[kVectors];
+  using H = HalfSimd<acc_t>;
+  static constexpr int64_t kVectors = kChannels / S::kLanes;
+  static constexpr bool kHalf = kChannels % S::kLanes >= H::kLanes;
+  static constexpr int64_t kSinglesFrom = kVectors * S::kLanes + (kHalf ? H::kLanes : 0);
+  typename S::Vec vectors[kVectors > 0 ? kVectors : 1];
+  typename H::Vec half_vector;
+  acc_t singles[kChannels > kSinglesFrom ? kChannels - kSinglesFrom : 1];
 
   template <typename scalar_t>
   RTDETRV2_INLINE GradOutRow(const scalar_t* row, int64_t, acc_t*) {
     for (int64_t j = 0; j < kVectors; ++j) vectors[j] = S::load(row + j * S::kLanes);
+    if constexpr (kHalf) half_vector = H::load(row + kVectors * S::kLanes);
+    for (int64_t c = kSinglesFrom; c < kChannels; ++c) singles[c - kSinglesFrom] = static_cast<acc_t>(row[c]);
   }
-  RTDETRV2_INLINE int64_t num_vectors() const { return kVectors; }
+  RTDETRV2_INLINE static constexpr int64_t channels() { return kChannels; }
+  RTDETRV2_INLINE static constexpr int64_t num_vectors() { return kVectors; }
+  RTDETRV2_INLINE static constexpr bool has_half() { return kHalf; }
+  RTDETRV2_INLINE static constexpr int64_t singles_from() { return kSinglesFrom; }
   RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return vectors[j]; }
+  RTDETRV2_INLINE typename H::Vec half() const { return half_vector; }
+  RTDETRV2_INLINE acc_t channel(int64_t c) const { return singles[c - kSinglesFrom]; }
 };
 
 template <typename acc_t>
 struct GradOutRow<acc_t, 0> {
   using S = Simd<acc_t>;
+  using H = HalfSimd<acc_t>;
   const acc_t* row;
   int64_t C;
 
@@ -525,8 +539,12 @@ struct GradOutRow<acc_t, 0> {
   RTDETRV2_INLINE GradOutRow(const scalar_t* in, int64_t channels_, acc_t* buffer) : row(buffer), C(channels_) {
     for (int64_t c = 0; c < C; ++c) buffer[c] = static_cast<acc_t>(in[c]);
   }
+  RTDETRV2_INLINE int64_t channels() const { return C; }
   RTDETRV2_INLINE int64_t num_vectors() const { return C / S::kLanes; }
+  RTDETRV2_INLINE bool has_half() const { return C % S::kLanes >= H::kLanes; }
+  RTDETRV2_INLINE int64_t singles_from() const { return num_vectors() * S::kLanes + (has_half() ? H::kLanes : 0); }
   RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return S::load(row + j * S::kLanes); }
+  RTDETRV2_INLINE typename H::Vec half() const { return H::load(row + num_vectors() * S::kLanes); }
   RTDETRV2_INLINE acc_t channel(int64_t c) const { return row[c]; }
 };
 
@@ -535,14 +553,15 @@ struct GradOutRow<acc_t, 0> {
 // taps' dot products grad_out . row stay vectors until combined into the three sums the gradients need, so a
 // point costs three horizontal sums, not one per tap (measured against a sum per tap:
 // bench/results/cpu-kernel-design/).
-template <int64_t kVectors, typename Batch, typename scalar_t, typename acc_t>
+template <int64_t kChannels, typename Batch, typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t* grad_output_row, int64_t C,
                                    acc_t* grad_out_buffer, acc_t* grad_loc, acc_t* grad_weight) {
   using S = Simd<acc_t>;
+  using H = HalfSimd<acc_t>;
   using Vec = typename S::Vec;
   constexpr bool kDiscrete = Batch::kIsDiscrete;
   constexpr int64_t kTaps = Batch::kTaps;
-  const GradOutRow<acc_t, kVectors> grad_out(grad_output_row, C, grad_out_buffer);
+  const GradOutRow<acc_t, kChannels> grad_out(grad_output_row, C, grad_out_buffer);
   for (int64_t p = 0; p < batch.points; ++p) {
     const int64_t point = t * batch.points + p;
     const int64_t first = tap_index<Batch::kLanes, kTaps>(point, 0);
@@ -559,22 +578,18 @@ RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t
         dot += g * S::load(row + j * S::kLanes);
         S::store(grad_row + j * S::kLanes, S::load(grad_row + j * S::kLanes) + scale * g);
       }
-      if constexpr (kVectors == 0) {
-        using H = HalfSimd<acc_t>;
-        acc_t tail = 0;
-        int64_t c = grad_out.num_vectors() * S::kLanes;
-        if (c + H::kLanes <= C) {
-          const typename H::Vec g = H::load(grad_out.row + c);
-          tail += H::sum(g * H::load(row + c));
-          H::store(grad_row + c, H::load(grad_row + c) + scale * g);
-          c += H::kLanes;
-        }
-        for (; c < C; ++c) {
-          tail += grad_out.channel(c) * static_cast<acc_t>(row[c]);
-          grad_row[c] += scale * grad_out.channel(c);
-        }
-        dot[0] += tail;
+      acc_t rest = 0;
+      if (grad_out.has_half()) {
+        const int64_t c = grad_out.num_vectors() * S::kLanes;
+        const typename H::Vec g = grad_out.half();
+        rest += H::sum(g * H::load(row + c));
+        H::store(grad_row + c, H::load(grad_row + c) + scale * g);
       }
+      for (int64_t c = grad_out.singles_from(); c < grad_out.channels(); ++c) {
+        rest += grad_out.channel(c) * static_cast<acc_t>(row[c]);
+        grad_row[c] += scale * grad_out.channel(c);
+      }
+      dot[0] += rest;
       dots[k] = dot;
     }
     Vec grad_w = {}, grad_x = {}, grad_y = {};
@@ -597,20 +612,21 @@ RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t
   }
 }
 
-// Calls f(std::integral_constant<int64_t, V>{}) with V = C / kLanes when C is 1, 2, 3, 4, 6 or 8 whole SIMD
-// vectors of acc_t (fp32, fp16, bf16: C = 8, 16, 24, 32, 48, 64; fp64: 4, 8, 12, 16, 24, 32), else with
-// V = 0. RT-DETRv2, D-FINE and Deformable-DETR have C = 32 (256 channels over 8 heads); DEIMv2 8 to 32,
-// RF-DETR and LW-DETR 16.
-template <typename acc_t, typename F>
-RTDETRV2_INLINE void dispatch_channel_vectors(int64_t C, const F& f) {
-  constexpr int64_t kLanes = Simd<acc_t>::kLanes;
+// Calls f(std::integral_constant<int64_t, C>{}) for the head sizes the family uses (DEIMv2: 8 to 32;
+// RT-DETRv2, D-FINE and Deformable-DETR: 32, 256 channels over 8 heads; RF-DETR and LW-DETR: 16) and 48 and
+// 64, else f(std::integral_constant<int64_t, 0>{}).
+template <typename F>
+RTDETRV2_INLINE void dispatch_channels(int64_t C, const F& f) {
   switch (C) {
-    case 1 * kLanes: return f(std::integral_constant<int64_t, 1>{});
-    case 2 * kLanes: return f(std::integral_constant<int64_t, 2>{});
-    case 3 * kLanes: return f(std::integral_constant<int64_t, 3>{});
-    case 4 * kLanes: return f(std::integral_constant<int64_t, 4>{});
-    case 6 * kLanes: return f(std::integral_constant<int64_t, 6>{});
-    case 8 * kLanes: return f(std::integral_constant<int64_t, 8>{});
+    case 8: return f(std::integral_constant<int64_t, 8>{});
+    case 12: return f(std::integral_constant<int64_t, 12>{});
+    case 14: return f(std::integral_constant<int64_t, 14>{});
+    case 16: return f(std::integral_constant<int64_t, 16>{});
+    case 24: return f(std::integral_constant<int64_t, 24>{});
+    case 28: return f(std::integral_constant<int64_t, 28>{});
+    case 32: return f(std::integral_constant<int64_t, 32>{});
+    case 48: return f(std::integral_constant<int64_t, 48>{});
+    case 64: return f(std::integral_constant<int64_t, 64>{});
     default: return f(std::integral_constant<int64_t, 0>{});
   }
 }
@@ -645,9 +661,9 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
       batch.prefetch_rows_rest(tasks * P, C);
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t bqh = (b * Q + q0 + t) * H + h;
-        dispatch_channel_vectors<acc_t>(C, [&](auto vectors) RTDETRV2_LAMBDA_INLINE {
-          backward_task<decltype(vectors)::value>(batch, t, grad_output + bqh * C, C, grad_out_buffer.data(),
-                                                  grad_loc.data(), grad_weight.data());
+        dispatch_channels(C, [&](auto channels) RTDETRV2_LAMBDA_INLINE {
+          backward_task<decltype(channels)::value>(batch, t, grad_output + bqh * C, C, grad_out_buffer.data(),
+                                                   grad_loc.data(), grad_weight.data());
         });
         problem.source.store_gradients(bqh, kDiscrete ? nullptr : grad_loc.data(), grad_weight.data());
       }

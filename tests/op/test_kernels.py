@@ -86,11 +86,10 @@ def test_family_head_sizes(backend, device, method, channels):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", METHODS)
 def test_cpu_channel_counts(channels, dtype, method):
-    # The CPU backward keeps a query's grad_output in registers when C is 1, 2, 3, 4, 6 or 8 SIMD vectors of
-    # 32 bytes (fp32, fp16 and bf16, which accumulate in fp32: C = 8, 16, 24, 32, 48, 64; fp64: 4, 8, 12, 16,
-    # 24, 32) and reads it from memory otherwise; both passes take whole vectors first, then a half vector
-    # (16 bytes), then the rest channel by channel: each of those paths against the reference (DEIMv2's head
-    # sizes 8 to 32 among them).
+    # The CPU backward keeps a query's grad_output in registers when C is known at compile time (the family's
+    # head sizes 8, 12, 14, 16, 24, 28, 32, and 48, 64) and reads it from memory otherwise; both passes take
+    # whole SIMD vectors of 32 bytes first, then a half vector (16 bytes), then the rest channel by channel:
+    # each of those paths, in each dtype (fp16 and bf16 accumulate in fp32), against the reference.
     check_against_reference("cpu", "cpu", dtype, method, batch=1, queries=3, heads=2, channels=channels)
 
 
