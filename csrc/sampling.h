@@ -95,7 +95,9 @@ RTDETRV2_HOST_DEVICE BilinearCorners<Real, Int> bilinear_corners(Real loc_x, Rea
     const Real wx = dx ? fx : acc_t(1) - fx;
     const Real wy = dy ? fy : acc_t(1) - fy;
     corners.inside[k] = inside;
-    corners.offset[k] = inside ? cy * width + cx : int_t(0);
+    // The coordinates are selected before the product: a vector computes it in every lane, and outside the
+    // level it could overflow.
+    corners.offset[k] = (inside ? cy : int_t(0)) * width + (inside ? cx : int_t(0));
     corners.weight[k] = inside ? wx * wy : acc_t(0);
     corners.dweight_dx[k] = inside ? (dx ? wy : -wy) : acc_t(0);
     corners.dweight_dy[k] = inside ? (dy ? wx : -wx) : acc_t(0);

@@ -273,7 +273,8 @@ struct PointBatch {
   // The integer lanes of the bilinear math, as wide as acc_t's so that its masks select both (int32 for fp32).
   using Int = typename LaneOf<decltype(typename V::Vec() < typename V::Vec())>::type;
   using IV = Simd<Int>;
-  using AV = Simd<intptr_t>;  // row addresses
+  // Row addresses, at most 32 bytes of them (four with 64-bit pointers) and no more than a bundle has points.
+  using AV = Simd<intptr_t, std::min<int>(32, int(kLanes * sizeof(intptr_t)))>;
   using NarrowIV = Simd<Int, AV::kLanes * sizeof(Int)>;  // as many Int as AV has addresses
   static constexpr bool kIsDiscrete = kDiscrete;
   static constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
@@ -338,7 +339,7 @@ struct PointBatch {
     storage.assign(size, 0);
     int next = 0;
     auto point_into_storage = [&](auto*& member) {
-      member = reinterpret_cast<std::remove_reference_t<decltype(member)>>(&storage[offsets[next++]]);
+      member = reinterpret_cast<std::remove_reference_t<decltype(member)>>(storage.data() + offsets[next++]);
     };
     point_into_storage(x), point_into_storage(y), point_into_storage(attention), point_into_storage(height);
     point_into_storage(width), point_into_storage(level_start), point_into_storage(grad_level_start);
