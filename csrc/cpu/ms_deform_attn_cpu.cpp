@@ -319,33 +319,25 @@ struct PointBatch {
     const int64_t padded = (tasks * points + kLanes - 1) / kLanes * kLanes;
     const int64_t C = problem.channels;
     const int64_t backward_points = kBackward ? padded : 0, backward_taps = backward_points * kTaps;
-    // Each array starts at a multiple of 64 bytes into the storage: their offsets, in the order of the
-    // members, then the storage and the members' pointers into it.
-    size_t size = 0;
-    auto reserve = [&](int64_t count, size_t element_size) {
-      const size_t offset = (size + 63) / 64 * 64;
-      size = offset + count * element_size;
-      return offset;
+    // Each array starts at a multiple of 64 bytes into the storage. The same layout runs twice: without a
+    // base to size the storage, then to point the members into it.
+    auto layout = [&](unsigned char* base) {
+      size_t size = 0;
+      auto take = [&](auto*& member, int64_t count) {
+        const size_t offset = (size + 63) / 64 * 64;
+        if (base != nullptr) member = reinterpret_cast<std::remove_reference_t<decltype(member)>>(base + offset);
+        size = offset + count * sizeof(*member);
+      };
+      take(x, padded), take(y, padded), take(attention, padded), take(height, padded), take(width, padded);
+      take(level_start, padded), take(grad_level_start, backward_points);
+      take(level_rows, padded), take(grad_level_rows, backward_points);
+      take(rows, padded * kTaps), take(weights, padded * kTaps), take(grad_rows, backward_taps);
+      take(dweight_dx, kDiscrete ? 0 : backward_taps), take(dweight_dy, kDiscrete ? 0 : backward_taps);
+      take(zero_row, C), take(discarded_row, kBackward ? C : 0);
+      return size;
     };
-    const size_t offsets[] = {
-        reserve(padded, sizeof(acc_t)), reserve(padded, sizeof(acc_t)), reserve(padded, sizeof(acc_t)),
-        reserve(padded, sizeof(Int)), reserve(padded, sizeof(Int)),
-        reserve(padded, sizeof(int64_t)), reserve(backward_points, sizeof(int64_t)),
-        reserve(padded, sizeof(intptr_t)), reserve(backward_points, sizeof(intptr_t)),
-        reserve(padded * kTaps, sizeof(scalar_t*)), reserve(padded * kTaps, sizeof(acc_t)),
-        reserve(backward_taps, sizeof(acc_t*)), reserve(kDiscrete ? 0 : backward_taps, sizeof(acc_t)),
-        reserve(kDiscrete ? 0 : backward_taps, sizeof(acc_t)),
-        reserve(C, sizeof(scalar_t)), reserve(kBackward ? C : 0, sizeof(acc_t))};
-    storage.assign(size, 0);
-    int next = 0;
-    auto point_into_storage = [&](auto*& member) {
-      member = reinterpret_cast<std::remove_reference_t<decltype(member)>>(storage.data() + offsets[next++]);
-    };
-    point_into_storage(x), point_into_storage(y), point_into_storage(attention), point_into_storage(height);
-    point_into_storage(width), point_into_storage(level_start), point_into_storage(grad_level_start);
-    point_into_storage(level_rows), point_into_storage(grad_level_rows), point_into_storage(rows);
-    point_into_storage(weights), point_into_storage(grad_rows), point_into_storage(dweight_dx);
-    point_into_storage(dweight_dy), point_into_storage(zero_row), point_into_storage(discarded_row);
+    storage.assign(layout(nullptr), 0);
+    layout(storage.data());
     for (int64_t t = 0, i = 0; t < tasks; ++t) {
       for (int64_t l = 0; l < problem.levels.num_levels(); ++l) {
         for (int64_t p = 0; p < problem.levels.points[l]; ++p, ++i) {
