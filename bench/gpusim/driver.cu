@@ -175,10 +175,15 @@ struct Problem {
   }
 };
 
+constexpr size_t kSector = 32;  // bytes: the unit in which the caches move data
+
+size_t sectors(size_t elements) { return (elements * sizeof(float) + kSector - 1) / kSector; }
+
 // The expected results in double, straight from the definition (docs/semantics.md): bilinear as grid_sample
 // with zero padding and align_corners=False; discrete as the nearest pixel clamped into the level.
 struct Expected {
   std::vector<double> output, grad_value, grad_locations, grad_weights;
+  std::vector<bool> value_sectors;  // the 32-byte sectors of value that some tap reads
 };
 
 Expected expected(const Problem& pr) {
@@ -189,7 +194,7 @@ Expected expected(const Problem& pr) {
   e.grad_value.assign(pr.value.size(), 0.0);
   e.grad_locations.assign(pr.locations.size(), 0.0);
   e.grad_weights.assign(pr.weights.size(), 0.0);
-  std::vector<double> sample(a.channels);
+  e.value_sectors.assign((pr.value.size() * sizeof(float) + kSector - 1) / kSector, false);
   for (int b = 0; b < a.batch; ++b) {
     for (int q = 0; q < a.queries; ++q) {
       for (int head = 0; head < a.heads; ++head) {
@@ -227,6 +232,10 @@ Expected expected(const Problem& pr) {
             double grad_w = 0, grad_x = 0, grad_y = 0;
             for (const Tap& tap : taps) {
               const int row = pr.level_start[l] + tap.y * width + tap.x;
+              const size_t first = pr.value_index(b, row, head, 0) * sizeof(float);
+              for (size_t sector = first / kSector; sector <= (first + a.channels * sizeof(float) - 1) / kSector; ++sector) {
+                e.value_sectors[sector] = true;
+              }
               double dot = 0;
               for (int c = 0; c < a.channels; ++c) {
                 const double v = pr.value[pr.value_index(b, row, head, c)];
@@ -247,6 +256,22 @@ Expected expected(const Problem& pr) {
     }
   }
   return e;
+}
+
+// The least traffic that any implementation of the pass has to move between DRAM and the chip with the
+// caches cold, in whole 32-byte sectors: every sector of value that a tap reads, the per-point inputs (and
+// grad_output) read once; the results written once (grad_value whole: it is zero where no tap reads).
+// Printed as "traffic <bytes read> <bytes written>".
+void print_traffic(const Problem& pr, const Expected& e) {
+  size_t value_read = 0;
+  for (const bool touched : e.value_sectors) value_read += touched;
+  const size_t per_point = sectors(pr.locations.size()) + sectors(pr.weights.size());
+  if (pr.args.pass == "forward") {
+    std::printf("traffic %zu %zu\n", kSector * (value_read + per_point), kSector * sectors(pr.grad_output.size()));
+  } else {
+    std::printf("traffic %zu %zu\n", kSector * (value_read + per_point + sectors(pr.grad_output.size())),
+                kSector * (sectors(pr.value.size()) + per_point));
+  }
 }
 
 // Max |actual - expected| over max(1, max |expected|).
@@ -490,6 +515,7 @@ int main(int argc, char** argv) {
                       upload(problem.grad_output)};
   const Results results = args.impl == "ours" ? run_ours(problem, device) : run_original(problem, device);
   const Expected e = expected(problem);
+  print_traffic(problem, e);
   // fp32 kernels against fp64 sums of up to a few hundred terms (atomics add in any order).
   const double tolerance = 1e-4;
   bool ok = true;

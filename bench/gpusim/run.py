@@ -39,6 +39,9 @@ CONFIGS = {"SM86_RTX3070": 86, "SM7_QV100": 70, "SM90_H100": 70}
 # and SMs (-gpgpu_n_clusters).
 L2_BYTES = {"SM86_RTX3070": 4 << 20, "SM7_QV100": 6 << 20, "SM90_H100": 50 << 20}
 MULTIPROCESSORS = {"SM86_RTX3070": 46, "SM7_QV100": 80, "SM90_H100": 132}
+# What one count of the summary's dram_rd and dram_wr moves: the config's burst length x bus width x chips per
+# channel (the SM90_H100 config's HBM model moves 16 bytes a command, so a 32-byte sector counts twice).
+DRAM_ATOM_BYTES = {"SM86_RTX3070": 32, "SM7_QV100": 32, "SM90_H100": 16}
 # Appended to a config. The RTX 3070 config lists no latency for SHFL (the sixth value), which the simulator
 # then reads from uninitialized memory (a crash, or nonsense timing); these are the other two configs' values.
 CONFIG_FIXES = {"SM86_RTX3070": ["-ptx_opcode_latency_int 4,4,4,4,21,21", "-ptx_opcode_initiation_int 2,2,2,2,2,4"]}
@@ -185,11 +188,16 @@ def simulate(run: Run, binary: Path, prefix: Path, work: Path) -> dict:
                   batch=run.shape.batch, queries=run.shape.queries, heads=run.shape.heads,
                   channels=run.shape.channels, levels=[list(level) for level in run.shape.levels],
                   points=list(run.shape.points), checks=checks, command=run.command())
+    traffic = re.search(r"^traffic (\d+) (\d+)$", output, re.MULTILINE)
+    if traffic:  # the driver's floor for any implementation
+        record["minimum_read_bytes"], record["minimum_write_bytes"] = int(traffic[1]), int(traffic[2])
     if completed.returncode != 0:
         record["error"] = (f"exit status {completed.returncode}: "
                            f"{(completed.stderr or output)[-1500:].strip()}")
         return record
     record.update(parse_summary((outdir / "summary.txt").read_text(), KERNELS[run.impl]))
+    for direction in ("read", "write"):
+        record[f"dram_{direction}_bytes"] = record[f"dram_{direction}s"] * DRAM_ATOM_BYTES[run.config]
     wall = re.search(r"^wall_s\s+(\S+)", (outdir / "summary.txt").read_text(), re.MULTILINE)
     record["simulation_wall_s"] = float(wall[1]) if wall else None
     record["dump"] = str(dump)
@@ -223,10 +231,14 @@ def compare_with_original(records: list[dict]) -> None:
         record["difference_from_original"] = max((abs(x - y) for x, y in zip(a, b)), default=0.0) / scale
 
 
+def megabytes(record: dict, key: str) -> str:
+    return f"{record[key] / 1e6:.2f}" if key in record else "-"
+
+
 def markdown(records: list[dict]) -> str:
     lines = ["| config | shape | pass | method | ours cycles | original cycles | original / ours | ours warp insn "
-             "| original warp insn | ours DRAM rd | original DRAM rd |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| original warp insn | ours DRAM read MB | original DRAM read MB | least read MB (caches cold) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_key = {(r["config"], r["shape"], r["pass"], r["method"], r["impl"]): r for r in records}
     for (config, shape, pass_, method, impl), ours in by_key.items():
         if impl != "ours":
@@ -235,8 +247,8 @@ def markdown(records: list[dict]) -> str:
         ratio = f"{theirs['cycles'] / ours['cycles']:.2f}" if ours.get("cycles") and theirs.get("cycles") else "-"
         lines.append(f"| {config} | {shape} | {pass_} | {method} | {ours.get('cycles', 'error')} | "
                      f"{theirs.get('cycles', '-')} | {ratio} | {ours.get('warp_instructions', '-')} | "
-                     f"{theirs.get('warp_instructions', '-')} | {ours.get('dram_reads', '-')} | "
-                     f"{theirs.get('dram_reads', '-')} |")
+                     f"{theirs.get('warp_instructions', '-')} | {megabytes(ours, 'dram_read_bytes')} | "
+                     f"{megabytes(theirs, 'dram_read_bytes')} | {megabytes(ours, 'minimum_read_bytes')} |")
     return "\n".join(lines) + "\n"
 
 
