@@ -12,7 +12,8 @@ import torch
 from . import _call_cache, _extension
 from ._export_options import export_options
 from ._validation import check_fused_inputs, check_inputs, check_offset_scale, widen_under_autocast
-from .backends import BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend
+from .backends import (BACKENDS, ENV_VAR, available_backends, fused_implementation, implementation, resolve_backend,
+                       with_levels)
 from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 
 __all__ = [
@@ -64,10 +65,12 @@ def ms_deform_attn(
                                                                             attention_weights)
         shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points,
                                       method)
-        checked = shapes, points, resolve_backend(backend, value.device.type, value.dtype, len(shapes))
+        device_type = value.device.type
+        name = resolve_backend(backend, device_type, value.dtype, len(shapes))
+        checked = points, with_levels(implementation(name), shapes, device_type)
         _call_cache.remember(key, checked)
-    shapes, points, name = checked
-    return implementation(name)(value, shapes, sampling_locations, attention_weights, points, method)
+    points, run = checked
+    return run(value, sampling_locations, attention_weights, points, method)
 
 
 def ms_deform_attn_fused(
@@ -110,13 +113,14 @@ def ms_deform_attn_fused(
         )
         shapes, points = check_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
                                             attention_logits, num_points, offset_scale, method)
-        checked = shapes, points, resolve_backend(backend, value.device.type, value.dtype, len(shapes))
+        device_type = value.device.type
+        name = resolve_backend(backend, device_type, value.dtype, len(shapes))
+        checked = points, with_levels(fused_implementation(name), shapes, device_type)
         _call_cache.remember(key, checked)
     else:
         check_offset_scale(offset_scale)  # a plain number, not part of the signature
-    shapes, points, name = checked
-    return fused_implementation(name)(value, shapes, reference_points, sampling_offsets, attention_logits, points,
-                                      float(offset_scale), method)
+    points, run = checked
+    return run(value, reference_points, sampling_offsets, attention_logits, points, float(offset_scale), method)
 
 
 def empty_cache() -> None:

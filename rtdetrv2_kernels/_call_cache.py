@@ -7,7 +7,9 @@ the RTDETRV2_KERNELS_BACKEND variable. A call whose signature matches one that p
 is safe to skip them; bad input never has a remembered signature and still meets the full checks and their
 messages. Signatures are built only from exact types (torch.Tensor, int, list, tuple, str): anything else (a
 spatial_shapes tensor, NumPy ints, tensor subclasses) takes the full path every time, as do calls whose
-tensors differ in dtype (their fate depends on autocast) and calls while torch.compile or torch.export trace.
+tensors differ in dtype (their fate depends on autocast) and calls while torch.compile, torch.export or
+torch.onnx.export trace. What is remembered is the outcome: the point counts and the chosen backend's entry
+with the level shapes already in the form it takes (flattened, for the C++ ops).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ _SIGNATURES: dict[tuple, tuple] = {}
 
 def signature(op: str, tensors: tuple, spatial_shapes, num_points, method, backend) -> tuple | None:
     """The key of a call of `op` ("plain" or "fused"), or None when it cannot have one. Written out flat: it
-    runs on every call."""
-    if type(method) is not str or (backend is not None and type(backend) is not str):
+    runs on every call. None while torch.onnx.export traces: what a cached call runs was chosen for eager
+    calls, and an export runs the reference instead (backends.implementation)."""
+    if type(method) is not str or (backend is not None and type(backend) is not str) or backends.in_onnx_export():
         return None
     if type(spatial_shapes) is not list and type(spatial_shapes) is not tuple:
         return None
@@ -70,7 +73,8 @@ def lookup(key: tuple | None):
 
 
 def remember(key: tuple | None, checked) -> None:
-    """Stores `checked` (what the full path derived: level shapes, points, backend name) for `key`."""
+    """Stores `checked` (what the full path derived: the point counts, and the chosen backend's entry with the
+    level shapes given) for `key`."""
     if key is None:
         return
     if len(_SIGNATURES) >= _MAX_ENTRIES:

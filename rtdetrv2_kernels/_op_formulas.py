@@ -13,6 +13,8 @@ PyTorch reference instead, so that they can be differentiated again.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .reference import levels_in_order, ms_deform_attn_fused_reference, ms_deform_attn_reference
@@ -108,33 +110,49 @@ def register_fakes(forward_op, backward_op) -> None:
         torch.library.register_fake(op)(checked_fake)
 
 
-class Gradient:
-    """The autograd formula of a forward op: backward_op computes its gradients; `reference` computes its
-    output from the same arguments with PyTorch operations (for create_graph=True). tensor_positions: where
-    the op's schema takes tensors."""
+# Tensor arguments that carry the level table, as integers: never differentiated.
+LEVEL_TABLE_ARGUMENTS = ("spatial_shapes", "level_start_index")
 
-    def __init__(self, backward_op, reference, tensor_positions: tuple[int, ...]):
-        self.backward_op, self.reference, self.tensor_positions = backward_op, reference, tensor_positions
+
+def _items(positions: tuple[int, ...]):
+    """sequence -> the tuple of its items at `positions` (operator.itemgetter, a tuple even for one)."""
+    get = operator.itemgetter(*positions)
+    return get if len(positions) > 1 else lambda sequence: (get(sequence),)
+
+
+class Gradient:
+    """The autograd formula of a forward op (`op`, an OpOverload): backward_op computes its gradients;
+    `reference` computes its output from the same arguments with PyTorch operations (for create_graph=True)."""
+
+    def __init__(self, op, backward_op, reference):
+        self.op, self.backward_op, self.reference = op, backward_op, reference
+        arguments = op._schema.arguments
+        # Where the schema takes tensors, and which of those get gradients (all but the level table; the ops
+        # refuse an integer tensor anywhere else).
+        self.tensor_positions = tuple(i for i, argument in enumerate(arguments)
+                                      if isinstance(argument.type, torch.TensorType))
+        self.option_positions = tuple(i for i in range(len(arguments)) if i not in self.tensor_positions)
+        self.argument_count = len(arguments)
+        self.gradient_positions = tuple(i for i in self.tensor_positions
+                                        if arguments[i].name not in LEVEL_TABLE_ARGUMENTS)
+        # Item getters run in C: setup_context runs on every call that records the graph.
+        self._tensors, self._options = _items(self.tensor_positions), _items(self.option_positions)
 
     def setup_context(self, ctx, inputs, output):
-        # The floating-point ones (not the tensor-levels op's integer level table).
-        ctx.gradient_positions = [i for i in self.tensor_positions if inputs[i].is_floating_point()]
-        ctx.save_for_backward(*(inputs[i] for i in self.tensor_positions))
-        options = list(inputs)
-        for i in self.tensor_positions:
-            options[i] = None
-        ctx.options = options
+        ctx.save_for_backward(*self._tensors(inputs))
+        ctx.options = self._options(inputs)
 
     def backward(self, ctx, grad_output):
-        inputs = list(ctx.options)
-        for position, tensor in zip(self.tensor_positions, ctx.saved_tensors):
-            inputs[position] = tensor
+        inputs = [None] * self.argument_count
+        for positions, values in ((self.tensor_positions, ctx.saved_tensors), (self.option_positions, ctx.options)):
+            for position, value in zip(positions, values):
+                inputs[position] = value
         grads = [None] * len(inputs)
         if torch.is_grad_enabled():  # the backward pass builds a graph: second derivatives will be asked for
-            found = _differentiable_gradients(self.reference, inputs, ctx.gradient_positions, grad_output)
+            found = _differentiable_gradients(self.reference, inputs, self.gradient_positions, grad_output)
         else:
             found = self.backward_op(grad_output, *inputs)
-        for position, grad in zip(ctx.gradient_positions, found):
+        for position, grad in zip(self.gradient_positions, found):
             grads[position] = grad
         return tuple(grads)
 
@@ -147,9 +165,7 @@ def register_autograd(forward_op, backward_op, reference) -> None:
     """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
     forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
     overload = _overload(forward_op)
-    tensor_positions = tuple(i for i, argument in enumerate(overload._schema.arguments)
-                             if isinstance(argument.type, torch.TensorType))
-    gradient = Gradient(backward_op, reference, tensor_positions)
+    gradient = Gradient(overload, backward_op, reference)
     torch.library.register_autograd(forward_op, gradient.backward, setup_context=gradient.setup_context)
     GRADIENTS[overload] = gradient
 
@@ -161,9 +177,12 @@ class EagerCall(torch.autograd.Function):
     take the op's registered path."""
 
     @staticmethod
-    def forward(ctx, op, gradient, *inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op(*inputs)
+    def forward(ctx, gradient, kernel_keys, *inputs):
+        if kernel_keys is not None:  # straight to the kernel (backends.call_op)
+            output = gradient.op.redispatch(kernel_keys, *inputs)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                output = gradient.op(*inputs)
         gradient.setup_context(ctx, inputs, output)
         ctx.gradient = gradient
         return output

@@ -27,6 +27,8 @@ from .reference import ms_deform_attn_fused_reference, ms_deform_attn_reference
 ENV_VAR = "RTDETRV2_KERNELS_BACKEND"
 ANY_DEVICE = "any"  # in device_types: tensors of every device type (the reference, made of PyTorch ops)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PLAIN_PER_POINT = 2  # the plain op's tensors after value: sampling_locations, attention_weights
+FUSED_PER_POINT = 3  # the fused op's: reference_points, sampling_offsets, attention_logits
 
 
 _DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
@@ -120,20 +122,45 @@ def in_onnx_export() -> bool:
     return _onnx_flags[1].in_onnx_export or _onnx_flags[0]._is_onnx_exporting
 
 
-def call_op(op, tensors, *arguments):
+# The dispatch keys of the C++ kernels by device type. An eager call that the dispatcher would only route to
+# the kernel (no autograd to record, no Python mode, no profiler recording it) is sent there directly
+# (OpOverload.redispatch), most of a microsecond less than entering the dispatcher from the top.
+_KERNEL_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+
+
+def _kernel_keys(device_type: str):
+    """The dispatch key set of the C++ kernels for `device_type` tensors, or None (another device type)."""
+    return _KERNEL_KEYS.get(device_type)
+
+
+def _calls_enter_the_dispatcher() -> bool:
+    """Whether every call must enter the dispatcher from the top: a Python dispatch or function mode is active
+    (it must see the op), or the profiler is recording (it records ops as they enter)."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._autograd._profiler_enabled())
+
+
+def call_op(op, tensors, *arguments, keys=None):
     """op(*arguments) (`tensors`: its tensor arguments) without the dispatcher's round trip through the op's
     autograd kernel (a Python function, torch.library.register_autograd), which costs more than the rest of a
     small call: below autograd where nothing needs a gradient (where that kernel would only redispatch), and
-    through _op_formulas.EagerCall, the same formula, where something does. Traced calls (torch.compile,
-    export), functorch transforms and tensor subclasses always take the op's own path."""
+    through _op_formulas.EagerCall, the same formula, where something does. `keys`: where op is a C++ op, its
+    kernel's dispatch key set for the tensors' device (_kernel_keys), to call that kernel directly when nothing
+    else would run first. Traced calls (torch.compile, export), functorch transforms and tensor subclasses
+    always take the op's own path."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return op(*arguments)
     for tensor in tensors:
         if type(tensor) is not torch.Tensor:
             return op(*arguments)
+    if keys is not None and _calls_enter_the_dispatcher():
+        keys = None
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         gradient = _op_formulas.GRADIENTS.get(op)
-        return op(*arguments) if gradient is None else _op_formulas.EagerCall.apply(op, gradient, *arguments)
+        return op(*arguments) if gradient is None else _op_formulas.EagerCall.apply(gradient, keys, *arguments)
+    if keys is not None:
+        return op.redispatch(keys, *arguments)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*arguments)
 
@@ -144,17 +171,36 @@ def _lazy_op(namespace: str, name: str):
     return functools.cache(lambda: getattr(getattr(torch.ops, namespace), name).default)
 
 
-def _custom_op(name: str, namespace: str = "rtdetrv2_kernels"):
-    """Calls torch.ops.<namespace>.<name>, whose schema takes the level shapes flattened; the other
-    arguments (the plain op's or the fused op's) pass as given."""
-    op = _lazy_op(namespace, name)
+class _CustomOp:
+    """Calls torch.ops.<namespace>.<name>, whose schema takes the level shapes flattened; the other arguments
+    (the plain op's or the fused op's: `per_point` tensors after value, then Python values) pass as given.
+    `direct`: a C++ op, whose kernel eager calls may reach directly (call_op)."""
 
-    def run(value, spatial_shapes, *arguments):
+    def __init__(self, name: str, per_point: int, namespace: str = "rtdetrv2_kernels", direct: bool = True):
+        self._op, self._per_point, self._direct = _lazy_op(namespace, name), per_point, direct
+
+    def __call__(self, value, spatial_shapes, *arguments):
+        return self.with_levels(spatial_shapes, value.device.type)(value, *arguments)
+
+    def with_levels(self, spatial_shapes, device_type: str):
+        """The call on `device_type` tensors with the level shapes given, flattened once (what the call cache
+        keeps)."""
+        op, per_point = self._op(), self._per_point
+        keys = _kernel_keys(device_type) if self._direct else None
         flat_shapes = [size for shape in spatial_shapes for size in shape]
-        tensors = [value, *(argument for argument in arguments if isinstance(argument, torch.Tensor))]
-        return call_op(op(), tensors, value, flat_shapes, *arguments)
 
-    return run
+        def run(value, *arguments):
+            return call_op(op, (value, *arguments[:per_point]), value, flat_shapes, *arguments, keys=keys)
+
+        return run
+
+
+def with_levels(run, spatial_shapes, device_type: str):
+    """`run` (a backend's plain or fused entry) with its level shapes given, for `device_type` tensors:
+    (value, *the other arguments)."""
+    if isinstance(run, _CustomOp):
+        return run.with_levels(spatial_shapes, device_type)
+    return lambda value, *arguments: run(value, spatial_shapes, *arguments)
 
 
 def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
@@ -162,7 +208,8 @@ def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
     op = _lazy_op(namespace, "ms_deform_attn_forward_tensor_levels")
 
     def run(*arguments):
-        return call_op(op(), [argument for argument in arguments if isinstance(argument, torch.Tensor)], *arguments)
+        tensors = [argument for argument in arguments if isinstance(argument, torch.Tensor)]
+        return call_op(op(), tensors, *arguments, keys=_kernel_keys(tensors[0].device.type))
 
     return run
 
@@ -171,8 +218,8 @@ def cuda_kernel_backend(name: str, namespace: str, device_types: tuple[str, ...]
                         explicit_device_types: tuple[str, ...] = (), unavailable=lambda device_type: None) -> Backend:
     """A backend running the C++ ops of torch.ops.<namespace> with the CUDA kernels' limits (csrc/cuda/:
     kMaxLevels). The emulated CUDA builds of the test suite are made with this too."""
-    return Backend(name, _custom_op("ms_deform_attn_forward", namespace),
-                   _custom_op("ms_deform_attn_fused_forward", namespace), _tensor_levels_op(namespace),
+    return Backend(name, _CustomOp("ms_deform_attn_forward", PLAIN_PER_POINT, namespace),
+                   _CustomOp("ms_deform_attn_fused_forward", FUSED_PER_POINT, namespace), _tensor_levels_op(namespace),
                    device_types, deterministic=True, explicit_device_types=explicit_device_types, max_levels=16,
                    unavailable=unavailable)
 
@@ -220,10 +267,12 @@ _REGISTRY: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         cuda_kernel_backend("cuda", "rtdetrv2_kernels", device_types=("cuda",), unavailable=_cuda_unavailable),
-        Backend("triton", _custom_op("triton_ms_deform_attn_forward"), _custom_op("triton_ms_deform_attn_fused_forward"),
+        Backend("triton", _CustomOp("triton_ms_deform_attn_forward", PLAIN_PER_POINT, direct=False),
+                _CustomOp("triton_ms_deform_attn_fused_forward", FUSED_PER_POINT, direct=False),
                 None, device_types=("cuda",), explicit_device_types=("cpu",), unavailable=_triton_unavailable,
                 deterministic=False),  # atomics; under use_deterministic_algorithms its backward alerts
-        Backend("cpu", _custom_op("ms_deform_attn_forward"), _custom_op("ms_deform_attn_fused_forward"),
+        Backend("cpu", _CustomOp("ms_deform_attn_forward", PLAIN_PER_POINT),
+                _CustomOp("ms_deform_attn_fused_forward", FUSED_PER_POINT),
                 _tensor_levels_op(), device_types=("cpu",), unavailable=_cpu_unavailable, deterministic=True),
         # grid_sample's CUDA backward adds with atomics (PyTorch alerts under use_deterministic_algorithms).
         Backend("torch", ms_deform_attn_reference, ms_deform_attn_fused_reference, None, device_types=(ANY_DEVICE,),

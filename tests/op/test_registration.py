@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import (PLACED_STARTS, POINTS, SHAPES, assert_close, backends_for, cuda_kernel_params, make_inputs,
                       needs_cpu_kernels, place_levels)
 
@@ -177,6 +178,43 @@ def test_a_call_needing_no_gradient_records_none(backend):
     assert output.grad_fn is not None
     output.sum().backward()
     assert value.grad is not None and value.grad.abs().sum() > 0
+
+
+class _OpsSeen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_the_eager_fast_path_still_shows_the_op_to_modes_and_the_profiler(fused, requires_grad):
+    """Repeated eager calls go straight to the kernel (backends.call_op), but not past a dispatch mode or the
+    profiler: both must still see the op, and give the same result."""
+    value, locations, weights = make_inputs(batch=1, queries=3, heads=2, channels=4)
+    value.requires_grad_(requires_grad)
+    if fused:
+        reference = torch.rand(1, 3, 1, 4, dtype=value.dtype)
+
+        def call():
+            return rtdetrv2_kernels.ms_deform_attn_fused(value, SHAPES, reference, locations, weights, POINTS)
+    else:
+        def call():
+            return ms_deform_attn(value, SHAPES, locations, weights, POINTS)
+    name = "rtdetrv2_kernels::ms_deform_attn_fused_forward" if fused else "rtdetrv2_kernels::ms_deform_attn_forward"
+    expected = call()
+    call()  # the second call with this signature takes the remembered path
+    with _OpsSeen() as seen:
+        assert_close(call(), expected, torch.float64, "under a dispatch mode")
+    assert name in seen.names
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        assert_close(call(), expected, torch.float64, "under the profiler")
+    assert name in {event.name for event in profile.events()}
 
 
 # 17 levels: one more than the CUDA kernels' level table holds (csrc/cuda/: kMaxLevels).
