@@ -170,6 +170,15 @@ def register_autograd(forward_op, backward_op, reference) -> None:
     GRADIENTS[overload] = gradient
 
 
+def call_below_autograd(op, kernel_keys, arguments):
+    """op(*arguments) past its autograd kernel: straight to the kernel of `kernel_keys` (a dispatch key set,
+    backends.call_op), or with None through the dispatcher below autograd."""
+    if kernel_keys is not None:
+        return op.redispatch(kernel_keys, *arguments)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*arguments)
+
+
 class EagerCall(torch.autograd.Function):
     """An eager call of a forward op whose inputs need gradients, with the op's own formula (GRADIENTS) but
     without the dispatcher's round trip through torch.library's Python autograd kernel, which costs more than
@@ -178,11 +187,7 @@ class EagerCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gradient, kernel_keys, *inputs):
-        if kernel_keys is not None:  # straight to the kernel (backends.call_op)
-            output = gradient.op.redispatch(kernel_keys, *inputs)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                output = gradient.op(*inputs)
+        output = call_below_autograd(gradient.op, kernel_keys, inputs)
         gradient.setup_context(ctx, inputs, output)
         ctx.gradient = gradient
         return output

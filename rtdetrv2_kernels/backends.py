@@ -129,11 +129,6 @@ _KERNEL_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 
 
-def _kernel_keys(device_type: str):
-    """The dispatch key set of the C++ kernels for `device_type` tensors, or None (another device type)."""
-    return _KERNEL_KEYS.get(device_type)
-
-
 def _calls_enter_the_dispatcher() -> bool:
     """Whether every call must enter the dispatcher from the top: a Python dispatch or function mode is active
     (it must see the op), or the profiler is recording (it records ops as they enter)."""
@@ -146,7 +141,7 @@ def call_op(op, tensors, *arguments, keys=None):
     autograd kernel (a Python function, torch.library.register_autograd), which costs more than the rest of a
     small call: below autograd where nothing needs a gradient (where that kernel would only redispatch), and
     through _op_formulas.EagerCall, the same formula, where something does. `keys`: where op is a C++ op, its
-    kernel's dispatch key set for the tensors' device (_kernel_keys), to call that kernel directly when nothing
+    kernel's dispatch key set for the tensors' device (_KERNEL_KEYS), to call that kernel directly when nothing
     else would run first. Traced calls (torch.compile, export), functorch transforms and tensor subclasses
     always take the op's own path."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
@@ -159,10 +154,7 @@ def call_op(op, tensors, *arguments, keys=None):
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         gradient = _op_formulas.GRADIENTS.get(op)
         return op(*arguments) if gradient is None else _op_formulas.EagerCall.apply(gradient, keys, *arguments)
-    if keys is not None:
-        return op.redispatch(keys, *arguments)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*arguments)
+    return _op_formulas.call_below_autograd(op, keys, arguments)
 
 
 def _lazy_op(namespace: str, name: str):
@@ -186,7 +178,7 @@ class _CustomOp:
         """The call on `device_type` tensors with the level shapes given, flattened once (what the call cache
         keeps)."""
         op, per_point = self._op(), self._per_point
-        keys = _kernel_keys(device_type) if self._direct else None
+        keys = _KERNEL_KEYS.get(device_type) if self._direct else None
         flat_shapes = [size for shape in spatial_shapes for size in shape]
 
         def run(value, *arguments):
@@ -209,7 +201,7 @@ def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
 
     def run(*arguments):
         tensors = [argument for argument in arguments if isinstance(argument, torch.Tensor)]
-        return call_op(op(), tensors, *arguments, keys=_kernel_keys(tensors[0].device.type))
+        return call_op(op(), tensors, *arguments, keys=_KERNEL_KEYS.get(tensors[0].device.type))
 
     return run
 

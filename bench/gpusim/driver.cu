@@ -194,7 +194,7 @@ Expected expected(const Problem& pr) {
   e.grad_value.assign(pr.value.size(), 0.0);
   e.grad_locations.assign(pr.locations.size(), 0.0);
   e.grad_weights.assign(pr.weights.size(), 0.0);
-  e.value_sectors.assign((pr.value.size() * sizeof(float) + kSector - 1) / kSector, false);
+  e.value_sectors.assign(sectors(pr.value.size()), false);
   for (int b = 0; b < a.batch; ++b) {
     for (int q = 0; q < a.queries; ++q) {
       for (int head = 0; head < a.heads; ++head) {
