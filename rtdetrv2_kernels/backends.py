@@ -157,10 +157,18 @@ def call_op(op, tensors, *arguments, keys=None):
     return _op_formulas.call_below_autograd(op, keys, arguments)
 
 
-def _lazy_op(namespace: str, name: str):
-    """A function returning torch.ops.<namespace>.<name>.default, looked up at its first call (the library
-    defining it is loaded on first use)."""
-    return functools.cache(lambda: getattr(getattr(torch.ops, namespace), name).default)
+class _LazyOp:
+    """Returns torch.ops.<namespace>.<name>.default, looked up at its first call (the library defining it is
+    loaded on first use). A plain object rather than functools.cache: torch 2.11's Dynamo binds a cached
+    function kept as an instance attribute like a method, and breaks the graph on the extra argument."""
+
+    def __init__(self, namespace: str, name: str):
+        self._namespace, self._name, self._op = namespace, name, None
+
+    def __call__(self):
+        if self._op is None:
+            self._op = getattr(getattr(torch.ops, self._namespace), self._name).default
+        return self._op
 
 
 class _CustomOp:
@@ -169,7 +177,7 @@ class _CustomOp:
     `direct`: a C++ op, whose kernel eager calls may reach directly (call_op)."""
 
     def __init__(self, name: str, per_point: int, namespace: str = "rtdetrv2_kernels", direct: bool = True):
-        self._op, self._per_point, self._direct = _lazy_op(namespace, name), per_point, direct
+        self._op, self._per_point, self._direct = _LazyOp(namespace, name), per_point, direct
 
     def __call__(self, value, spatial_shapes, *arguments):
         return self.with_levels(spatial_shapes, value.device.type)(value, *arguments)
@@ -197,7 +205,7 @@ def with_levels(run, spatial_shapes, device_type: str):
 
 def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
     """Calls torch.ops.<namespace>.ms_deform_attn_forward_tensor_levels with its arguments as given."""
-    op = _lazy_op(namespace, "ms_deform_attn_forward_tensor_levels")
+    op = _LazyOp(namespace, "ms_deform_attn_forward_tensor_levels")
 
     def run(*arguments):
         tensors = [argument for argument in arguments if isinstance(argument, torch.Tensor)]

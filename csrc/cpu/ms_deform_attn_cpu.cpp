@@ -42,6 +42,14 @@ namespace {
 #define RTDETRV2_INLINE inline
 #define RTDETRV2_LAMBDA_INLINE
 #endif
+// The loop that follows writes no memory that it reads.
+#if defined(__clang__)
+#define RTDETRV2_DISJOINT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define RTDETRV2_DISJOINT _Pragma("GCC ivdep")
+#else
+#define RTDETRV2_DISJOINT
+#endif
 
 // Explicit SIMD through the GCC/Clang vector extension: 32-byte bundles of acc_t that compile to SSE2 or
 // AVX on x86-64 and to NEON on ARM without intrinsics.
@@ -124,20 +132,28 @@ struct PlainPoints {
     prefetch_span(locations + 2 * bqh * points, 2 * points);
     prefetch_span(weights + bqh * points, points);
   }
+  // These copies are short (2 to 12 points) and never overlap: they are marked so (RTDETRV2_DISJOINT), which
+  // spares the vectorized loop its run-time overlap checks; restrict pointers would instead let GCC turn
+  // the fp32 copies into calls to memcpy, slower at this size.
   RTDETRV2_INLINE void load(int64_t bqh, acc_t* x, acc_t* y, acc_t* weight) const {
-    const int64_t first = bqh * points;
+    const scalar_t* location = locations + 2 * bqh * points;
+    const scalar_t* attention = weights + bqh * points;
+    RTDETRV2_DISJOINT
     for (int64_t i = 0; i < points; ++i) {
-      x[i] = static_cast<acc_t>(locations[2 * (first + i)]);
-      y[i] = static_cast<acc_t>(locations[2 * (first + i) + 1]);
-      weight[i] = static_cast<acc_t>(weights[first + i]);
+      x[i] = static_cast<acc_t>(location[2 * i]);
+      y[i] = static_cast<acc_t>(location[2 * i + 1]);
+      weight[i] = static_cast<acc_t>(attention[i]);
     }
   }
   RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t* grad_loc, const acc_t* grad_weight) const {
-    const int64_t first = bqh * points;
-    for (int64_t i = 0; i < 2 * points; ++i) {
-      grad_locations[2 * first + i] = grad_loc ? static_cast<scalar_t>(grad_loc[i]) : scalar_t(0);
+    scalar_t* grad_location = grad_locations + 2 * bqh * points;
+    scalar_t* grad_attention = grad_weights + bqh * points;
+    RTDETRV2_DISJOINT
+    for (int64_t i = 0; i < points; ++i) {
+      grad_location[2 * i] = grad_loc ? static_cast<scalar_t>(grad_loc[2 * i]) : scalar_t(0);
+      grad_location[2 * i + 1] = grad_loc ? static_cast<scalar_t>(grad_loc[2 * i + 1]) : scalar_t(0);
+      grad_attention[i] = static_cast<scalar_t>(grad_weight[i]);
     }
-    for (int64_t i = 0; i < points; ++i) grad_weights[first + i] = static_cast<scalar_t>(grad_weight[i]);
   }
 };
 
@@ -203,10 +219,81 @@ constexpr int64_t kTapsPerPoint = kDiscrete ? 1 : 4;
 
 // Where tap k of point p sits in a PointBatch's tap lists: bundle by bundle of kLanes points, and within a
 // bundle corner by corner, so that placing a bundle stores whole vectors.
+// p is never negative: unsigned, the division and remainder by the power of two kLanes are a shift and a mask
+// (signed, they need sign corrections, a dozen instructions per point).
 template <int64_t kLanes, int64_t kTaps>
 RTDETRV2_INLINE int64_t tap_index(int64_t p, int64_t k) {
-  return p / kLanes * (kLanes * kTaps) + k * kLanes + p % kLanes;
+  static_assert((kLanes & (kLanes - 1)) == 0, "a bundle's lanes are a power of two");
+  const uint64_t point = static_cast<uint64_t>(p);
+  return static_cast<int64_t>(point / kLanes * (kLanes * kTaps) + point % kLanes) + k * kLanes;
 }
+
+// Calls f(std::integral_constant<int64_t, C>{}) for the head sizes the family uses (DEIMv2: 8 to 32;
+// RT-DETRv2, D-FINE and Deformable-DETR: 32, 256 channels over 8 heads; RF-DETR and LW-DETR: 16) and 48 and
+// 64, else f(std::integral_constant<int64_t, 0>{}).
+template <typename F>
+RTDETRV2_INLINE void dispatch_channels(int64_t C, const F& f) {
+  switch (C) {
+    case 8: return f(std::integral_constant<int64_t, 8>{});
+    case 12: return f(std::integral_constant<int64_t, 12>{});
+    case 14: return f(std::integral_constant<int64_t, 14>{});
+    case 16: return f(std::integral_constant<int64_t, 16>{});
+    case 24: return f(std::integral_constant<int64_t, 24>{});
+    case 28: return f(std::integral_constant<int64_t, 28>{});
+    case 32: return f(std::integral_constant<int64_t, 32>{});
+    case 48: return f(std::integral_constant<int64_t, 48>{});
+    case 64: return f(std::integral_constant<int64_t, 64>{});
+    default: return f(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// A row of kChannels acc_t channels held in registers: whole SIMD vectors, then a half vector where at least
+// half a vector is left, then single channels. kChannels is known at compile time, so every loop over the
+// channels unrolls. Value-initialized, it is zero.
+template <typename acc_t, int64_t kChannels>
+struct RegisterRow {
+  using S = Simd<acc_t>;
+  using H = HalfSimd<acc_t>;
+  static_assert(kChannels > 0, "the channel count must be known at compile time");
+  static constexpr int64_t kVectors = kChannels / S::kLanes;
+  static constexpr bool kHalf = kChannels % S::kLanes >= H::kLanes;
+  static constexpr int64_t kSinglesFrom = kVectors * S::kLanes + (kHalf ? H::kLanes : 0);
+  typename S::Vec vectors[kVectors > 0 ? kVectors : 1];
+  typename H::Vec half_vector;
+  acc_t singles[kChannels > kSinglesFrom ? kChannels - kSinglesFrom : 1];
+
+  template <typename scalar_t>
+  RTDETRV2_INLINE static RegisterRow load(const scalar_t* row) {
+    RegisterRow loaded;
+    for (int64_t j = 0; j < kVectors; ++j) loaded.vectors[j] = S::load(row + j * S::kLanes);
+    if constexpr (kHalf) loaded.half_vector = H::load(row + kVectors * S::kLanes);
+    for (int64_t c = kSinglesFrom; c < kChannels; ++c) loaded.singles[c - kSinglesFrom] = static_cast<acc_t>(row[c]);
+    return loaded;
+  }
+  // this += weight * row
+  template <typename scalar_t>
+  RTDETRV2_INLINE void add_scaled(acc_t weight, const scalar_t* row) {
+    for (int64_t j = 0; j < kVectors; ++j) vectors[j] += weight * S::load(row + j * S::kLanes);
+    if constexpr (kHalf) half_vector += weight * H::load(row + kVectors * S::kLanes);
+    for (int64_t c = kSinglesFrom; c < kChannels; ++c) singles[c - kSinglesFrom] += weight * static_cast<acc_t>(row[c]);
+  }
+  // out = this + other
+  template <typename scalar_t>
+  RTDETRV2_INLINE void store_sum(const RegisterRow& other, scalar_t* out) const {
+    for (int64_t j = 0; j < kVectors; ++j) S::store(out + j * S::kLanes, vectors[j] + other.vectors[j]);
+    if constexpr (kHalf) H::store(out + kVectors * S::kLanes, half_vector + other.half_vector);
+    for (int64_t c = kSinglesFrom; c < kChannels; ++c) {
+      out[c] = static_cast<scalar_t>(singles[c - kSinglesFrom] + other.singles[c - kSinglesFrom]);
+    }
+  }
+  RTDETRV2_INLINE static constexpr int64_t channels() { return kChannels; }
+  RTDETRV2_INLINE static constexpr int64_t num_vectors() { return kVectors; }
+  RTDETRV2_INLINE static constexpr bool has_half() { return kHalf; }
+  RTDETRV2_INLINE static constexpr int64_t singles_from() { return kSinglesFrom; }
+  RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return vectors[j]; }
+  RTDETRV2_INLINE typename H::Vec half() const { return half_vector; }
+  RTDETRV2_INLINE acc_t channel(int64_t c) const { return singles[c - kSinglesFrom]; }
+};
 
 // out[c] = sum over the taps i of the points [first, last) of weights[i] * rows[i][c]. Channels go in groups
 // of up to kGroup vectors, each with two accumulators that take alternate taps: independent FMA chains hide
@@ -259,6 +346,29 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
   }
 }
 
+// The same sum where C is known at compile time and all of a row's channels fit in registers (C <= 32 in
+// fp32): one pass over the taps reads each tap's row address and weight once, where the loop above makes a
+// pass per group of channels (two at C = 16, three at C = 24, four at C = 28).
+template <int64_t kLanes, int64_t kTaps, int64_t kChannels, typename scalar_t, typename acc_t>
+RTDETRV2_INLINE void weighted_sum_in_registers(const scalar_t* const* rows, const acc_t* weights, int64_t first,
+                                               int64_t last, scalar_t* out) {
+  using Row = RegisterRow<acc_t, kChannels>;
+  Row even{}, odd{};
+  auto add_point = [&](int64_t p, Row& mine, Row& other) RTDETRV2_LAMBDA_INLINE {
+    const int64_t base = tap_index<kLanes, kTaps>(p, 0);
+    for (int64_t k = 0; k < kTaps; ++k) {
+      (k % 2 ? other : mine).add_scaled(weights[base + k * kLanes], rows[base + k * kLanes]);
+    }
+  };
+  int64_t p = first;
+  for (; p + 1 < last; p += 2) {
+    add_point(p, even, odd);
+    add_point(p + 1, odd, even);
+  }
+  if (p < last) add_point(p, even, odd);
+  even.store_sum(odd, out);
+}
+
 // Both kernels place the points of several (batch, query, head) tasks at once, a SIMD bundle of points at a
 // time: placed one by one, a point's scalar index math cost more than its channels at C = 8 to 16 (a
 // profile at deimv2-atto-train-b4), and RF-DETR's tasks have two points each, a quarter of a bundle. A
@@ -286,6 +396,11 @@ struct PointBatch {
   int64_t tasks;   // per batch
   int64_t points;  // per task
   intptr_t row_bytes, grad_row_bytes;
+  // Whether a row's byte offset within its level (at most the largest level's rows times the longer row)
+  // fits in Int: then it is one multiply of Int lanes, not the 64-bit multiply that AVX2 lacks and the
+  // compiler builds from several instructions per lane pair. Never where a stride is 0 (an expanded value):
+  // the sign of the product marks a tap outside the level.
+  bool narrow_offsets;
   // The arrays below, zeroed, in one allocation: a tiny call pays for one, not a dozen.
   std::vector<unsigned char> storage;
   // Per point of the batch, padded to whole bundles: its location and attention weight, its level's size,
@@ -295,11 +410,12 @@ struct PointBatch {
   int64_t *level_start, *grad_level_start;  // that row's offset from the (batch, head)'s first
   intptr_t *level_rows, *grad_level_rows;
   // Per tap, in tap_index order: the row it reads, its weight (the forward's times the attention weight),
-  // and for the backward the grad_value row it adds to and its weight's derivatives along x and y.
+  // and for the backward the grad_value row it adds to, its weight times the attention weight (the scale of
+  // its grad_value update) and its weight's derivatives along x and y.
   const scalar_t** rows;
   acc_t* weights;
   acc_t** grad_rows;
-  acc_t *dweight_dx, *dweight_dy;
+  acc_t *scaled_weights, *dweight_dx, *dweight_dy;
   // Taps outside the level read zeros and add into a discarded row, so the summations have no branches.
   scalar_t* zero_row;
   acc_t* discarded_row;
@@ -316,6 +432,13 @@ struct PointBatch {
         points(problem.points),
         row_bytes(problem.row_stride * intptr_t(sizeof(scalar_t))),
         grad_row_bytes(grad_row_stride * intptr_t(sizeof(acc_t))) {
+    int64_t largest_level = 0;
+    for (int64_t l = 0; l < problem.levels.num_levels(); ++l) {
+      largest_level = std::max<int64_t>(largest_level, int64_t(problem.levels.height[l]) * problem.levels.width[l]);
+    }
+    const intptr_t longest_row = std::max(row_bytes, kBackward ? grad_row_bytes : intptr_t(0));
+    narrow_offsets = row_bytes > 0 && (!kBackward || grad_row_bytes > 0) &&
+                     largest_level <= int64_t(std::numeric_limits<Int>::max()) / longest_row;
     const int64_t padded = (tasks * points + kLanes - 1) / kLanes * kLanes;
     const int64_t C = problem.channels;
     const int64_t backward_points = kBackward ? padded : 0, backward_taps = backward_points * kTaps;
@@ -332,6 +455,7 @@ struct PointBatch {
       take(level_start, padded), take(grad_level_start, backward_points);
       take(level_rows, padded), take(grad_level_rows, backward_points);
       take(rows, padded * kTaps), take(weights, padded * kTaps), take(grad_rows, backward_taps);
+      take(scaled_weights, backward_taps);
       take(dweight_dx, kDiscrete ? 0 : backward_taps), take(dweight_dy, kDiscrete ? 0 : backward_taps);
       take(zero_row, C), take(discarded_row, kBackward ? C : 0);
       return size;
@@ -356,6 +480,7 @@ struct PointBatch {
                             const scalar_t* value_bh, acc_t* grad_value_bh = nullptr) {
     const int64_t first = t * points;
     problem.source.load(bqh, &x[first], &y[first], &attention[first]);
+    RTDETRV2_DISJOINT
     for (int64_t i = first; i < first + points; ++i) {
       level_rows[i] = reinterpret_cast<intptr_t>(value_bh + level_start[i]);
       if constexpr (kBackward) grad_level_rows[i] = reinterpret_cast<intptr_t>(grad_value_bh + grad_level_start[i]);
@@ -371,11 +496,13 @@ struct PointBatch {
     auto store_rows = [&](auto* out, const typename IV::Vec& offsets, const intptr_t* level, intptr_t bytes,
                           const void* outside) RTDETRV2_LAMBDA_INLINE {
       Int offset[kLanes];
-      IV::store(offset, offsets);
+      IV::store(offset, narrow_offsets ? offsets * Int(bytes) : offsets);
       for (int64_t j = 0; j < kLanes; j += AV::kLanes) {
-        const typename AV::Vec wide = __builtin_convertvector(NarrowIV::load(offset + j), typename AV::Vec);
+        typename AV::Vec wide = __builtin_convertvector(NarrowIV::load(offset + j), typename AV::Vec);
+        const auto inside = wide >= 0;  // before the product, which is 0 for every tap where bytes is
+        if (!narrow_offsets) wide *= bytes;
         AV::store(reinterpret_cast<intptr_t*>(out + j),
-                  wide >= 0 ? AV::load(level + j) + wide * bytes : reinterpret_cast<intptr_t>(outside));
+                  inside ? AV::load(level + j) + wide : reinterpret_cast<intptr_t>(outside));
       }
     };
     auto store_tap = [&](int64_t tap, int64_t first, const typename IV::Vec& offsets) RTDETRV2_LAMBDA_INLINE {
@@ -395,6 +522,7 @@ struct PointBatch {
         }
         store_tap(taps, first, IV::load(offset));
         V::store(&weights[taps], kBackward ? typename V::Vec() + acc_t(1) : point_attention);
+        if constexpr (kBackward) V::store(&scaled_weights[taps], point_attention);
       } else {
         const auto corners = bilinear_corners(V::load(&x[first]), V::load(&y[first]), IV::load(&height[first]),
                                               IV::load(&width[first]));
@@ -403,6 +531,7 @@ struct PointBatch {
           store_tap(tap, first, corners.inside[k] ? corners.offset[k] : Int(-1));
           if constexpr (kBackward) {
             V::store(&weights[tap], corners.weight[k]);
+            V::store(&scaled_weights[tap], point_attention * corners.weight[k]);
             V::store(&dweight_dx[tap], corners.dweight_dx[k]);
             V::store(&dweight_dy[tap], corners.dweight_dy[k]);
           } else {
@@ -410,12 +539,19 @@ struct PointBatch {
           }
         }
       }
-      const int64_t lanes = std::min(kLanes, count - first);
-      for (int64_t k = 0; k < kTaps; ++k) {
-        for (int64_t j = 0; j < lanes; ++j) {
-          prefetch_row_start(rows[taps + k * kLanes + j]);
-          if constexpr (kBackward) prefetch_row_start</*kForWrite=*/true>(grad_rows[taps + k * kLanes + j]);
+      // A whole bundle's loop has a constant count, which the compiler unrolls.
+      auto prefetch_taps = [&](int64_t lanes) RTDETRV2_LAMBDA_INLINE {
+        for (int64_t k = 0; k < kTaps; ++k) {
+          for (int64_t j = 0; j < lanes; ++j) {
+            prefetch_row_start(rows[taps + k * kLanes + j]);
+            if constexpr (kBackward) prefetch_row_start</*kForWrite=*/true>(grad_rows[taps + k * kLanes + j]);
+          }
         }
+      };
+      if (count - first >= kLanes) {
+        prefetch_taps(kLanes);
+      } else {
+        prefetch_taps(count - first);
       }
     }
   }
@@ -440,7 +576,14 @@ struct PointBatch {
 
   // The forward's output row of task t: the weighted sum of its taps' rows.
   RTDETRV2_INLINE void sum_task(int64_t t, int64_t C, scalar_t* out) const {
-    weighted_sum<kLanes, kTaps>(rows, weights, t * points, (t + 1) * points, C, out);
+    dispatch_channels(C, [&](auto channels) RTDETRV2_LAMBDA_INLINE {
+      constexpr int64_t kChannels = decltype(channels)::value;
+      if constexpr (kChannels > 0 && kChannels <= 4 * kLanes) {
+        weighted_sum_in_registers<kLanes, kTaps, kChannels>(rows, weights, t * points, (t + 1) * points, out);
+      } else {
+        weighted_sum<kLanes, kTaps>(rows, weights, t * points, (t + 1) * points, C, out);
+      }
+    });
   }
 };
 
@@ -491,34 +634,14 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
   }
 }
 
-// grad_output of one (batch, query, head), as whole SIMD vectors of channels, then a half vector where at
-// least half a vector is left, then single channels. With kChannels > 0, C is known at compile time: the
-// row is loaded once into locals the compiler keeps in registers, and every loop over channels unrolls.
-// With kChannels = 0 any C works: the row is converted into a buffer and read from there.
+// grad_output of one (batch, query, head), channel by channel as RegisterRow splits them. With kChannels > 0
+// the row is loaded once into registers; with kChannels = 0 any C works: the row is converted into a buffer
+// and read from there.
 template <typename acc_t, int64_t kChannels>
-struct GradOutRow {
-  using S = Simd<acc_t>;
-  using H = HalfSimd<acc_t>;
-  static constexpr int64_t kVectors = kChannels / S::kLanes;
-  static constexpr bool kHalf = kChannels % S::kLanes >= H::kLanes;
-  static constexpr int64_t kSinglesFrom = kVectors * S::kLanes + (kHalf ? H::kLanes : 0);
-  typename S::Vec vectors[kVectors > 0 ? kVectors : 1];
-  typename H::Vec half_vector;
-  acc_t singles[kChannels > kSinglesFrom ? kChannels - kSinglesFrom : 1];
-
+struct GradOutRow : RegisterRow<acc_t, kChannels> {
   template <typename scalar_t>
-  RTDETRV2_INLINE GradOutRow(const scalar_t* row, int64_t, acc_t*) {
-    for (int64_t j = 0; j < kVectors; ++j) vectors[j] = S::load(row + j * S::kLanes);
-    if constexpr (kHalf) half_vector = H::load(row + kVectors * S::kLanes);
-    for (int64_t c = kSinglesFrom; c < kChannels; ++c) singles[c - kSinglesFrom] = static_cast<acc_t>(row[c]);
-  }
-  RTDETRV2_INLINE static constexpr int64_t channels() { return kChannels; }
-  RTDETRV2_INLINE static constexpr int64_t num_vectors() { return kVectors; }
-  RTDETRV2_INLINE static constexpr bool has_half() { return kHalf; }
-  RTDETRV2_INLINE static constexpr int64_t singles_from() { return kSinglesFrom; }
-  RTDETRV2_INLINE typename S::Vec vector(int64_t j) const { return vectors[j]; }
-  RTDETRV2_INLINE typename H::Vec half() const { return half_vector; }
-  RTDETRV2_INLINE acc_t channel(int64_t c) const { return singles[c - kSinglesFrom]; }
+  RTDETRV2_INLINE GradOutRow(const scalar_t* row, int64_t, acc_t*)
+      : RegisterRow<acc_t, kChannels>(RegisterRow<acc_t, kChannels>::load(row)) {}
 };
 
 template <typename acc_t>
@@ -564,25 +687,28 @@ RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t
       const int64_t tap = first + k * Batch::kLanes;
       const scalar_t* row = batch.rows[tap];
       acc_t* grad_row = batch.grad_rows[tap];
-      const acc_t scale = attention * batch.weights[tap];
+      const acc_t scale = batch.scaled_weights[tap];
       Vec dot = {};
       for (int64_t j = 0; j < grad_out.num_vectors(); ++j) {
         const Vec g = grad_out.vector(j);
         dot += g * S::load(row + j * S::kLanes);
         S::store(grad_row + j * S::kLanes, S::load(grad_row + j * S::kLanes) + scale * g);
       }
-      acc_t rest = 0;
-      if (grad_out.has_half()) {
-        const int64_t c = grad_out.num_vectors() * S::kLanes;
-        const typename H::Vec g = grad_out.half();
-        rest += H::sum(g * H::load(row + c));
-        H::store(grad_row + c, H::load(grad_row + c) + scale * g);
+      // The channels past the whole vectors, where C has any (a lane insert per tap costs at C = 8).
+      if (grad_out.has_half() || grad_out.singles_from() < grad_out.channels()) {
+        acc_t rest = 0;
+        if (grad_out.has_half()) {
+          const int64_t c = grad_out.num_vectors() * S::kLanes;
+          const typename H::Vec g = grad_out.half();
+          rest += H::sum(g * H::load(row + c));
+          H::store(grad_row + c, H::load(grad_row + c) + scale * g);
+        }
+        for (int64_t c = grad_out.singles_from(); c < grad_out.channels(); ++c) {
+          rest += grad_out.channel(c) * static_cast<acc_t>(row[c]);
+          grad_row[c] += scale * grad_out.channel(c);
+        }
+        dot[0] += rest;
       }
-      for (int64_t c = grad_out.singles_from(); c < grad_out.channels(); ++c) {
-        rest += grad_out.channel(c) * static_cast<acc_t>(row[c]);
-        grad_row[c] += scale * grad_out.channel(c);
-      }
-      dot[0] += rest;
       dots[k] = dot;
     }
     Vec grad_w = {}, grad_x = {}, grad_y = {};
@@ -602,25 +728,6 @@ RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t
       grad_loc[2 * p] = attention * S::sum(grad_x) * static_cast<acc_t>(batch.width[point]);
       grad_loc[2 * p + 1] = attention * S::sum(grad_y) * static_cast<acc_t>(batch.height[point]);
     }
-  }
-}
-
-// Calls f(std::integral_constant<int64_t, C>{}) for the head sizes the family uses (DEIMv2: 8 to 32;
-// RT-DETRv2, D-FINE and Deformable-DETR: 32, 256 channels over 8 heads; RF-DETR and LW-DETR: 16) and 48 and
-// 64, else f(std::integral_constant<int64_t, 0>{}).
-template <typename F>
-RTDETRV2_INLINE void dispatch_channels(int64_t C, const F& f) {
-  switch (C) {
-    case 8: return f(std::integral_constant<int64_t, 8>{});
-    case 12: return f(std::integral_constant<int64_t, 12>{});
-    case 14: return f(std::integral_constant<int64_t, 14>{});
-    case 16: return f(std::integral_constant<int64_t, 16>{});
-    case 24: return f(std::integral_constant<int64_t, 24>{});
-    case 28: return f(std::integral_constant<int64_t, 28>{});
-    case 32: return f(std::integral_constant<int64_t, 32>{});
-    case 48: return f(std::integral_constant<int64_t, 48>{});
-    case 64: return f(std::integral_constant<int64_t, 64>{});
-    default: return f(std::integral_constant<int64_t, 0>{});
   }
 }
 

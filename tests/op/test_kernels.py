@@ -196,6 +196,21 @@ def test_non_contiguous_and_expanded_inputs(backend, device, method):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_samples_outside_a_value_broadcast_over_its_rows_read_nothing(backend, device, dtype):
+    # value expanded over its rows (row stride 0, so every row's byte offset is 0) and infinite: a sample
+    # outside every level must read nothing, not some row times a zero weight (inf * 0 is NaN).
+    value, locations, weights = make_inputs(batch=2, dtype=dtype, device=device)
+    row = torch.full_like(value[:, :1], float("inf")).requires_grad_()
+    locations = (2 + locations.abs()).requires_grad_()  # beyond the far edge of every level
+    weights.requires_grad_()
+    output = ms_deform_attn(row.expand_as(value), SHAPES, locations, weights, POINTS, backend=backend)
+    gradients = torch.autograd.grad(output, (row, locations, weights), torch.ones_like(output))
+    for name, a in zip(NAMES, (output, *gradients)):
+        assert torch.equal(a, torch.zeros_like(a)), name
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("batch,queries", [(0, 4), (2, 0)])
 def test_empty_batch_or_queries(backend, device, batch, queries):
     value, locations, weights = make_inputs(batch=batch, queries=queries, device=device)
