@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -90,6 +91,41 @@ struct Simd {
 template <typename acc_t>
 using HalfSimd = Simd<acc_t, 16>;
 
+// The lanes of a and b picked by kIndex (0 to kLanes - 1 from a, kLanes to 2 kLanes - 1 from b).
+template <int... kIndex, typename Vec>
+RTDETRV2_INLINE Vec shuffle(const Vec& a, const Vec& b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, kIndex...);
+#else
+  typedef int32_t Index __attribute__((vector_size(sizeof(int32_t) * sizeof...(kIndex))));
+  return __builtin_shuffle(a, b, Index{kIndex...});
+#endif
+}
+
+// Lane j of the result is the sum of the lanes of vector j of the kLanes vectors stored at data. At 8 fp32
+// lanes, pairs of vectors are folded by adding neighbouring lanes within each 16 bytes (as AVX's hadd does),
+// twice, then the two halves are added: 21 instructions for the 8 sums, where a horizontal sum takes about 7.
+template <typename acc_t>
+RTDETRV2_INLINE typename Simd<acc_t>::Vec lane_sums(const acc_t* data) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  Vec v[S::kLanes];
+  for (int64_t j = 0; j < S::kLanes; ++j) v[j] = S::load(data + j * S::kLanes);
+  if constexpr (S::kLanes == 8 && sizeof(acc_t) == sizeof(int32_t)) {
+    auto add_neighbours = [](const Vec& a, const Vec& b) RTDETRV2_LAMBDA_INLINE {
+      return shuffle<0, 2, 8, 10, 4, 6, 12, 14>(a, b) + shuffle<1, 3, 9, 11, 5, 7, 13, 15>(a, b);
+    };
+    // low: lanes 0-3 hold the sums of the first halves of v[0..3], lanes 4-7 those of their second halves.
+    const Vec low = add_neighbours(add_neighbours(v[0], v[1]), add_neighbours(v[2], v[3]));
+    const Vec high = add_neighbours(add_neighbours(v[4], v[5]), add_neighbours(v[6], v[7]));
+    return shuffle<0, 1, 2, 3, 8, 9, 10, 11>(low, high) + shuffle<4, 5, 6, 7, 12, 13, 14, 15>(low, high);
+  } else {
+    Vec sums;
+    for (int64_t j = 0; j < S::kLanes; ++j) sums[j] = S::sum(v[j]);
+    return sums;
+  }
+}
+
 // Rows are requested before they are used, one request per 128 bytes: the L2's adjacent-line prefetcher
 // brings the other 64-byte line of each 128-byte pair, and a request per line clogged the miss queue.
 // prefetch_row_start requests a row's first 128 bytes, as soon as the row is known (all of a C=32 fp32 row);
@@ -115,6 +151,14 @@ RTDETRV2_INLINE void prefetch_span(const T* data, int64_t count) {
   prefetch_row_start(bytes + last);
 }
 
+// Calls f(std::integral_constant<int64_t, n>{}) where n is one of kValues, else
+// f(std::integral_constant<int64_t, 0>{}): code for the common counts, with every loop over them unrolled.
+template <int64_t... kValues, typename F>
+RTDETRV2_INLINE void dispatch_constant(int64_t n, const F& f) {
+  const bool named = ((n == kValues && (f(std::integral_constant<int64_t, kValues>{}), true)) || ...);
+  if (!named) f(std::integral_constant<int64_t, 0>{});
+}
+
 // Where a kernel's per-point inputs come from, and where the gradients of those inputs go. Each fills the
 // acc_t buffers of one (batch, query, head): x[P], y[P] and weight[P]; and takes their gradients back as
 // grad_loc[2P], (x, y) pairs, and grad_weight[P]. PlainPoints reads and writes the plain op's sampling_locations and
@@ -132,18 +176,24 @@ struct PlainPoints {
     prefetch_span(locations + 2 * bqh * points, 2 * points);
     prefetch_span(weights + bqh * points, points);
   }
-  // These copies are short (2 to 12 points) and never overlap: they are marked so (RTDETRV2_DISJOINT), which
+  // These copies are short (2 to 16 points) and never overlap: they are marked so (RTDETRV2_DISJOINT), which
   // spares the vectorized loop its run-time overlap checks; restrict pointers would instead let GCC turn
-  // the fp32 copies into calls to memcpy, slower at this size.
+  // the fp32 copies into calls to memcpy, slower at this size. The family's counts of points per head
+  // (RF-DETR 2, DEIMv2's small models 6, LW-DETR 8, RT-DETRv2 and D-FINE 12, the Deformable-DETR encoder 16)
+  // get loops of constant count, which the compiler unrolls (a run-time count cost about 9 instructions per point).
   RTDETRV2_INLINE void load(int64_t bqh, acc_t* x, acc_t* y, acc_t* weight) const {
     const scalar_t* location = locations + 2 * bqh * points;
     const scalar_t* attention = weights + bqh * points;
-    RTDETRV2_DISJOINT
-    for (int64_t i = 0; i < points; ++i) {
-      x[i] = static_cast<acc_t>(location[2 * i]);
-      y[i] = static_cast<acc_t>(location[2 * i + 1]);
-      weight[i] = static_cast<acc_t>(attention[i]);
-    }
+    auto copy = [&](auto count) RTDETRV2_LAMBDA_INLINE {
+      const int64_t n = decltype(count)::value > 0 ? int64_t(decltype(count)::value) : points;
+      RTDETRV2_DISJOINT
+      for (int64_t i = 0; i < n; ++i) {
+        x[i] = static_cast<acc_t>(location[2 * i]);
+        y[i] = static_cast<acc_t>(location[2 * i + 1]);
+        weight[i] = static_cast<acc_t>(attention[i]);
+      }
+    };
+    dispatch_constant<2, 6, 8, 12, 16>(points, copy);
   }
   RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t* grad_loc, const acc_t* grad_weight) const {
     scalar_t* grad_location = grad_locations + 2 * bqh * points;
@@ -233,18 +283,7 @@ RTDETRV2_INLINE int64_t tap_index(int64_t p, int64_t k) {
 // 64, else f(std::integral_constant<int64_t, 0>{}).
 template <typename F>
 RTDETRV2_INLINE void dispatch_channels(int64_t C, const F& f) {
-  switch (C) {
-    case 8: return f(std::integral_constant<int64_t, 8>{});
-    case 12: return f(std::integral_constant<int64_t, 12>{});
-    case 14: return f(std::integral_constant<int64_t, 14>{});
-    case 16: return f(std::integral_constant<int64_t, 16>{});
-    case 24: return f(std::integral_constant<int64_t, 24>{});
-    case 28: return f(std::integral_constant<int64_t, 28>{});
-    case 32: return f(std::integral_constant<int64_t, 32>{});
-    case 48: return f(std::integral_constant<int64_t, 48>{});
-    case 64: return f(std::integral_constant<int64_t, 64>{});
-    default: return f(std::integral_constant<int64_t, 0>{});
-  }
+  dispatch_constant<8, 12, 14, 16, 24, 28, 32, 48, 64>(C, f);
 }
 
 // A row of kChannels acc_t channels held in registers: whole SIMD vectors, then a half vector where at least
@@ -295,10 +334,29 @@ struct RegisterRow {
   RTDETRV2_INLINE acc_t channel(int64_t c) const { return singles[c - kSinglesFrom]; }
 };
 
-// out[c] = sum over the taps i of the points [first, last) of weights[i] * rows[i][c]. Channels go in groups
-// of up to kGroup vectors, each with two accumulators that take alternate taps: independent FMA chains hide
-// the FMA latency that one chain per vector (48 FMAs long for RT-DETRv2's 48 taps) would serialize on
-// (measured against one accumulator per vector: bench/results/cpu-kernel-design/).
+// Calls add_tap(i, sum) for every tap i of the points [first, last) in tap_index order, with one of two
+// accumulators: a point's even corners go to one and its odd ones to the other, and a point's only tap
+// (discrete) alternates with the next point's. Two independent FMA chains hide the FMA latency that one chain
+// (48 FMAs long for RT-DETRv2's 48 taps) would serialize on (measured: bench/results/cpu-kernel-design/).
+template <int64_t kLanes, int64_t kTaps, typename Accumulator, typename AddTap>
+RTDETRV2_INLINE void sum_taps_in_two_chains(int64_t first, int64_t last, Accumulator& even, Accumulator& odd,
+                                            const AddTap& add_tap) {
+  auto add_point = [&](int64_t p, Accumulator& mine, Accumulator& other) RTDETRV2_LAMBDA_INLINE {
+    const int64_t base = tap_index<kLanes, kTaps>(p, 0);
+    for (int64_t k = 0; k < kTaps; ++k) add_tap(base + k * kLanes, k % 2 ? other : mine);
+  };
+  int64_t p = first;
+  for (; p + 1 < last; p += 2) {
+    add_point(p, even, odd);
+    add_point(p + 1, odd, even);
+  }
+  if (p < last) add_point(p, even, odd);
+}
+
+// out[c] = sum over the taps i of the points [first, last) of weights[i] * rows[i][c], for any C: the
+// forward's sum where C is not one that dispatch_channels names, or is too long to be held in registers
+// (48, 64; see weighted_sum_in_registers). Channels go in groups of up to kGroup vectors, a pass over the
+// taps per group.
 template <int64_t kLanes, int64_t kTaps, typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weights, int64_t first, int64_t last,
                                   int64_t C, scalar_t* out) {
@@ -307,27 +365,14 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
   // Channels [c, ...) in groups of kVectors bundles of the width V (Simd or HalfSimd) while they fit.
   auto sum_vectors = [&](auto width, auto group_constant) RTDETRV2_LAMBDA_INLINE {
     using V = decltype(width);
-    using Vec = typename V::Vec;
     constexpr int64_t kVectors = decltype(group_constant)::value;
+    using Group = std::array<typename V::Vec, kVectors>;
     for (; c + kVectors * V::kLanes <= C; c += kVectors * V::kLanes) {
-      Vec even[kVectors] = {}, odd[kVectors] = {};
-      // The odd corners of point p go to one chain and the even ones to the other; a point's only tap
-      // (discrete) alternates with the next point's.
-      auto add_point = [&](int64_t p, Vec* mine, Vec* other) RTDETRV2_LAMBDA_INLINE {
-        const int64_t base = tap_index<kLanes, kTaps>(p, 0);
-        for (int64_t k = 0; k < kTaps; ++k) {
-          const scalar_t* row = rows[base + k * kLanes] + c;
-          const acc_t weight = weights[base + k * kLanes];
-          Vec* sums = k % 2 ? other : mine;
-          for (int64_t j = 0; j < kVectors; ++j) sums[j] += weight * V::load(row + j * V::kLanes);
-        }
-      };
-      int64_t p = first;
-      for (; p + 1 < last; p += 2) {
-        add_point(p, even, odd);
-        add_point(p + 1, odd, even);
-      }
-      if (p < last) add_point(p, even, odd);
+      Group even{}, odd{};
+      sum_taps_in_two_chains<kLanes, kTaps>(first, last, even, odd, [&](int64_t i, Group& sums) RTDETRV2_LAMBDA_INLINE {
+        const scalar_t* row = rows[i] + c;
+        for (int64_t j = 0; j < kVectors; ++j) sums[j] += weights[i] * V::load(row + j * V::kLanes);
+      });
       for (int64_t j = 0; j < kVectors; ++j) V::store(out + c + j * V::kLanes, even[j] + odd[j]);
     }
   };
@@ -347,25 +392,16 @@ RTDETRV2_INLINE void weighted_sum(const scalar_t* const* rows, const acc_t* weig
 }
 
 // The same sum where C is known at compile time and all of a row's channels fit in registers (C <= 32 in
-// fp32): one pass over the taps reads each tap's row address and weight once, where the loop above makes a
-// pass per group of channels (two at C = 16, three at C = 24, four at C = 28).
+// fp32): one pass over the taps reads each tap's row address and weight once, where weighted_sum makes a pass
+// per group of channels (it would make two at C = 16, three at C = 24, four at C = 28).
 template <int64_t kLanes, int64_t kTaps, int64_t kChannels, typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void weighted_sum_in_registers(const scalar_t* const* rows, const acc_t* weights, int64_t first,
                                                int64_t last, scalar_t* out) {
   using Row = RegisterRow<acc_t, kChannels>;
   Row even{}, odd{};
-  auto add_point = [&](int64_t p, Row& mine, Row& other) RTDETRV2_LAMBDA_INLINE {
-    const int64_t base = tap_index<kLanes, kTaps>(p, 0);
-    for (int64_t k = 0; k < kTaps; ++k) {
-      (k % 2 ? other : mine).add_scaled(weights[base + k * kLanes], rows[base + k * kLanes]);
-    }
-  };
-  int64_t p = first;
-  for (; p + 1 < last; p += 2) {
-    add_point(p, even, odd);
-    add_point(p + 1, odd, even);
-  }
-  if (p < last) add_point(p, even, odd);
+  sum_taps_in_two_chains<kLanes, kTaps>(first, last, even, odd, [&](int64_t i, Row& sum) RTDETRV2_LAMBDA_INLINE {
+    sum.add_scaled(weights[i], rows[i]);
+  });
   even.store_sum(odd, out);
 }
 
@@ -409,6 +445,10 @@ struct PointBatch {
   Int *height, *width;
   int64_t *level_start, *grad_level_start;  // that row's offset from the (batch, head)'s first
   intptr_t *level_rows, *grad_level_rows;
+  // Per task slot, the (batch, head) first rows its level_rows were made from: consecutive tasks mostly share
+  // them (a task walks one head's queries), and remaking the rows cost about 7 instructions per point.
+  const scalar_t** slot_value_bh;
+  acc_t** slot_grad_value_bh;
   // Per tap, in tap_index order: the row it reads, its weight (the forward's times the attention weight),
   // and for the backward the grad_value row it adds to, its weight times the attention weight (the scale of
   // its grad_value update) and its weight's derivatives along x and y.
@@ -416,6 +456,10 @@ struct PointBatch {
   acc_t* weights;
   acc_t** grad_rows;
   acc_t *scaled_weights, *dweight_dx, *dweight_dy;
+  // The backward's, per tap: the dot product of grad_output's row with the tap's row, still a vector of
+  // kLanes partial sums; and per point, the gradients of its (x, y) location and attention weight.
+  acc_t* dots;
+  acc_t *grad_point_locations, *grad_point_weights;
   // Taps outside the level read zeros and add into a discarded row, so the summations have no branches.
   scalar_t* zero_row;
   acc_t* discarded_row;
@@ -454,8 +498,10 @@ struct PointBatch {
       take(x, padded), take(y, padded), take(attention, padded), take(height, padded), take(width, padded);
       take(level_start, padded), take(grad_level_start, backward_points);
       take(level_rows, padded), take(grad_level_rows, backward_points);
+      take(slot_value_bh, tasks), take(slot_grad_value_bh, tasks);
       take(rows, padded * kTaps), take(weights, padded * kTaps), take(grad_rows, backward_taps);
-      take(scaled_weights, backward_taps);
+      take(scaled_weights, backward_taps), take(dots, backward_taps * kLanes);
+      take(grad_point_locations, 2 * backward_points), take(grad_point_weights, backward_points);
       take(dweight_dx, kDiscrete ? 0 : backward_taps), take(dweight_dy, kDiscrete ? 0 : backward_taps);
       take(zero_row, C), take(discarded_row, kBackward ? C : 0);
       return size;
@@ -480,6 +526,9 @@ struct PointBatch {
                             const scalar_t* value_bh, acc_t* grad_value_bh = nullptr) {
     const int64_t first = t * points;
     problem.source.load(bqh, &x[first], &y[first], &attention[first]);
+    // The storage starts zeroed, and value_bh is never null: a slot's first task makes its rows.
+    if (slot_value_bh[t] == value_bh && slot_grad_value_bh[t] == grad_value_bh) return;
+    slot_value_bh[t] = value_bh, slot_grad_value_bh[t] = grad_value_bh;
     RTDETRV2_DISJOINT
     for (int64_t i = first; i < first + points; ++i) {
       level_rows[i] = reinterpret_cast<intptr_t>(value_bh + level_start[i]);
@@ -585,6 +634,35 @@ struct PointBatch {
       }
     });
   }
+
+  // The backward's gradients of the first count points' locations and attention weights, from their taps'
+  // dots, a bundle at a time: the lane sums of a bundle's corner-k dots are one vector over its points.
+  RTDETRV2_INLINE void point_gradients(int64_t count) const {
+    using Vec = typename V::Vec;
+    for (int64_t first = 0; first < count; first += kLanes) {
+      Vec grad_weight = {}, grad_x = {}, grad_y = {};
+      for (int64_t k = 0; k < kTaps; ++k) {
+        const int64_t tap = tap_index<kLanes, kTaps>(first, k);
+        const Vec dot = lane_sums<acc_t>(&dots[tap * kLanes]);
+        grad_weight += V::load(&weights[tap]) * dot;
+        if constexpr (!kDiscrete) {
+          grad_x += V::load(&dweight_dx[tap]) * dot;
+          grad_y += V::load(&dweight_dy[tap]) * dot;
+        }
+      }
+      V::store(&grad_point_weights[first], grad_weight);
+      if constexpr (!kDiscrete) {  // the nearest pixel does not move with the location: no location gradient
+        // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
+        const Vec point_attention = V::load(&attention[first]);
+        grad_x *= point_attention * convert_to<Vec>(IV::load(&width[first]));
+        grad_y *= point_attention * convert_to<Vec>(IV::load(&height[first]));
+        for (int64_t j = 0; j < kLanes; ++j) {
+          grad_point_locations[2 * (first + j)] = grad_x[j];
+          grad_point_locations[2 * (first + j) + 1] = grad_y[j];
+        }
+      }
+    }
+  }
 };
 
 // The output rows of the (batch, head, query) triples i in [begin, end), queries innermost. A batch of
@@ -665,24 +743,19 @@ struct GradOutRow<acc_t, 0> {
 };
 
 // Sums the taps of task t of a placed backward batch: adds attention * weight * grad_out to each tap's
-// grad_value row, and writes the gradients of the task's locations and attention weights. Per point, the
-// taps' dot products grad_out . row stay vectors until combined into the three sums the gradients need, so a
-// point costs three horizontal sums, not one per tap (measured against a sum per tap:
-// bench/results/cpu-kernel-design/).
+// grad_value row, and leaves each tap's dot product grad_out . row in batch.dots as a vector of partial sums,
+// which PointBatch::point_gradients sums a bundle of points at a time (a horizontal sum per point and tap,
+// or three per point, cost more).
 template <int64_t kChannels, typename Batch, typename scalar_t, typename acc_t>
 RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t* grad_output_row, int64_t C,
-                                   acc_t* grad_out_buffer, acc_t* grad_loc, acc_t* grad_weight) {
+                                   acc_t* grad_out_buffer) {
   using S = Simd<acc_t>;
   using H = HalfSimd<acc_t>;
   using Vec = typename S::Vec;
-  constexpr bool kDiscrete = Batch::kIsDiscrete;
   constexpr int64_t kTaps = Batch::kTaps;
   const GradOutRow<acc_t, kChannels> grad_out(grad_output_row, C, grad_out_buffer);
-  for (int64_t p = 0; p < batch.points; ++p) {
-    const int64_t point = t * batch.points + p;
+  for (int64_t point = t * batch.points; point < (t + 1) * batch.points; ++point) {
     const int64_t first = tap_index<Batch::kLanes, kTaps>(point, 0);
-    const acc_t attention = batch.attention[point];
-    Vec dots[kTaps];
     for (int64_t k = 0; k < kTaps; ++k) {
       const int64_t tap = first + k * Batch::kLanes;
       const scalar_t* row = batch.rows[tap];
@@ -709,24 +782,7 @@ RTDETRV2_INLINE void backward_task(const Batch& batch, int64_t t, const scalar_t
         }
         dot[0] += rest;
       }
-      dots[k] = dot;
-    }
-    Vec grad_w = {}, grad_x = {}, grad_y = {};
-    for (int64_t k = 0; k < kTaps; ++k) {
-      const int64_t tap = first + k * Batch::kLanes;
-      grad_w += batch.weights[tap] * dots[k];
-      if constexpr (!kDiscrete) {
-        grad_x += batch.dweight_dx[tap] * dots[k];
-        grad_y += batch.dweight_dy[tap] * dots[k];
-      }
-    }
-    grad_weight[p] = S::sum(grad_w);
-    if constexpr (kDiscrete) {
-      grad_loc[2 * p] = grad_loc[2 * p + 1] = acc_t(0);  // the nearest pixel does not move with the location
-    } else {
-      // Chain rule through x = loc_x * W - 0.5 and y = loc_y * H - 0.5.
-      grad_loc[2 * p] = attention * S::sum(grad_x) * static_cast<acc_t>(batch.width[point]);
-      grad_loc[2 * p + 1] = attention * S::sum(grad_y) * static_cast<acc_t>(batch.height[point]);
+      S::store(&batch.dots[tap * S::kLanes], dot);
     }
   }
 }
@@ -741,7 +797,7 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
   const int64_t C = problem.channels, H = problem.heads, Q = problem.queries, P = problem.points;
   const int64_t grad_row_stride = H * C;
   PointBatch<scalar_t, kDiscrete, /*kBackward=*/true> batch(problem, grad_row_stride);
-  std::vector<acc_t> grad_out_buffer(C), grad_loc(2 * P), grad_weight(P);  // the buffer: for runtime C only
+  std::vector<acc_t> grad_out_buffer(C);  // for a C that dispatch_channels does not name
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / H, h = bh % H;
     const scalar_t* value_bh = problem.value_rows(b, h);
@@ -762,10 +818,14 @@ RTDETRV2_CPU_MULTIVERSION void backward_range(const Problem<scalar_t, Points>& p
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t bqh = (b * Q + q0 + t) * H + h;
         dispatch_channels(C, [&](auto channels) RTDETRV2_LAMBDA_INLINE {
-          backward_task<decltype(channels)::value>(batch, t, grad_output + bqh * C, C, grad_out_buffer.data(),
-                                                   grad_loc.data(), grad_weight.data());
+          backward_task<decltype(channels)::value>(batch, t, grad_output + bqh * C, C, grad_out_buffer.data());
         });
-        problem.source.store_gradients(bqh, kDiscrete ? nullptr : grad_loc.data(), grad_weight.data());
+      }
+      batch.point_gradients(tasks * P);
+      for (int64_t t = 0; t < tasks; ++t) {
+        problem.source.store_gradients((b * Q + q0 + t) * H + h,
+                                       kDiscrete ? nullptr : &batch.grad_point_locations[2 * t * P],
+                                       &batch.grad_point_weights[t * P]);
       }
     }
   }

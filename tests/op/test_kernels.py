@@ -195,6 +195,31 @@ def test_non_contiguous_and_expanded_inputs(backend, device, method):
         assert_close(a, e, torch.float64, f"misaligned value: {name}")
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_backward_of_a_value_broadcast_over_the_batch_writes_each_images_gradient(dtype, method):
+    # value expanded over the batch (stride 0): every image reads the same rows, but its grad_value rows are its
+    # own. The CPU kernels keep a task's row addresses while its (batch, head) stays the same; keyed on value's
+    # rows alone, they would add every image's gradient into the first image's rows (with one head, the tasks
+    # of consecutive images follow each other). The raw op is called: through autograd, the expand's backward
+    # sums the images, which would hide it.
+    value, locations, weights = make_inputs(batch=1, heads=1, dtype=dtype)
+    batch = 3
+    value_expanded = value.expand(batch, -1, -1, -1)
+    locations = torch.cat([locations, locations.flip(1), locations.roll(1, dims=2)])
+    weights = torch.cat([weights, weights.flip(1), weights.roll(1, dims=2)])
+    grad_output = torch.randn(batch, locations.size(1), value.size(2) * value.size(3), dtype=dtype)
+    flat_shapes = [size for shape in SHAPES for size in shape]
+    actual = torch.ops.rtdetrv2_kernels.ms_deform_attn_backward(
+        grad_output, value_expanded, flat_shapes, locations, weights, POINTS, method)
+    expected = run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method),
+                              *(t.double() for t in (value_expanded.contiguous(), locations, weights)),
+                              grad_output=grad_output.double())
+    for name, a, e in zip(NAMES[1:], actual, expected[1:]):
+        assert_close(a, e, dtype, name)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_samples_outside_a_value_broadcast_over_its_rows_read_nothing(backend, device, dtype):
