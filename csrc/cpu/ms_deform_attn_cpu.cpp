@@ -526,7 +526,8 @@ struct PointBatch {
                             const scalar_t* value_bh, acc_t* grad_value_bh = nullptr) {
     const int64_t first = t * points;
     problem.source.load(bqh, &x[first], &y[first], &attention[first]);
-    // The storage starts zeroed, and value_bh is never null: a slot's first task makes its rows.
+    // The storage starts zeroed, so a slot's first task makes its rows (unless value is empty and value_bh
+    // null: then the rows are never read).
     if (slot_value_bh[t] == value_bh && slot_grad_value_bh[t] == grad_value_bh) return;
     slot_value_bh[t] = value_bh, slot_grad_value_bh[t] = grad_value_bh;
     RTDETRV2_DISJOINT
