@@ -422,7 +422,6 @@ struct PointBatch {
   // Row addresses, at most 32 bytes of them (four with 64-bit pointers) and no more than a bundle has points.
   using AV = Simd<intptr_t, std::min<int>(32, int(kLanes * sizeof(intptr_t)))>;
   using NarrowIV = Simd<Int, AV::kLanes * sizeof(Int)>;  // as many Int as AV has addresses
-  static constexpr bool kIsDiscrete = kDiscrete;
   static constexpr int64_t kTaps = kTapsPerPoint<kDiscrete>;
   // A batch holds up to kPoints points (four fp32 bundles; more only in a single task), and rows of no more
   // than kRowBytes in all, half of a 32 KiB L1, so that the rows requested first are still there when summed.
