@@ -16,9 +16,11 @@ from rtdetrv2_kernels import backends
 # Non-square levels (W > H and H > W); power-of-two sides where border locations are placed exactly.
 SHAPES = [(4, 8), (8, 2), (3, 5)]
 POINTS = [3, 6, 2]
+FLAT_SHAPES = [size for shape in SHAPES for size in shape]  # the schema's int[] spatial_shapes
 # The family's head sizes: DEIMv2's 8 to 32 channels per head (RF-DETR and LW-DETR: 16; RT-DETRv2: 32).
 FAMILY_HEAD_SIZES = [8, 12, 14, 16, 24, 28, 32]
 FUSED_POINTS = [3, 6, 2]
+FLAT_SHAPES = [size for shape in SHAPES for size in shape]  # the schema's int[] spatial_shapes
 
 
 def backends_for(device_type: str) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import (
     EMULATED_ARCHS,
+    FLAT_SHAPES,
     FUSED_POINTS,
     PLACED_STARTS,
     POINTS,
@@ -135,10 +136,9 @@ def test_the_variant_matrix_launches_every_instantiation(emulated_arch):
 @pytest.mark.parametrize("op", ["plain", "tensor-levels", "fused"])
 def test_opcheck(emulated_arch, op, emulated_build):
     ops = emulated_build(emulated_arch)
-    flat = [size for shape in SHAPES for size in shape]
     if op == "plain":
         value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
-        torch.library.opcheck(ops.ms_deform_attn_forward.default, (value.requires_grad_(), flat,
+        torch.library.opcheck(ops.ms_deform_attn_forward.default, (value.requires_grad_(), FLAT_SHAPES,
                               locations.requires_grad_(), weights.requires_grad_(), POINTS, "default"))
     elif op == "tensor-levels":
         value, locations, weights = make_inputs(batch=2, queries=3, heads=2, channels=5, borders=False)
@@ -147,7 +147,7 @@ def test_opcheck(emulated_arch, op, emulated_build):
             locations.requires_grad_(), weights.requires_grad_(), POINTS, "default"))
     else:
         value, ref, offsets, logits = make_fused_inputs(batch=2, queries=3, heads=2, channels=5)
-        torch.library.opcheck(ops.ms_deform_attn_fused_forward.default, (value.requires_grad_(), flat,
+        torch.library.opcheck(ops.ms_deform_attn_fused_forward.default, (value.requires_grad_(), FLAT_SHAPES,
                               ref.requires_grad_(), offsets.requires_grad_(), logits.requires_grad_(), FUSED_POINTS,
                               0.5, "default"))
 

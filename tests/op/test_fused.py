@@ -8,7 +8,8 @@ import fractions
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILY_HEAD_SIZES, FUSED_POINTS, SHAPES, assert_close, backend_params, backends_for, make_fused_inputs, run_with_grads
+from helpers import (FAMILY_HEAD_SIZES, FLAT_SHAPES, FUSED_POINTS, SHAPES, assert_close, backend_params, backends_for,
+                     make_fused_inputs, run_with_grads)
 
 from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_fused_reference
 
@@ -184,14 +185,13 @@ def test_opcheck_fused_ops(backend, reference, method):
     dtype = torch.float32 if backend == "triton" else torch.float64
     value, ref, offsets, logits = make_fused_inputs(batch=2, queries=3, heads=2, channels=5, reference=reference,
                                                per_level=reference == "points", dtype=dtype)
-    flat = [size for shape in SHAPES for size in shape]
     ops = torch.ops.rtdetrv2_kernels
     forward = getattr(ops, FUSED_OPS[backend] + "_forward").default
     backward = getattr(ops, FUSED_OPS[backend] + "_backward").default
-    torch.library.opcheck(forward, (value.requires_grad_(), flat, ref.requires_grad_(), offsets.requires_grad_(),
+    torch.library.opcheck(forward, (value.requires_grad_(), FLAT_SHAPES, ref.requires_grad_(), offsets.requires_grad_(),
                                     logits.requires_grad_(), POINTS, 0.5, method))
     grad_output = torch.randn(2, 3, 10, dtype=dtype)
-    torch.library.opcheck(backward, (grad_output, value.detach(), flat, ref.detach(), offsets.detach(),
+    torch.library.opcheck(backward, (grad_output, value.detach(), FLAT_SHAPES, ref.detach(), offsets.detach(),
                                      logits.detach(), POINTS, 0.5, method))
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import (
     FAMILY_HEAD_SIZES,
+    FLAT_SHAPES,
     GPU_KERNELS,
     POINTS,
     SHAPES,
@@ -204,15 +205,14 @@ def test_cpu_backward_of_a_value_broadcast_over_the_batch_writes_each_images_gra
     # rows alone, they would add every image's gradient into the first image's rows (with one head, the tasks
     # of consecutive images follow each other). The raw op is called: through autograd, the expand's backward
     # sums the images, which would hide it.
-    value, locations, weights = make_inputs(batch=1, heads=1, dtype=dtype)
-    batch = 3
-    value_expanded = value.expand(batch, -1, -1, -1)
-    locations = torch.cat([locations, locations.flip(1), locations.roll(1, dims=2)])
-    weights = torch.cat([weights, weights.flip(1), weights.roll(1, dims=2)])
-    grad_output = torch.randn(batch, locations.size(1), value.size(2) * value.size(3), dtype=dtype)
-    flat_shapes = [size for shape in SHAPES for size in shape]
+    images = [make_inputs(batch=1, heads=1, dtype=dtype, seed=seed) for seed in range(3)]  # own samples each
+    value_expanded = images[0][0].expand(len(images), -1, -1, -1)
+    locations = torch.cat([locations for _, locations, _ in images])
+    weights = torch.cat([weights for _, _, weights in images])
+    grad_output = torch.randn(len(images), locations.size(1), value_expanded.size(2) * value_expanded.size(3),
+                              generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     actual = torch.ops.rtdetrv2_kernels.ms_deform_attn_backward(
-        grad_output, value_expanded, flat_shapes, locations, weights, POINTS, method)
+        grad_output, value_expanded, FLAT_SHAPES, locations, weights, POINTS, method)
     expected = run_with_grads(lambda v, l, w: ms_deform_attn_reference(v, SHAPES, l, w, POINTS, method),
                               *(t.double() for t in (value_expanded.contiguous(), locations, weights)),
                               grad_output=grad_output.double())

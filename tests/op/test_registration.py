@@ -10,14 +10,11 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from helpers import (PLACED_STARTS, POINTS, SHAPES, assert_close, backends_for, cuda_kernel_params, make_inputs,
-                      needs_cpu_kernels, place_levels)
+from helpers import (FLAT_SHAPES, PLACED_STARTS, POINTS, SHAPES, assert_close, backends_for, cuda_kernel_params,
+                     make_inputs, needs_cpu_kernels, place_levels)
 
 import rtdetrv2_kernels
 from rtdetrv2_kernels import ms_deform_attn
-
-FLAT_SHAPES = [s for shape in SHAPES for s in shape]
-
 
 OPS = {  # backend -> (forward op, backward op)
     "cpu": ("ms_deform_attn_forward", "ms_deform_attn_backward"),

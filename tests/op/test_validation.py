@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from helpers import POINTS, SHAPES, backend_params, backends_for, make_inputs, needs_cpu_kernels
+from helpers import FLAT_SHAPES, POINTS, SHAPES, backend_params, backends_for, make_inputs, needs_cpu_kernels
 
 from rtdetrv2_kernels import ms_deform_attn
 
@@ -103,7 +103,6 @@ def test_raw_op_rejects_bad_shapes_without_crashing(backend, device):
 # The Triton ops rerun none of ms_deform_attn's checks, only those their kernels' memory safety needs (as the C++
 # ops do): a direct call must still fail clearly, before any launch. Each case: the op, its arguments from
 # (v, l, w) = make_inputs(), a grad_output g for them and reference boxes r, and the message.
-FLAT = [s for shape in SHAPES for s in shape]
 FORWARD, BACKWARD = "triton_ms_deform_attn_forward", "triton_ms_deform_attn_backward"
 FUSED_FORWARD, FUSED_BACKWARD = "triton_ms_deform_attn_fused_forward", "triton_ms_deform_attn_fused_backward"
 TRITON_OP_CASES = {
@@ -114,24 +113,26 @@ TRITON_OP_CASES = {
                        r"must be positive"),
     "odd-shapes": (FORWARD, lambda v, l, w, g, r: (v, [4, 8, 8, 2, 3], l, w, POINTS, "default"),
                    r"spatial_shapes must be \(height, width\) pairs"),
-    "num-points": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w, [3, 8], "default"), r"one count per level"),
-    "zero-points": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w, [3, 8, 0], "default"), r"must be positive"),
-    "locations": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l[..., :10, :], w, POINTS, "default"),
+    "num-points": (FORWARD, lambda v, l, w, g, r: (v, FLAT_SHAPES, l, w, [3, 8], "default"), r"one count per level"),
+    "zero-points": (FORWARD, lambda v, l, w, g, r: (v, FLAT_SHAPES, l, w, [3, 8, 0], "default"), r"must be positive"),
+    "locations": (FORWARD, lambda v, l, w, g, r: (v, FLAT_SHAPES, l[..., :10, :], w, POINTS, "default"),
                   r"sampling_locations must have shape \(B, Q, H, P, 2\) = \(2, Q, 3, 11, 2\)"),
-    "weights": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w[:, :4], POINTS, "default"),
+    "weights": (FORWARD, lambda v, l, w, g, r: (v, FLAT_SHAPES, l, w[:, :4], POINTS, "default"),
                 r"attention_weights must have shape \(B, Q, H, P\) = \(2, 5, 3, 11\)"),
-    "value": (FORWARD, lambda v, l, w, g, r: (v[0], FLAT, l, w, POINTS, "default"),
+    "value": (FORWARD, lambda v, l, w, g, r: (v[0], FLAT_SHAPES, l, w, POINTS, "default"),
               r"value must have shape \(B, S, H, C\)"),
-    "method": (FORWARD, lambda v, l, w, g, r: (v, FLAT, l, w, POINTS, "nearest"), r"method must be one of"),
-    "grad-output": (BACKWARD, lambda v, l, w, g, r: (g[..., :-1], v, FLAT, l, w, POINTS, "default"),
+    "method": (FORWARD, lambda v, l, w, g, r: (v, FLAT_SHAPES, l, w, POINTS, "nearest"), r"method must be one of"),
+    "grad-output": (BACKWARD, lambda v, l, w, g, r: (g[..., :-1], v, FLAT_SHAPES, l, w, POINTS, "default"),
                     r"grad_output must have shape \(B, Q, H\*C\) = \(2, 5, 21\)"),
-    "backward-rows": (BACKWARD, lambda v, l, w, g, r: (g, v[:, 1:], FLAT, l, w, POINTS, "default"),
+    "backward-rows": (BACKWARD, lambda v, l, w, g, r: (g, v[:, 1:], FLAT_SHAPES, l, w, POINTS, "default"),
                       r"value has S=62 rows"),
-    "reference": (FUSED_FORWARD, lambda v, l, w, g, r: (v, FLAT, r.expand(2, 5, 2, 4), l, w, POINTS, 0.5, "default"),
+    "reference": (FUSED_FORWARD,
+                  lambda v, l, w, g, r: (v, FLAT_SHAPES, r.expand(2, 5, 2, 4), l, w, POINTS, 0.5, "default"),
                   r"reference_points must have shape \(B, Q, 1 or L, 4 or 2\) with B=2, Q=5, L=3"),
-    "offsets": (FUSED_FORWARD, lambda v, l, w, g, r: (v, FLAT, r, l[:1], w, POINTS, 0.5, "default"),
+    "offsets": (FUSED_FORWARD, lambda v, l, w, g, r: (v, FLAT_SHAPES, r, l[:1], w, POINTS, 0.5, "default"),
                 r"sampling_offsets must have shape"),
-    "fused-grad-output": (FUSED_BACKWARD, lambda v, l, w, g, r: (g[:, :4], v, FLAT, r, l, w, POINTS, 0.5, "default"),
+    "fused-grad-output": (FUSED_BACKWARD,
+                          lambda v, l, w, g, r: (g[:, :4], v, FLAT_SHAPES, r, l, w, POINTS, 0.5, "default"),
                           r"grad_output must have shape"),
 }
 
@@ -165,7 +166,7 @@ def _raw_op_arguments(op_name: str) -> list:
         value=value, sampling_locations=locations, attention_weights=weights, sampling_offsets=locations,
         attention_logits=weights, reference_points=torch.rand(2, 5, 1, 4, dtype=torch.float64),
         grad_output=torch.randn(2, 5, 21, dtype=torch.float64), num_points=POINTS, offset_scale=0.5,
-        method="default", spatial_shapes=torch.tensor(SHAPES) if tensor_levels else FLAT,
+        method="default", spatial_shapes=torch.tensor(SHAPES) if tensor_levels else FLAT_SHAPES,
         level_start_index=torch.tensor([0, 32, 48]),
     )
     schema = getattr(torch.ops.rtdetrv2_kernels, op_name).default._schema
