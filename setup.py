@@ -9,6 +9,7 @@ against whatever torch is installed then (rtdetrv2_kernels/_extension.py). A bin
 by a torch other than the one it was built against.
 """
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -45,8 +46,17 @@ def _extensions():
             if config.is_cuda_library(name):  # which GPUs it can run on (backend selection checks)
                 (Path(package_dir) / (name + config.ARCHS_SUFFIX)).write_text(os.environ["TORCH_CUDA_ARCH_LIST"] + "\n")
 
+        def finalize_options(self):
+            super().finalize_options()
+            # The CPU and the CUDA library compile at the same time (minutes each, mostly one compiler process).
+            if self.parallel is None:
+                self.parallel = True
+
         def build_extension(self, ext):
-            super().build_extension(ext)
+            # Each library in a build folder of its own: torch writes one build.ninja per folder.
+            own_folder = copy.copy(self)
+            own_folder.build_temp = os.path.join(self.build_temp, ext.name)
+            super(BuildExtensionWithStamp, own_folder).build_extension(ext)
             self.write_stamp(Path(self.get_ext_fullpath(ext.name)).parent, ext)
 
         def copy_extensions_to_source(self):  # editable installs (`pip install -e .`) load from the checkout

@@ -16,7 +16,9 @@ LIBRARIES = {
 # -fopenmp: ATen's parallel_for is an inline OpenMP region; without it every kernel runs on one thread.
 CXX_FLAGS = ["-O3", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# --threads=0: one nvcc thread per architecture, up to the machine's cores (the architectures compile one after
+# another otherwise).
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--threads=0"]
 # Turing (the T4, on which RT-DETR, D-FINE and DEIM publish their latencies), Ampere, Ada and Hopper, plus
 # PTX that newer GPUs compile at load time.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
