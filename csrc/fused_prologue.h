@@ -22,6 +22,45 @@ RTDETRV2_HOST_DEVICE acc_t exponential(acc_t x) {
 #endif
 }
 
+// The order in which a lane walks a (batch, query, head)'s points, round r taking point r, or with
+// kLastLevelFirst point P - 1 - r, so that the levels come last to first. In the family's layout (finest level
+// first) a forward launch then reads the small coarse levels, which many queries share, while all its queries
+// are at them together, and the large finest level last: in GPGPU-Sim's RTX 3070 model (4 MB L2) that read
+// a third less from DRAM at RT-DETRv2's decoder, where in level order the finest level's rows pushed the
+// coarse ones out of the L2 between their uses. The backward keeps level order: there the L2 also holds
+// grad_value's atomics, and the V100 model wrote more of them back to DRAM the other way (bench/results/
+// gpusim-2026-12-07). Rounds past the points give a point >= P (not real) and leave the level valid.
+// Levels: anything with indexable per-level point counts.
+template <bool kLastLevelFirst, typename Levels>
+struct PointWalk {
+  const Levels& levels;
+  int32_t num_levels, points, level;
+  int32_t bound;  // where the level's points end (in level order) or begin (last level first)
+
+  RTDETRV2_HOST_DEVICE PointWalk(const Levels& levels_, int32_t num_levels_, int32_t points_)
+      : levels(levels_),
+        num_levels(num_levels_),
+        points(points_),
+        level(kLastLevelFirst ? num_levels_ - 1 : 0),
+        bound(kLastLevelFirst ? points_ - static_cast<int32_t>(levels_.points[num_levels_ - 1])
+                              : static_cast<int32_t>(levels_.points[0])) {}
+
+  RTDETRV2_HOST_DEVICE int32_t point(int32_t r) const {
+    return kLastLevelFirst && r < points ? points - 1 - r : r;
+  }
+
+  // Moves to point p's level (p moves one way only); whether the level changed.
+  RTDETRV2_HOST_DEVICE bool seek(int32_t p) {
+    const int32_t before = level;
+    if constexpr (kLastLevelFirst) {
+      while (p < bound && level > 0) bound -= static_cast<int32_t>(levels.points[--level]);
+    } else {
+      while (p >= bound && level + 1 < num_levels) bound += static_cast<int32_t>(levels.points[++level]);
+    }
+    return level != before;
+  }
+};
+
 // The fused op's inputs, all contiguous: reference_points (B, Q, R, K) with R = 1 or L rows and K = 4
 // (boxes cx, cy, w, h) or 2 (points x, y), sampling_offsets (B, Q, H, P, 2), attention_logits (B, Q, H, P).
 // Levels is the caller's level table: anything with indexable points, height and width per level.
@@ -64,40 +103,40 @@ struct FusedPrologue {
   // Calls f(level, point, weight, loc_x, loc_y) for each point of bqh, levels in order.
   template <typename F>
   RTDETRV2_HOST_DEVICE void visit(int64_t bqh, const F& f) const {
-    visit(bqh, 0, 1, static_cast<int32_t>(points), f);
+    visit<false>(bqh, 0, 1, static_cast<int32_t>(points), f);
   }
 
-  // The same for `rounds` of the points first, first + stride, ...: a lane's share when several lanes split
-  // bqh's points. Rounds past the last point call f(last level, point, 0, 0, 0), so that every lane of a group
-  // can make the same calls. One call site, reached once per round whatever the level: lanes that combine
-  // their results with warp shuffles inside f reach those shuffles together.
-  template <typename F>
+  // The same for `rounds` of the points first, first + stride, ... in PointWalk's order: a lane's share when
+  // several lanes split bqh's points. Rounds past the points call f(a valid level, p >= points, 0, 0, 0), so
+  // that every lane of a group can make the same calls. One call site, reached once per round whatever the
+  // level: lanes that combine their results with warp shuffles inside f reach those shuffles together.
+  template <bool kLastLevelFirst, typename F>
   RTDETRV2_HOST_DEVICE void visit(int64_t bqh, int32_t first, int32_t stride, int32_t rounds, const F& f) const {
     acc_t largest, total;
     softmax_stats(bqh, largest, total);
     const scalar_t* logit_row = logits + bqh * points;
     const scalar_t* offset_row = offsets + 2 * bqh * points;
-    int32_t level = -1, level_end = 0;
-    acc_t factor_x = 0, factor_y = 0, ref_x = 0, ref_y = 0;
-    for (int32_t round = 0, p = first; round < rounds; ++round, p += stride) {
-      if (p >= level_end && level + 1 < static_cast<int32_t>(num_levels)) {
-        while (p >= level_end && level + 1 < static_cast<int32_t>(num_levels)) {
-          level_end += static_cast<int32_t>(levels.points[++level]);
-        }
-        offset_factors(level, factor_x, factor_y);
-        const scalar_t* ref = reference_row(bqh, level);
-        ref_x = static_cast<acc_t>(ref[0]);
-        ref_y = static_cast<acc_t>(ref[1]);
-        if (reference_size == 4) {  // boxes: offsets scale with the box size
-          factor_x *= static_cast<acc_t>(ref[2]);
-          factor_y *= static_cast<acc_t>(ref[3]);
-        }
+    PointWalk<kLastLevelFirst, Levels> walk(levels, static_cast<int32_t>(num_levels), static_cast<int32_t>(points));
+    acc_t factor_x, factor_y, ref_x, ref_y;
+    const auto enter_level = [&] {
+      offset_factors(walk.level, factor_x, factor_y);
+      const scalar_t* ref = reference_row(bqh, walk.level);
+      ref_x = static_cast<acc_t>(ref[0]);
+      ref_y = static_cast<acc_t>(ref[1]);
+      if (reference_size == 4) {  // boxes: offsets scale with the box size
+        factor_x *= static_cast<acc_t>(ref[2]);
+        factor_y *= static_cast<acc_t>(ref[3]);
       }
+    };
+    enter_level();
+    for (int32_t round = 0, r = first; round < rounds; ++round, r += stride) {
+      const int32_t p = walk.point(r);
+      if (walk.seek(p)) enter_level();
       const bool real = p < points;
       const acc_t weight = real ? exponential(static_cast<acc_t>(logit_row[p]) - largest) / total : acc_t(0);
       const acc_t loc_x = real ? ref_x + static_cast<acc_t>(offset_row[2 * p]) * factor_x : acc_t(0);
       const acc_t loc_y = real ? ref_y + static_cast<acc_t>(offset_row[2 * p + 1]) * factor_y : acc_t(0);
-      f(level, p, weight, loc_x, loc_y);
+      f(walk.level, p, weight, loc_x, loc_y);
     }
   }
 

@@ -99,11 +99,12 @@ __device__ __forceinline__ Vec<scalar_t, VEC> load_row(const scalar_t* rows, int
 }
 
 // Where the kernels' per-point inputs come from. visit(bqh, levels, first, stride, rounds, f) calls
-// f(level geometry, point, weight, loc_x, loc_y) for `rounds` of the points first, first + stride, ... of one (batch,
-// query, head), levels in order: one lane's share of them. Rounds past the last point call f(last level,
-// point, 0, 0, 0), so that the lanes of a group can all make the same calls, from one call site. PlainPoints reads the plain op's
-// locations and weights, with either level table; FusedPoints computes them from the fused op's inputs
-// (fused_prologue.h), whose level shapes are kernel arguments.
+// f(level geometry, point, weight, loc_x, loc_y) for `rounds` of one (batch, query, head)'s points, rounds first,
+// first + stride, ... in PointWalk's order (fused_prologue.h): one lane's share of them. Rounds past the points
+// call f(a valid level, p >= points, 0, 0, 0), so that the lanes of a group can all make the same calls, from
+// one call site. PlainPoints reads the plain op's locations and weights, with
+// either level table; FusedPoints computes them from the fused op's inputs (fused_prologue.h), whose level
+// shapes are kernel arguments.
 template <typename scalar_t>
 struct PlainPoints {
   using acc_t = acc_type<scalar_t>;
@@ -111,16 +112,17 @@ struct PlainPoints {
   const scalar_t* weights;
   int64_t points;
 
-  template <typename Levels, typename F>
+  template <bool kLastLevelFirst, typename Levels, typename F>
   __device__ __forceinline__ void visit(int64_t bqh, const Levels& levels, int32_t first, int32_t stride,
                                         int32_t rounds, const F& f) const {
     // One call site, reached once per round whatever the level (see FusedPrologue::visit).
-    int32_t level = 0, level_end = levels.points[0];
-    for (int32_t round = 0, p = first; round < rounds; ++round, p += stride) {
-      while (p >= level_end && level + 1 < levels.num_levels) level_end += levels.points[++level];
+    PointWalk<kLastLevelFirst, Levels> walk(levels, levels.num_levels, static_cast<int32_t>(points));
+    for (int32_t round = 0, r = first; round < rounds; ++round, r += stride) {
+      const int32_t p = walk.point(r);
+      walk.seek(p);
       const bool real = p < points;
       const int64_t point = bqh * points + (real ? p : 0);
-      f(levels.level(level), p, real ? static_cast<acc_t>(weights[point]) : acc_t(0),
+      f(levels.level(walk.level), p, real ? static_cast<acc_t>(weights[point]) : acc_t(0),
         real ? static_cast<acc_t>(locations[2 * point]) : acc_t(0),
         real ? static_cast<acc_t>(locations[2 * point + 1]) : acc_t(0));
     }
@@ -140,10 +142,11 @@ struct FusedPoints {
     return {reference, offsets, logits, heads, points, reference_rows, reference_size, offset_scale,
             levels.num_levels, levels};
   }
-  template <typename F>
+  template <bool kLastLevelFirst, typename F>
   __device__ __forceinline__ void visit(int64_t bqh, const LevelParams& levels, int32_t first, int32_t stride,
                                         int32_t rounds, const F& f) const {
-    prologue(levels).visit(bqh, first, stride, rounds, [&](int32_t level, int32_t p, acc_t w, acc_t x, acc_t y) {
+    prologue(levels).template visit<kLastLevelFirst>(bqh, first, stride, rounds,
+                                                     [&](int32_t level, int32_t p, acc_t w, acc_t x, acc_t y) {
       f(levels.level(level), p, w, x, y);
     });
   }
@@ -219,8 +222,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSM)
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
   const int32_t rounds = active ? rounds_of(lane.point, kPointLanes, g.points) : 0;
-  points.visit(lane.bqh, levels, lane.point, kPointLanes, rounds, [&](const LevelGeometry& level, int32_t,
-                                                                      acc_t w, acc_t loc_x, acc_t loc_y) {
+  constexpr bool kLastLevelFirst = true;  // PointWalk
+  points.template visit<kLastLevelFirst>(lane.bqh, levels, lane.point, kPointLanes, rounds,
+                                         [&](const LevelGeometry& level, int32_t, acc_t w, acc_t loc_x, acc_t loc_y) {
     const int32_t height = level.height, width = level.width;
     const scalar_t* rows = value_bh + level.start * g.stride_s;
     if constexpr (kDiscrete) {
@@ -408,8 +412,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSM)
   const bool first_lane = lane.channel == 0;
   // With shuffles, every point lane runs as many rounds as the first, which has the most points.
   const int32_t rounds = rounds_of(kShuffle ? 0 : lane.point, kPointLanes, g.points);
-  points.visit(lane.bqh, levels, lane.point, kPointLanes, rounds, [&](const LevelGeometry& level, int32_t p,
-                                                                      acc_t w, acc_t loc_x, acc_t loc_y) {
+  constexpr bool kLastLevelFirst = false;  // PointWalk
+  points.template visit<kLastLevelFirst>(lane.bqh, levels, lane.point, kPointLanes, rounds,
+                                         [&](const LevelGeometry& level, int32_t p, acc_t w, acc_t loc_x, acc_t loc_y) {
     const bool real = active && p < g.points;
     const int32_t height = level.height, width = level.width;
     const scalar_t* rows = value_bh + level.start * g.stride_s;
