@@ -102,9 +102,8 @@ __device__ __forceinline__ Vec<scalar_t, VEC> load_row(const scalar_t* rows, int
 // f(level geometry, point, weight, loc_x, loc_y) for `rounds` of one (batch, query, head)'s points, rounds first,
 // first + stride, ... in PointWalk's order (fused_prologue.h): one lane's share of them. Rounds past the points
 // call f(a valid level, p >= points, 0, 0, 0), so that the lanes of a group can all make the same calls, from
-// one call site. PlainPoints reads the plain op's locations and weights, with
-// either level table; FusedPoints computes them from the fused op's inputs (fused_prologue.h), whose level
-// shapes are kernel arguments.
+// one call site. PlainPoints reads the plain op's locations and weights, with either level table; FusedPoints
+// computes them from the fused op's inputs (fused_prologue.h), whose level shapes are kernel arguments.
 template <typename scalar_t>
 struct PlainPoints {
   using acc_t = acc_type<scalar_t>;
