@@ -214,7 +214,9 @@ def training_loss(model, images, targets):
 def test_a_short_training_run_learns_resumes_and_loads(dataset_dir, tmp_path):
     from python_model import load_original_checkpoint, load_pretrained
 
-    settings = TrainSettings(data=dataset_dir, out=str(tmp_path / "run"), epochs=3, batch_size=4, image_size=64,
+    # Six epochs (48 steps): after three the fixed batch's loss fell by 0-10% depending on the seed and the
+    # CPU's rounding (it failed on an AMD EPYC VM and passed on Intel); after six, by 10-17% for six seeds.
+    settings = TrainSettings(data=dataset_dir, out=str(tmp_path / "run"), epochs=6, batch_size=4, image_size=64,
                              workers=0, progress=False, model_overrides=TINY, recipe_overrides=FAST)
     torch.manual_seed(0)
     random.seed(0)  # the augmentations draw from Python's generator
@@ -226,7 +228,7 @@ def test_a_short_training_run_learns_resumes_and_loads(dataset_dir, tmp_path):
     assert set(checkpoint["ema"]) == {"module", "updates"} and checkpoint["ema"]["updates"] == 16
 
     resumed = train(dataclasses_replace(settings, resume=first["checkpoint"]))
-    assert [r["epoch"] for r in resumed["epochs"]] == [2] and resumed["epochs"][0]["steps"] == 24
+    assert [r["epoch"] for r in resumed["epochs"]] == [2, 3, 4, 5] and resumed["epochs"][0]["steps"] == 24
 
     model = load_pretrained(resumed["checkpoint"])  # the recorded configuration: no preset needed
     assert load_original_checkpoint(resumed["checkpoint"]).config == model.config
