@@ -191,6 +191,9 @@ def simulate(run: Run, binary: Path, prefix: Path, work: Path) -> dict:
     traffic = re.search(r"^traffic (\d+) (\d+)$", output, re.MULTILINE)
     if traffic:  # the driver's floor for any implementation
         record["minimum_read_bytes"], record["minimum_write_bytes"] = int(traffic[1]), int(traffic[2])
+    on_edge = re.search(r"^on_cell_edge (\d+)$", output, re.MULTILINE)
+    if on_edge:  # location coordinates whose gradient the check leaves out (driver.cu, kCellEdge)
+        record["locations_on_cell_edge"] = int(on_edge[1])
     if completed.returncode != 0:
         record["error"] = (f"exit status {completed.returncode}: "
                            f"{(completed.stderr or output)[-1500:].strip()}")
