@@ -4,7 +4,9 @@
 # builds against the oldest supported torch (2.11.0) and runs the kernel and op tests there, and runs the
 # emulated CUDA kernels' tests a second time under AddressSanitizer and UBSan (the sm_90 build);
 # RTDETRV2_TESTS_MAIN_ONLY=1 skips those two. Extra arguments go to the main pytest run, e.g.
-# `RTDETRV2_TESTS_MAIN_ONLY=1 bash scripts/test.sh -k reference -x`.
+# `RTDETRV2_TESTS_MAIN_ONLY=1 bash scripts/test.sh -k reference -x`. The pytest runs take
+# RTDETRV2_TEST_WORKERS processes (pytest-xdist, one test file each at a time; default 2; 0: no workers):
+# much of the suite is single-threaded (Triton's interpreter, compilers, subprocesses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch guesses the CUDA toolkit from `which nvcc`, which a wrapper script in /usr/local/bin misleads.
@@ -13,6 +15,11 @@ VENV=${RTDETRV2_TEST_VENV:-.venv-test}
 OLDEST_VENV=${RTDETRV2_OLDEST_TEST_VENV:-.venv-test-oldest}
 OLDEST_TORCH=2.11.0  # pyproject.toml's torch>= (the GPU machines' torch; its Triton is 3.6.0)
 PYTHON=${PYTHON:-python3}
+WORKERS=${RTDETRV2_TEST_WORKERS:-2}
+# pytest-xdist's options: whole files per worker, so that a module's fixtures (the ThreadSanitizer build) are
+# made once.
+PARALLEL=()
+if [ "$WORKERS" != 0 ]; then PARALLEL=(-n "$WORKERS" --dist loadfile); fi
 START=$SECONDS
 elapsed() { echo "   ($(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s so far)"; }
 
@@ -44,12 +51,12 @@ echo "== pytest"
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path and would test the
 # source tree instead of the installed package. The suite includes the CUDA kernels emulated on the CPU
 # (tests/emulated_cuda/, built when the first test that runs them starts) and their ThreadSanitizer run.
-"$VENV/bin/pytest" "$@"
+"$VENV/bin/pytest" "${PARALLEL[@]}" "$@"
 elapsed
 if [ "$MAIN_ONLY" = 1 ]; then exit 0; fi
 
 echo "== pytest with torch $OLDEST_TORCH: the kernel and op tests (CPU kernels, Triton 3.6 interpreter)"
-RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" -q -m "not slow" tests/op/test_kernels.py tests/op/test_fused.py \
+RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" "${PARALLEL[@]}" -q -m "not slow" tests/op/test_kernels.py tests/op/test_fused.py \
   tests/op/test_op_cases.py tests/op/test_registration.py tests/op/test_validation.py tests/op/test_deterministic.py \
   tests/op/test_reference.py
 elapsed
@@ -60,7 +67,7 @@ echo "== pytest: the emulated CUDA kernels again, under AddressSanitizer and Und
 # main run above tests both builds.
 ASAN_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
 RTDETRV2_EMULATION_SANITIZE=address RTDETRV2_EMULATION_ARCHS=90 LD_PRELOAD="$ASAN_PRELOAD" ASAN_OPTIONS=detect_leaks=0 \
-  "$VENV/bin/pytest" -q -m "not slow" -k emulated \
+  "$VENV/bin/pytest" "${PARALLEL[@]}" -q -m "not slow" -k emulated \
   tests/op/test_kernels.py tests/op/test_fused.py tests/op/test_op_cases.py tests/op/test_deterministic.py \
   tests/op/test_emulated_cuda.py
 elapsed

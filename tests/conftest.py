@@ -45,11 +45,36 @@ def emulated_arch(request, emulated_build):
     return request.param
 
 
+def _launch_counts() -> dict[str, dict[str, int]]:
+    """This process's launches of every CUDA kernel instantiation, by emulated arch (as a string) and name."""
+    return {str(arch): emulated_cuda.launch_counts(arch) for arch in EMULATED_ARCHS if emulated_cuda.is_loaded(arch)}
+
+
+_WORKERS_LAUNCH_COUNTS: list[dict[str, dict[str, int]]] = []  # what pytest-xdist's workers reported
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (scripts/test.sh runs two workers), a worker hands its launch counts to the
+    controller, which prints the summary."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["emulated_launch_counts"] = _launch_counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKERS_LAUNCH_COUNTS.append(getattr(node, "workeroutput", {}).get("emulated_launch_counts", {}))
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Lists the CUDA kernel instantiations the emulated backends launched in this run, and those never
-    launched."""
-    for arch in filter(emulated_cuda.is_loaded, EMULATED_ARCHS):
-        counts = emulated_cuda.launch_counts(arch)
+    """Lists the CUDA kernel instantiations the emulated backends launched in this run (in every worker), and
+    those never launched."""
+    totals: dict[str, dict[str, int]] = {}
+    for counts_by_arch in (_launch_counts(), *_WORKERS_LAUNCH_COUNTS):
+        for arch, counts in counts_by_arch.items():
+            total = totals.setdefault(arch, {})
+            for name, count in counts.items():
+                total[name] = total.get(name, 0) + count
+    for arch, counts in sorted(totals.items()):
         launched = sorted(name for name, count in counts.items() if count)
         if not launched:
             continue
