@@ -56,9 +56,9 @@ elapsed
 if [ "$MAIN_ONLY" = 1 ]; then exit 0; fi
 
 echo "== pytest with torch $OLDEST_TORCH: the kernel and op tests (CPU kernels, Triton 3.6 interpreter)"
-RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" "${PARALLEL[@]}" -q -m "not slow" tests/op/test_kernels.py tests/op/test_fused.py \
-  tests/op/test_op_cases.py tests/op/test_registration.py tests/op/test_validation.py tests/op/test_deterministic.py \
-  tests/op/test_reference.py
+RTDETRV2_SKIP_EMULATION=1 "$OLDEST_VENV/bin/pytest" "${PARALLEL[@]}" -q -m "not slow" \
+  tests/op/test_kernels.py tests/op/test_fused.py tests/op/test_op_cases.py tests/op/test_registration.py \
+  tests/op/test_validation.py tests/op/test_deterministic.py tests/op/test_reference.py
 elapsed
 
 echo "== pytest: the emulated CUDA kernels again, under AddressSanitizer and UndefinedBehaviorSanitizer"

@@ -180,11 +180,11 @@ constexpr size_t kSector = 32;  // bytes: the unit in which the caches move data
 
 size_t sectors(size_t elements) { return (elements * sizeof(float) + kSector - 1) / kSector; }
 
-// The expected results in double, straight from the definition (docs/semantics.md): bilinear as grid_sample
-// with zero padding and align_corners=False; discrete as the nearest pixel clamped into the level.
 // Pixels: fp32 rounds a coordinate near 80 by 4e-6 (the kernels compute it in fp32, the host in fp64).
 constexpr double kCellEdge = 1e-4;
 
+// The expected results in double, straight from the definition (docs/semantics.md): bilinear as grid_sample
+// with zero padding and align_corners=False; discrete as the nearest pixel clamped into the level.
 struct Expected {
   std::vector<double> output, grad_value, grad_locations, grad_weights;
   std::vector<bool> value_sectors;  // the 32-byte sectors of value that some tap reads
@@ -550,7 +550,8 @@ int main(int argc, char** argv) {
     if (args.method == "default") {
       // The location gradient of a coordinate on a cell edge is either side's; the others are checked.
       report("grad_locations", results.grad_locations, e.grad_locations, e.on_cell_edge);
-      std::printf("on_cell_edge %zu\n", static_cast<size_t>(std::count(e.on_cell_edge.begin(), e.on_cell_edge.end(), true)));
+      const auto on_edge = std::count(e.on_cell_edge.begin(), e.on_cell_edge.end(), true);
+      std::printf("on_cell_edge %zu\n", static_cast<size_t>(on_edge));
     }
     write(results.grad_value);
     write(results.grad_weights);
