@@ -214,8 +214,8 @@ def training_loss(model, images, targets):
 def test_a_short_training_run_learns_resumes_and_loads(dataset_dir, tmp_path):
     from python_model import load_original_checkpoint, load_pretrained
 
-    # Six epochs (48 steps): after three the fixed batch's loss fell by 0-10% depending on the seed and the
-    # CPU's rounding (it failed on an AMD EPYC VM and passed on Intel); after six, by 10-17% for six seeds.
+    # Six epochs (48 steps): after three the fixed batch's loss moved by +2% to -10% depending on the seed and
+    # the CPU's rounding (it failed on an AMD EPYC VM and passed on Intel); after six it fell 10-17% for six seeds.
     settings = TrainSettings(data=dataset_dir, out=str(tmp_path / "run"), epochs=6, batch_size=4, image_size=64,
                              workers=0, progress=False, model_overrides=TINY, recipe_overrides=FAST)
     torch.manual_seed(0)
