@@ -128,6 +128,7 @@ struct FusedPrologue {
         factor_y *= static_cast<acc_t>(ref[3]);
       }
     };
+    walk.seek(walk.point(first));  // the lane's first level: no reference row read for a level it skips
     enter_level();
     for (int32_t round = 0, r = first; round < rounds; ++round, r += stride) {
       const int32_t p = walk.point(r);

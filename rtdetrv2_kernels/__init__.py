@@ -65,9 +65,8 @@ def ms_deform_attn(
                                                                             attention_weights)
         shapes, points = check_inputs(value, spatial_shapes, sampling_locations, attention_weights, num_points,
                                       method)
-        device_type = value.device.type
-        name = resolve_backend(backend, device_type, value.dtype, len(shapes))
-        checked = points, with_levels(implementation(name), shapes, device_type)
+        name = resolve_backend(backend, value.device.type, value.dtype, len(shapes))
+        checked = points, with_levels(implementation(name), shapes)
         _call_cache.remember(key, checked)
     points, run = checked
     return run(value, sampling_locations, attention_weights, points, method)
@@ -113,9 +112,8 @@ def ms_deform_attn_fused(
         )
         shapes, points = check_fused_inputs(value, spatial_shapes, reference_points, sampling_offsets,
                                             attention_logits, num_points, offset_scale, method)
-        device_type = value.device.type
-        name = resolve_backend(backend, device_type, value.dtype, len(shapes))
-        checked = points, with_levels(fused_implementation(name), shapes, device_type)
+        name = resolve_backend(backend, value.device.type, value.dtype, len(shapes))
+        checked = points, with_levels(fused_implementation(name), shapes)
         _call_cache.remember(key, checked)
     else:
         check_offset_scale(offset_scale)  # a plain number, not part of the signature

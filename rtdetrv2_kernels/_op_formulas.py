@@ -6,9 +6,11 @@ returns (B, Q, H*C), and backward(grad_output, <the forward's arguments>) return
 forward's floating-point tensor arguments, in order. The level table is spatial_shapes as a flat int list, or
 (the tensor-levels op) spatial_shapes and level_start_index as integer tensors, which get no gradient.
 
-The backward kernels compute first derivatives only. When a backward pass itself builds a graph
-(create_graph=True: gradient penalties, double backward), the gradients come from differentiating the
-PyTorch reference instead, so that they can be differentiated again.
+A forward op's gradient is its backward op: for the C++ ops a C++ autograd kernel calls it
+(csrc/ms_deform_attn_autograd.h), for the Triton ops `Gradient` below. The backward kernels compute first
+derivatives only; when a backward pass itself builds a graph (create_graph=True: gradient penalties, double
+backward), the backward op records `BackwardDerivative`, which differentiates the PyTorch reference twice, so
+that the gradients can be differentiated again.
 """
 
 from __future__ import annotations
@@ -44,20 +46,6 @@ def fused_reference(value, spatial_shapes, reference, offsets, logits, num_point
     """The fused op's forward, as the reference computes it, from the op's own arguments."""
     return ms_deform_attn_fused_reference(value, level_pairs(spatial_shapes), reference, offsets, logits,
                                           num_points, offset_scale, method, bilinear="gather")
-
-
-def _differentiable_gradients(reference, inputs, positions, grad_output):
-    """The gradients of the tensor inputs at `positions`, differentiable again (create_graph=True). An input
-    the reference's output does not depend on (discrete locations) gets zeros, as the kernels give."""
-    tensors = [inputs[i] for i in positions]
-    wanted = [t for t in tensors if t.requires_grad]
-    found = iter(torch.autograd.grad(reference(*inputs), wanted, grad_output, create_graph=True,
-                                     allow_unused=True) if wanted else ())
-    gradients = []
-    for tensor in tensors:
-        gradient = next(found) if tensor.requires_grad else None
-        gradients.append(torch.zeros_like(tensor) if gradient is None and tensor.requires_grad else gradient)
-    return gradients
 
 
 def _differentiable(x) -> bool:
@@ -120,19 +108,17 @@ def _items(positions: tuple[int, ...]):
     return get if len(positions) > 1 else lambda sequence: (get(sequence),)
 
 
-class Gradient:
-    """The autograd formula of a forward op (`op`, an OpOverload): backward_op computes its gradients;
-    `reference` computes its output from the same arguments with PyTorch operations (for create_graph=True)."""
+class _Arguments:
+    """Where an op's schema takes tensors and other values; setup_context saves them, rebuild gives the call's
+    arguments back in a backward."""
 
-    def __init__(self, op, backward_op, reference):
-        self.op, self.backward_op, self.reference = op, backward_op, reference
+    def __init__(self, op):
         arguments = op._schema.arguments
-        # Where the schema takes tensors, and which of those get gradients (all but the level table; the ops
-        # refuse an integer tensor anywhere else).
         self.tensor_positions = tuple(i for i, argument in enumerate(arguments)
                                       if isinstance(argument.type, torch.TensorType))
         self.option_positions = tuple(i for i in range(len(arguments)) if i not in self.tensor_positions)
-        self.argument_count = len(arguments)
+        self.count = len(arguments)
+        # The tensors that get gradients: all but the level table (the ops refuse an integer tensor elsewhere).
         self.gradient_positions = tuple(i for i in self.tensor_positions
                                         if arguments[i].name not in LEVEL_TABLE_ARGUMENTS)
         # Item getters run in C: setup_context runs on every call that records the graph.
@@ -142,59 +128,100 @@ class Gradient:
         ctx.save_for_backward(*self._tensors(inputs))
         ctx.options = self._options(inputs)
 
-    def backward(self, ctx, grad_output):
-        inputs = [None] * self.argument_count
+    def rebuild(self, ctx) -> list:
+        inputs = [None] * self.count
         for positions, values in ((self.tensor_positions, ctx.saved_tensors), (self.option_positions, ctx.options)):
             for position, value in zip(positions, values):
                 inputs[position] = value
-        grads = [None] * len(inputs)
-        if torch.is_grad_enabled():  # the backward pass builds a graph: second derivatives will be asked for
-            found = _differentiable_gradients(self.reference, inputs, self.gradient_positions, grad_output)
-        else:
-            found = self.backward_op(grad_output, *inputs)
+        return inputs
+
+    def place(self, found) -> tuple:
+        """The gradients `found` for gradient_positions, as one entry per argument (None elsewhere)."""
+        grads = [None] * self.count
         for position, grad in zip(self.gradient_positions, found):
             grads[position] = grad
         return tuple(grads)
 
 
-# forward op (an OpOverload) -> its Gradient, for EagerCall.
+class Gradient(_Arguments):
+    """The autograd formula of a forward op (`op`, an OpOverload) written in Python (the Triton ops):
+    backward_op computes its gradients."""
+
+    def __init__(self, op, backward_op):
+        super().__init__(op)
+        self.op, self.backward_op = op, backward_op
+
+    def backward(self, ctx, grad_output):
+        return self.place(self.backward_op(grad_output, *self.rebuild(ctx)))
+
+
+class BackwardDerivative(_Arguments):
+    """The autograd formula of a backward op (`backward_op`, an OpOverload): the forward's second derivatives,
+    from `reference` (the forward's output from the forward's arguments, in PyTorch operations) differentiated
+    twice. Recorded only by backward passes that build a graph (create_graph=True)."""
+
+    def __init__(self, backward_op, reference):
+        super().__init__(backward_op)
+        self.reference = reference
+
+    def backward(self, ctx, *upstream):
+        inputs = self.rebuild(ctx)
+        create_graph = torch.is_grad_enabled()  # a third derivative will be asked for
+        with torch.enable_grad():
+            for position in self.gradient_positions:  # what did not need a gradient becomes a leaf that does
+                if not inputs[position].requires_grad:
+                    inputs[position] = inputs[position].detach().requires_grad_()
+            grad_output, forward_inputs = inputs[0], inputs[1:]
+            differentiated = [inputs[p] for p in self.gradient_positions[1:]]
+            first = torch.autograd.grad(self.reference(*forward_inputs), differentiated, grad_output,
+                                        create_graph=True, allow_unused=True)
+            # A first derivative that is constant (discrete locations: none, or zeros through the rounding) or that
+            # got no upstream adds nothing.
+            pairs = [(f, u) for f, u in zip(first, upstream) if f is not None and f.requires_grad and u is not None]
+            wanted = [inputs[p] for p in self.gradient_positions]
+            found = torch.autograd.grad([f for f, _ in pairs], wanted, [u for _, u in pairs], allow_unused=True,
+                                        create_graph=create_graph) if pairs else [None] * len(wanted)
+        return self.place(found)
+
+
+# forward op (an OpOverload) -> its Gradient, for EagerCall: the ops whose formula is Python's.
 GRADIENTS: dict = {}
 
 
+def register_backward_derivative(backward_op, reference) -> None:
+    """Makes backward_op (a qualified name or a custom op) differentiable, for create_graph=True; `reference`
+    computes its forward op's output from the forward's arguments with PyTorch operations."""
+    derivative = BackwardDerivative(_overload(backward_op), reference)
+    torch.library.register_autograd(backward_op, derivative.backward, setup_context=derivative.setup_context)
+
+
 def register_autograd(forward_op, backward_op, reference) -> None:
-    """Makes backward_op the gradient of forward_op (a qualified name or a custom op); `reference` computes
-    forward_op's output from the same arguments with PyTorch operations (for create_graph=True)."""
+    """Makes backward_op the gradient of forward_op (custom ops defined in Python) and differentiable itself;
+    `reference` computes forward_op's output from the same arguments with PyTorch operations."""
     overload = _overload(forward_op)
-    gradient = Gradient(overload, backward_op, reference)
+    gradient = Gradient(overload, _overload(backward_op))
     torch.library.register_autograd(forward_op, gradient.backward, setup_context=gradient.setup_context)
     GRADIENTS[overload] = gradient
-
-
-def call_below_autograd(op, kernel_keys, arguments):
-    """op(*arguments) past its autograd kernel: straight to the kernel of `kernel_keys` (a dispatch key set,
-    backends.call_op), or with None through the dispatcher below autograd."""
-    if kernel_keys is not None:
-        return op.redispatch(kernel_keys, *arguments)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*arguments)
+    register_backward_derivative(backward_op, reference)
 
 
 class EagerCall(torch.autograd.Function):
-    """An eager call of a forward op whose inputs need gradients, with the op's own formula (GRADIENTS) but
-    without the dispatcher's round trip through torch.library's Python autograd kernel, which costs more than
-    the rest of a small call (bench "The cost of a call"). Only for eager calls of plain tensors: traced calls
-    take the op's registered path."""
+    """An eager call of a Python-defined forward op whose inputs need gradients, with the op's own formula
+    (GRADIENTS) but without the dispatcher's round trip through torch.library's Python autograd kernel, which
+    costs more than the rest of a small call (bench "The cost of a call"). Only for eager calls of plain
+    tensors: traced calls take the op's registered path."""
 
     @staticmethod
-    def forward(ctx, gradient, kernel_keys, *inputs):
-        output = call_below_autograd(gradient.op, kernel_keys, inputs)
+    def forward(ctx, gradient, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = gradient.op(*inputs)
         gradient.setup_context(ctx, inputs, output)
         ctx.gradient = gradient
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (None, None, *ctx.gradient.backward(ctx, grad_output))
+        return (None, *ctx.gradient.backward(ctx, grad_output))
 
 
 OP_PAIRS = (
@@ -205,9 +232,9 @@ OP_PAIRS = (
 
 
 def register_op_pairs(namespace: str) -> None:
-    """Fake kernels and autograd for the op pairs of csrc/ms_deform_attn_schema.h, as defined under
-    `namespace` (rtdetrv2_kernels, or the test suite's emulated CUDA builds)."""
-    ops = getattr(torch.ops, namespace)
+    """Fake kernels for the op pairs of csrc/ms_deform_attn_schema.h, as defined under `namespace`
+    (rtdetrv2_kernels, or the test suite's emulated CUDA builds), and their backward ops' derivative (the
+    forward ops' formula is the library's C++ autograd kernel)."""
     for forward, backward, reference in OP_PAIRS:
         register_fakes(f"{namespace}::{forward}", f"{namespace}::{backward}")
-        register_autograd(f"{namespace}::{forward}", getattr(ops, backward), reference)
+        register_backward_derivative(f"{namespace}::{backward}", reference)

@@ -1,4 +1,5 @@
-"""Fake (meta) kernels and the autograd formulas of the C++ ops defined in csrc/ms_deform_attn.cpp.
+"""Fake (meta) kernels of the C++ ops defined in csrc/ms_deform_attn.cpp, and their backward ops' derivative
+(second derivatives); the forward ops' autograd formula is C++ (csrc/ms_deform_attn_autograd.h).
 
 Imported once the library that defines the ops has been loaded (see _extension.load).
 """

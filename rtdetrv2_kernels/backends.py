@@ -122,39 +122,22 @@ def in_onnx_export() -> bool:
     return _onnx_flags[1].in_onnx_export or _onnx_flags[0]._is_onnx_exporting
 
 
-# The dispatch keys of the C++ kernels by device type. An eager call that the dispatcher would only route to
-# the kernel (no autograd to record, no Python mode, no profiler recording it) is sent there directly
-# (OpOverload.redispatch), most of a microsecond less than entering the dispatcher from the top.
-_KERNEL_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
-                "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
-
-
-def _calls_enter_the_dispatcher() -> bool:
-    """Whether every call must enter the dispatcher from the top: a Python dispatch or function mode is active
-    (it must see the op), or the profiler is recording (it records ops as they enter)."""
-    return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._autograd._profiler_enabled())
-
-
-def call_op(op, tensors, *arguments, keys=None):
-    """op(*arguments) (`tensors`: its tensor arguments) without the dispatcher's round trip through the op's
-    autograd kernel (a Python function, torch.library.register_autograd), which costs more than the rest of a
-    small call: below autograd where nothing needs a gradient (where that kernel would only redispatch), and
-    through _op_formulas.EagerCall, the same formula, where something does. `keys`: where op is a C++ op, its
-    kernel's dispatch key set for the tensors' device (_KERNEL_KEYS), to call that kernel directly when nothing
-    else would run first. Traced calls (torch.compile, export), functorch transforms and tensor subclasses
-    always take the op's own path."""
+def call_python_op(op, tensors, *arguments):
+    """op(*arguments) for an op defined in Python (Triton's; `tensors`: its tensor arguments), whose autograd
+    kernel (torch.library.register_autograd) is a Python function that costs more than the rest of a small
+    call: eager calls of plain tensors skip it, below autograd where nothing needs a gradient, and through
+    _op_formulas.EagerCall (the same formula) where something does. Traced calls (torch.compile, export),
+    functorch transforms and tensor subclasses take the op's own path. The C++ ops need none of this: their
+    autograd kernel is C++ (csrc/ms_deform_attn_autograd.h)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return op(*arguments)
     for tensor in tensors:
         if type(tensor) is not torch.Tensor:
             return op(*arguments)
-    if keys is not None and _calls_enter_the_dispatcher():
-        keys = None
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
-        gradient = _op_formulas.GRADIENTS.get(op)
-        return op(*arguments) if gradient is None else _op_formulas.EagerCall.apply(gradient, keys, *arguments)
-    return _op_formulas.call_below_autograd(op, keys, arguments)
+        return _op_formulas.EagerCall.apply(_op_formulas.GRADIENTS[op], *arguments)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*arguments)
 
 
 class _LazyOp:
@@ -174,44 +157,38 @@ class _LazyOp:
 class _CustomOp:
     """Calls torch.ops.<namespace>.<name>, whose schema takes the level shapes flattened; the other arguments
     (the plain op's or the fused op's: `per_point` tensors after value, then Python values) pass as given.
-    `direct`: a C++ op, whose kernel eager calls may reach directly (call_op)."""
+    `python`: an op defined in Python (call_python_op), not a C++ one."""
 
-    def __init__(self, name: str, per_point: int, namespace: str = "rtdetrv2_kernels", direct: bool = True):
-        self._op, self._per_point, self._direct = _LazyOp(namespace, name), per_point, direct
+    def __init__(self, name: str, per_point: int, namespace: str = "rtdetrv2_kernels", python: bool = False):
+        self._op, self._per_point, self._python = _LazyOp(namespace, name), per_point, python
 
     def __call__(self, value, spatial_shapes, *arguments):
-        return self.with_levels(spatial_shapes, value.device.type)(value, *arguments)
+        return self.with_levels(spatial_shapes)(value, *arguments)
 
-    def with_levels(self, spatial_shapes, device_type: str):
-        """The call on `device_type` tensors with the level shapes given, flattened once (what the call cache
-        keeps)."""
+    def with_levels(self, spatial_shapes):
+        """The call with the level shapes given, flattened once (what the call cache keeps)."""
         op, per_point = self._op(), self._per_point
-        keys = _KERNEL_KEYS.get(device_type) if self._direct else None
         flat_shapes = [size for shape in spatial_shapes for size in shape]
+        if not self._python:
+            return lambda value, *arguments: op(value, flat_shapes, *arguments)
 
         def run(value, *arguments):
-            return call_op(op, (value, *arguments[:per_point]), value, flat_shapes, *arguments, keys=keys)
+            return call_python_op(op, (value, *arguments[:per_point]), value, flat_shapes, *arguments)
 
         return run
 
 
-def with_levels(run, spatial_shapes, device_type: str):
-    """`run` (a backend's plain or fused entry) with its level shapes given, for `device_type` tensors:
-    (value, *the other arguments)."""
+def with_levels(run, spatial_shapes):
+    """`run` (a backend's plain or fused entry) with its level shapes given: (value, *the other arguments)."""
     if isinstance(run, _CustomOp):
-        return run.with_levels(spatial_shapes, device_type)
+        return run.with_levels(spatial_shapes)
     return lambda value, *arguments: run(value, spatial_shapes, *arguments)
 
 
 def _tensor_levels_op(namespace: str = "rtdetrv2_kernels"):
     """Calls torch.ops.<namespace>.ms_deform_attn_forward_tensor_levels with its arguments as given."""
     op = _LazyOp(namespace, "ms_deform_attn_forward_tensor_levels")
-
-    def run(*arguments):
-        tensors = [argument for argument in arguments if isinstance(argument, torch.Tensor)]
-        return call_op(op(), tensors, *arguments, keys=_KERNEL_KEYS.get(tensors[0].device.type))
-
-    return run
+    return lambda *arguments: op()(*arguments)
 
 
 def cuda_kernel_backend(name: str, namespace: str, device_types: tuple[str, ...] = (),
@@ -267,8 +244,8 @@ _REGISTRY: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         cuda_kernel_backend("cuda", "rtdetrv2_kernels", device_types=("cuda",), unavailable=_cuda_unavailable),
-        Backend("triton", _CustomOp("triton_ms_deform_attn_forward", PLAIN_PER_POINT, direct=False),
-                _CustomOp("triton_ms_deform_attn_fused_forward", FUSED_PER_POINT, direct=False),
+        Backend("triton", _CustomOp("triton_ms_deform_attn_forward", PLAIN_PER_POINT, python=True),
+                _CustomOp("triton_ms_deform_attn_fused_forward", FUSED_PER_POINT, python=True),
                 None, device_types=("cuda",), explicit_device_types=("cpu",), unavailable=_triton_unavailable,
                 deterministic=False),  # atomics; under use_deterministic_algorithms its backward alerts
         Backend("cpu", _CustomOp("ms_deform_attn_forward", PLAIN_PER_POINT),

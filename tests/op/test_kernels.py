@@ -118,22 +118,29 @@ def test_gather_form_of_the_reference_equals_grid_sample():
         ms_deform_attn_reference(*inputs[:1], SHAPES, *inputs[1:], POINTS, bilinear="nearest")
 
 
-def test_first_derivatives_come_from_the_kernels(monkeypatch):
-    # Only a backward pass that builds a graph goes through the reference.
+@pytest.mark.parametrize("backend", [b for b in backends_for("cpu") if b != "torch"])
+def test_first_derivatives_come_from_the_kernels(monkeypatch, backend):
+    # The reference serves second derivatives only: a backward pass runs the backward kernel, also one that
+    # builds a graph (create_graph=True), and only differentiating its gradients again reaches the reference.
     from rtdetrv2_kernels import _op_formulas
 
     calls = []
     original = _op_formulas.ms_deform_attn_reference
     monkeypatch.setattr(_op_formulas, "ms_deform_attn_reference",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    backend = backends_for("cpu")[0]
     inputs = tuple(t.requires_grad_() for t in make_inputs())
-    output = ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend)
-    torch.autograd.grad(output.sum(), inputs)
-    assert calls == [] or backend == "torch"
-    torch.autograd.grad(ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend).sum(), inputs,
-                        create_graph=True)
-    assert calls or backend == "torch"
+
+    def output():
+        return ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend=backend)
+
+    expected = torch.autograd.grad(output().sum(), inputs)
+    gradients = torch.autograd.grad(output().sum(), inputs, create_graph=True)
+    assert calls == []
+    for name, gradient, first in zip(NAMES[1:], gradients, expected):
+        assert gradient.requires_grad, name
+        torch.testing.assert_close(gradient, first, rtol=0, atol=0, msg=name)
+    torch.autograd.grad(sum((g * g).sum() for g in gradients), inputs)
+    assert calls
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

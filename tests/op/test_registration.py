@@ -177,6 +177,46 @@ def test_a_call_needing_no_gradient_records_none(backend):
     assert value.grad is not None and value.grad.abs().sum() > 0
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_the_cpp_gradient_node_keeps_autograds_rules(fused):
+    """The C++ ops' autograd kernel (csrc/ms_deform_attn_autograd.h) records a node that behaves as autograd's
+    own: named after the backward op, its inputs saved through saved-tensor hooks and checked for in-place
+    changes, freed after a backward, and a clear error for forward-mode AD, which it lacks."""
+    value, locations, weights = (t.requires_grad_() for t in make_inputs(batch=1, queries=3, heads=2, channels=4))
+    reference = torch.rand(1, 3, 1, 4, dtype=value.dtype, requires_grad=True)
+    if fused:
+        def call(value=value):
+            return rtdetrv2_kernels.ms_deform_attn_fused(value, SHAPES, reference, locations, weights, POINTS)
+    else:
+        def call(value=value):
+            return ms_deform_attn(value, SHAPES, locations, weights, POINTS)
+    backward = "ms_deform_attn_fused_backward" if fused else "ms_deform_attn_backward"
+    assert call().grad_fn.name() == f"rtdetrv2_kernels::{backward}"
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        output = call()
+    assert len(packed) == (4 if fused else 3) and any(t is value for t in packed)
+    output.sum().backward(retain_graph=True)
+    first = value.grad.clone()
+    output.sum().backward()  # the graph was retained: the same gradient again
+    torch.testing.assert_close(value.grad, 2 * first, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        output.sum().backward()
+
+    output = call()
+    with torch.no_grad():
+        locations.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(value.detach(), torch.ones_like(value))
+        with pytest.raises(RuntimeError, match="has no forward-mode derivative"):
+            call(dual)
+
+
 class _OpsSeen(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -191,8 +231,8 @@ class _OpsSeen(TorchDispatchMode):
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
 def test_the_eager_fast_path_still_shows_the_op_to_modes_and_the_profiler(fused, requires_grad):
-    """Repeated eager calls go straight to the kernel (backends.call_op), but not past a dispatch mode or the
-    profiler: both must still see the op, and give the same result."""
+    """Repeated eager calls skip the checks (the call cache), not the dispatcher: a dispatch mode and the
+    profiler still see the op, and give the same result."""
     value, locations, weights = make_inputs(batch=1, queries=3, heads=2, channels=4)
     value.requires_grad_(requires_grad)
     if fused:
