@@ -5,98 +5,81 @@
 // a small call that records the graph (docs/semantics.md, "The cost of a call"). The backward ops' own
 // derivative, for second derivatives, is registered from Python (rtdetrv2_kernels/_op_formulas.py).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
-#include <type_traits>
 #include <utility>
-#include <vector>
 
 namespace rtdetrv2_kernels {
 namespace autograd_kernel {
 
-using torch::autograd::Node;
+using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// std::shared_ptr<Node> before torch 2.14, c10::intrusive_ptr<Node> from it.
-using NodePointer = decltype(torch::autograd::Edge::function);
-
-template <class T, class... Args>
-NodePointer make_node(Args&&... args) {
-  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<Node>>) {
-    return std::make_shared<T>(std::forward<Args>(args)...);
-  } else {
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
-  }
-}
 
 // The floating-point tensors of a call get gradients: the level table's integer tensors get none.
 inline bool gets_gradient(const c10::IValue& argument) {
   return argument.isTensor() && argument.toTensor().is_floating_point();
 }
 
-// One call's gradient: the backward op on the forward's arguments. Tensors are kept as SavedVariables, so an
-// in-place change before the backward is an error and saved-tensor hooks (offloading, checkpointing) apply.
-class BackwardOpNode final : public Node {
- public:
-  BackwardOpNode(c10::OperatorHandle backward_op, c10::ArrayRef<c10::IValue> arguments)
-      : backward_op_(std::move(backward_op)) {
-    options_.reserve(arguments.size());
+// One call of a forward op that records the graph, as a torch::autograd::Function, whose node autograd
+// treats as its own: saved tensors checked for in-place changes and passed through saved-tensor hooks, freed
+// after a backward, and supported by compiled autograd. Its inputs are the call's floating-point tensors; the
+// whole call is on the boxed stack.
+struct BackwardOp : public torch::autograd::Function<BackwardOp> {
+  // Compiled autograd may trace backward: it only calls the backward op, whose fake kernel it sees.
+  static constexpr bool is_traceable = true;
+
+  static at::Tensor forward(AutogradContext* ctx, const c10::OperatorHandle* op, c10::DispatchKeySet keys,
+                            torch::jit::Stack* stack, const std::string* backward_name, at::TensorList inputs) {
+    const auto arguments = torch::jit::last(*stack, op->schema().arguments().size());
+    variable_list tensors;
+    // The backward op's name, then the call's other arguments, None in a tensor's place (none is optional).
+    c10::impl::GenericList call(c10::AnyType::get());
+    call.reserve(1 + arguments.size());
+    call.push_back(*backward_name);
     for (const c10::IValue& argument : arguments) {
-      if (argument.isTensor()) {
-        tensors_.emplace_back(argument.toTensor(), /*is_output=*/false);
-        options_.emplace_back();  // a tensor's place
-      } else {
-        options_.push_back(argument);
-      }
+      if (argument.isTensor()) tensors.push_back(argument.toTensor());
+      call.push_back(argument.isTensor() ? c10::IValue() : argument);
     }
+    ctx->save_for_backward(tensors);
+    ctx->saved_data["call"] = std::move(call);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op->redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);  // arguments -> the output
+    return torch::jit::pop(*stack).toTensor();
   }
 
-  variable_list apply(variable_list&& grads) override {
-    variable_list gradients(num_outputs());
-    if (!grads[0].defined()) return gradients;  // nothing reached the output
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list tensors = ctx->get_saved_variables();
+    const auto call = ctx->saved_data["call"].toListRef();
+    const c10::OperatorHandle backward_op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(call[0].toStringRef().c_str(), "");
     torch::jit::Stack stack;
-    stack.reserve(1 + options_.size());
+    stack.reserve(call.size());
     stack.emplace_back(std::move(grads[0]));
-    auto saved = tensors_.begin();
-    for (const c10::IValue& option : options_) {
-      if (option.isNone()) {  // no argument of these schemas is optional: None marks a tensor
-        stack.emplace_back((saved++)->unpack());
-      } else {
-        stack.push_back(option);
-      }
+    auto tensor = tensors.begin();
+    for (const c10::IValue& argument : call.slice(1)) {
+      stack.push_back(argument.isNone() ? c10::IValue(*tensor++) : argument);
     }
     if (torch::autograd::GradMode::is_enabled()) {
-      backward_op_.callBoxed(stack);  // create_graph=True: the backward op records its own derivative
+      backward_op.callBoxed(stack);  // create_graph=True: the backward op records its own derivative
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      backward_op_.callBoxed(stack);
+      backward_op.callBoxed(stack);
     }
-    // One gradient per floating-point tensor argument, in order: the node's outputs.
-    for (size_t i = 0; i < gradients.size(); ++i) gradients[i] = std::move(stack[i]).toTensor();
+    // The gradients of forward's arguments: none for the four that are not tensors, then the backward op's
+    // returns, one per floating-point tensor argument.
+    variable_list gradients(4);
+    for (c10::IValue& gradient : stack) gradients.push_back(std::move(gradient).toTensor());
     return gradients;
   }
-
-  std::string name() const override { return backward_op_.schema().name(); }
-
-  // After a backward without retain_graph: a second one then meets autograd's own error.
-  void release_variables() override {
-    for (auto& tensor : tensors_) tensor.reset_data();
-  }
-
- private:
-  c10::OperatorHandle backward_op_;
-  std::vector<torch::autograd::SavedVariable> tensors_;
-  std::vector<c10::IValue> options_;
 };
 
-// The Autograd kernel of a forward op: records a BackwardOpNode when an input needs a gradient, then runs
-// the op below autograd.
+// The Autograd kernel of a forward op: through BackwardOp where an input needs a gradient, else straight
+// below autograd.
 class ForwardKernel final : public c10::OperatorKernel {
  public:
   explicit ForwardKernel(std::string backward_name) : backward_name_(std::move(backward_name)) {}
@@ -104,7 +87,7 @@ class ForwardKernel final : public c10::OperatorKernel {
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
     const auto arguments = torch::jit::last(*stack, op.schema().arguments().size());
     const bool recording = torch::autograd::GradMode::is_enabled();
-    torch::autograd::edge_list edges;
+    variable_list inputs;
     bool needed = false;
     for (const c10::IValue& argument : arguments) {
       if (!gets_gradient(argument)) continue;
@@ -112,36 +95,29 @@ class ForwardKernel final : public c10::OperatorKernel {
       TORCH_CHECK(!torch::autograd::isFwGradDefined(tensor), "rtdetrv2_kernels: ", op.schema().name(),
                   " has no forward-mode derivative (torch.autograd.forward_ad, torch.func.jvp); the \"torch\" "
                   "backend has one");
-      if (!recording) continue;
-      edges.push_back(torch::autograd::impl::gradient_edge(tensor));
-      needed = needed || tensor.requires_grad();
+      inputs.push_back(tensor);
+      needed = needed || (recording && tensor.requires_grad());
     }
-    NodePointer node;
     if (needed) {
-      node = make_node<BackwardOpNode>(backward_op(op), arguments);
-      node->set_next_edges(std::move(edges));
+      stack->emplace_back(BackwardOp::apply(&op, keys, stack, &qualified_backward_name(op), at::TensorList(inputs)));
+      return;
     }
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-    }
-    if (node) torch::autograd::set_history(stack->back().toTensor(), node);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
 
  private:
-  // Looked up at the first call: the schemas may be defined after this kernel is registered.
-  const c10::OperatorHandle& backward_op(const c10::OperatorHandle& op) {
-    std::call_once(found_, [&] {
+  // "<namespace>::<backward op>", made at the first call: the namespace is the forward op's.
+  const std::string& qualified_backward_name(const c10::OperatorHandle& op) {
+    std::call_once(named_, [&] {
       const std::string& name = op.schema().name();
-      const std::string qualified = name.substr(0, name.find("::") + 2) + backward_name_;
-      backward_op_ = c10::Dispatcher::singleton().findSchemaOrThrow(qualified.c_str(), "");
+      qualified_ = name.substr(0, name.find("::") + 2) + backward_name_;
     });
-    return *backward_op_;
+    return qualified_;
   }
 
-  std::string backward_name_;
-  std::once_flag found_;
-  std::optional<c10::OperatorHandle> backward_op_;
+  std::string backward_name_, qualified_;
+  std::once_flag named_;
 };
 
 }  // namespace autograd_kernel
