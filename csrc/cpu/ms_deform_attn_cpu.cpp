@@ -1,6 +1,7 @@
 // C++ CPU kernels for multi-scale deformable attention, forward and backward, both sampling methods.
 //
-// Forward is parallel over (batch, head, query): every output row is written by exactly one task.
+// Forward is parallel over (batch, head, query): every output row is written by exactly one task. Where a
+// head's rows are read often enough, it samples a copy of them with a border of zeros (StagedHead).
 // Backward is parallel over (batch, head): the rows of grad_value that one (batch, head) pair can touch are
 // disjoint from every other pair's, so the scatter needs no atomics and no per-thread copies of grad_value,
 // and the result is bitwise reproducible for any thread count.
@@ -334,23 +335,31 @@ struct RegisterRow {
   RTDETRV2_INLINE acc_t channel(int64_t c) const { return singles[c - kSinglesFrom]; }
 };
 
-// Calls add_tap(i, sum) for every tap i of the points [first, last) in tap_index order, with one of two
-// accumulators: a point's even corners go to one and its odd ones to the other, and a point's only tap
-// (discrete) alternates with the next point's. Two independent FMA chains hide the FMA latency that one chain
-// (48 FMAs long for RT-DETRv2's 48 taps) would serialize on (measured: bench/results/cpu-kernel-design/).
-template <int64_t kLanes, int64_t kTaps, typename Accumulator, typename AddTap>
-RTDETRV2_INLINE void sum_taps_in_two_chains(int64_t first, int64_t last, Accumulator& even, Accumulator& odd,
-                                            const AddTap& add_tap) {
-  auto add_point = [&](int64_t p, Accumulator& mine, Accumulator& other) RTDETRV2_LAMBDA_INLINE {
-    const int64_t base = tap_index<kLanes, kTaps>(p, 0);
-    for (int64_t k = 0; k < kTaps; ++k) add_tap(base + k * kLanes, k % 2 ? other : mine);
-  };
+// Sums the points [first, last) in two accumulators: add_point(p, mine, other) adds point p's taps, its even
+// corners to mine and its odd ones to other, and the next point's go the other way round (a point's only tap,
+// discrete, alternates with the next point's). Two independent FMA chains hide the FMA latency that one chain
+// (48 FMAs long for RT-DETRv2's 48 taps) would serialize on (measured: bench/results/cpu-kernel-design/). The
+// unstaged and the staged forward both sum in this order.
+template <typename Accumulator, typename AddPoint>
+RTDETRV2_INLINE void sum_points_in_two_chains(int64_t first, int64_t last, Accumulator& even, Accumulator& odd,
+                                              const AddPoint& add_point) {
   int64_t p = first;
   for (; p + 1 < last; p += 2) {
     add_point(p, even, odd);
     add_point(p + 1, odd, even);
   }
   if (p < last) add_point(p, even, odd);
+}
+
+// The same for taps listed in tap_index order: add_tap(i, sum) for every tap i of the points [first, last).
+template <int64_t kLanes, int64_t kTaps, typename Accumulator, typename AddTap>
+RTDETRV2_INLINE void sum_taps_in_two_chains(int64_t first, int64_t last, Accumulator& even, Accumulator& odd,
+                                            const AddTap& add_tap) {
+  sum_points_in_two_chains(first, last, even, odd, [&](int64_t p, Accumulator& mine, Accumulator& other)
+                                                       RTDETRV2_LAMBDA_INLINE {
+    const int64_t base = tap_index<kLanes, kTaps>(p, 0);
+    for (int64_t k = 0; k < kTaps; ++k) add_tap(base + k * kLanes, k % 2 ? other : mine);
+  });
 }
 
 // out[c] = sum over the taps i of the points [first, last) of weights[i] * rows[i][c], for any C: the
@@ -712,6 +721,188 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
   }
 }
 
+// The forward where a (batch, head)'s value rows are read several times each (DEIMv2's and RF-DETR's decoders
+// on their small levels, D-FINE N, the training decoders, the DETR encoder; pays() says when): the rows are
+// first copied, as acc_t, into a
+// buffer that puts a border of zeros around each level (two rows above it and two columns left of it, one row
+// below and one column right), and the points are sampled from there. Every corner of a point then lies in the
+// buffer, found from one row index and the level's padded width, and a corner outside the level reads the
+// border's zeros: no per-corner test and no detour to a zero row, which with the row addresses cost most of
+// the unstaged forward's instructions per point (bench/results/family-cpu-2026-12-07-epyc/). The weights and
+// the order of the sum are the unstaged forward's, so both give the same bits.
+template <typename scalar_t>
+struct StagedHead {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Simd<acc_t>;
+  using Int = typename LaneOf<decltype(typename V::Vec() < typename V::Vec())>::type;
+  using IV = Simd<Int>;
+  static constexpr int64_t kLanes = V::kLanes;
+  static constexpr int64_t kBefore = 2;  // border rows above and columns left of a level
+  static constexpr int64_t kPoints = 32;  // per batch of tasks, as PointBatch
+  static constexpr int64_t kMaxChannels = 4 * kLanes;  // a row in registers: up to 32 fp32 channels
+
+  // The head sizes that stage: named by dispatch_channels, a row in registers, and whole vectors and half
+  // vectors only. Single channels past them (C = 14 in fp32) are left unstaged: the compiler fused their
+  // multiply-adds in one of the two forwards and not in the other, a few units in the last place apart.
+  template <int64_t kChannels>
+  static constexpr bool stages_channels() {
+    if constexpr (kChannels > 0 && kChannels <= kMaxChannels) {
+      return RegisterRow<acc_t, kChannels>::singles_from() == kChannels;
+    } else {
+      return false;
+    }
+  }
+
+  // Whether staging pays, from the reads per row (the taps of a (batch, head), Q * P * 4, over its rows): from
+  // 2.5 on, the copy costs less than it saves (DEIMv2's and D-FINE's small decoders 3.6-4.8, the training
+  // decoders 2.9-54, the DETR encoder 64: 1.2-1.8x faster); at 1.2-1.7 it does not (RF-DETR base and large
+  // inference 0.9-1.1x, RT-DETRv2's and LW-DETR's inference decoders 1.4x slower). Measured on the EPYC of
+  // bench/results/family-cpu-2026-12-07-epyc/. Up to a 4 MiB buffer a thread, for the head sizes of
+  // stages_channels.
+  static bool pays(const LevelTable& levels, int64_t rows, int64_t queries, int64_t points, int64_t channels) {
+    bool channels_in_registers = false;
+    dispatch_channels(channels, [&](auto named) {
+      channels_in_registers = stages_channels<decltype(named)::value>();
+    });
+    const int64_t bytes = buffer_rows(levels) * channels * int64_t(sizeof(acc_t));
+    return channels_in_registers && bytes <= (4 << 20) && 2 * queries * points * 4 >= 5 * rows;
+  }
+  static int64_t buffer_rows(const LevelTable& levels) {
+    int64_t total = 0;
+    for (int64_t l = 0; l < levels.num_levels(); ++l) {
+      total += (int64_t(levels.height[l]) + kBefore + 1) * (int64_t(levels.width[l]) + kBefore + 1);
+    }
+    return total;
+  }
+
+  int64_t tasks, points, channels;
+  std::vector<acc_t> buffer;                   // zeroed once: staging writes the levels' pixels only
+  std::vector<int64_t> level_first_row;         // per level: the buffer row of its padded (0, 0)
+  const scalar_t* staged_value_bh = nullptr;    // whose rows the buffer holds
+  // Per point of a batch, padded to whole bundles: its inputs, its level's size, padded width and first row,
+  // and what placing it gives: the buffer row of its top-left corner and its four corners' weights (times
+  // the attention weight).
+  std::vector<acc_t> x, y, attention, weights[4];
+  std::vector<Int> height, width, padded_width, first_row, top_left;
+
+  template <typename Points>
+  explicit StagedHead(const Problem<scalar_t, Points>& problem)
+      : tasks(std::max<int64_t>(1, kPoints / std::max<int64_t>(1, problem.points))),
+        points(problem.points),
+        channels(problem.channels),
+        buffer(buffer_rows(problem.levels) * problem.channels, acc_t(0)) {
+    const LevelTable& levels = problem.levels;
+    for (int64_t l = 0, row = 0; l < levels.num_levels(); ++l) {
+      level_first_row.push_back(row);
+      row += (int64_t(levels.height[l]) + kBefore + 1) * (int64_t(levels.width[l]) + kBefore + 1);
+    }
+    const int64_t padded = (tasks * points + kLanes - 1) / kLanes * kLanes;
+    for (auto* v : {&x, &y, &attention, &weights[0], &weights[1], &weights[2], &weights[3]}) v->assign(padded, 0);
+    for (auto* v : {&height, &width, &padded_width, &first_row, &top_left}) v->assign(padded, 0);
+    for (int64_t t = 0, i = 0; t < tasks; ++t) {
+      for (int64_t l = 0; l < levels.num_levels(); ++l) {
+        for (int64_t p = 0; p < levels.points[l]; ++p, ++i) {
+          height[i] = levels.height[l], width[i] = levels.width[l];
+          padded_width[i] = Int(levels.width[l] + kBefore + 1);
+          first_row[i] = Int(level_first_row[l]);
+        }
+      }
+    }
+  }
+
+  // Copies the levels of (batch, head) whose first value row is value_bh, unless the buffer holds them.
+  template <int64_t kChannels, typename Points>
+  RTDETRV2_INLINE void stage(const Problem<scalar_t, Points>& problem, const scalar_t* value_bh) {
+    if (value_bh == staged_value_bh) return;
+    staged_value_bh = value_bh;
+    const LevelTable& levels = problem.levels;
+    for (int64_t l = 0; l < levels.num_levels(); ++l) {
+      const int64_t W = levels.width[l], padded = W + kBefore + 1;
+      for (int64_t yy = 0; yy < levels.height[l]; ++yy) {
+        const scalar_t* from = value_bh + (levels.start[l] + yy * W) * problem.row_stride;
+        acc_t* to = buffer.data() + (level_first_row[l] + (yy + kBefore) * padded + kBefore) * kChannels;
+        for (int64_t xx = 0; xx < W; ++xx, from += problem.row_stride, to += kChannels) {
+          for (int64_t c = 0; c < kChannels; ++c) to[c] = static_cast<acc_t>(from[c]);
+        }
+      }
+    }
+  }
+
+  // Each of the first count points' top-left buffer row and corner weights, a bundle at a time: the math of
+  // bilinear_corners (sampling.h), with a point away from the level at (-2, -2), whose corners are all border.
+  RTDETRV2_INLINE void place(int64_t count) {
+    using Vec = typename V::Vec;
+    using IVec = typename IV::Vec;
+    for (int64_t first = 0; first < count; first += kLanes) {
+      const IVec h = IV::load(&height[first]), w = IV::load(&width[first]);
+      const Vec xs = V::load(&x[first]) * convert_to<Vec>(w) - acc_t(0.5);
+      const Vec ys = V::load(&y[first]) * convert_to<Vec>(h) - acc_t(0.5);
+      const auto near_level = (xs >= acc_t(-1)) & (xs < convert_to<Vec>(w)) & (ys >= acc_t(-1)) &
+                              (ys < convert_to<Vec>(h));
+      const IVec x0 = floor_to_int<IVec>(near_level ? xs : acc_t(-2));
+      const IVec y0 = floor_to_int<IVec>(near_level ? ys : acc_t(-2));
+      const Vec fx = xs - convert_to<Vec>(x0), fy = ys - convert_to<Vec>(y0);
+      // Near the level x0 is in [-1, width - 1], so column x0 is inside where x0 >= 0 and x0 + 1 where
+      // x0 + 1 < width; likewise the rows.
+      const IVec column_inside[2] = {near_level & (x0 >= Int(0)), near_level & (x0 + Int(1) < w)};
+      const IVec row_inside[2] = {y0 >= Int(0), y0 + Int(1) < h};
+      const Vec wx[2] = {acc_t(1) - fx, fx}, wy[2] = {acc_t(1) - fy, fy};
+      const Vec point_attention = V::load(&attention[first]);
+      for (int k = 0; k < 4; ++k) {
+        const auto inside = column_inside[k & 1] & row_inside[k >> 1];
+        V::store(&weights[k][first], point_attention * (inside ? wx[k & 1] * wy[k >> 1] : acc_t(0)));
+      }
+      IV::store(&top_left[first], IV::load(&first_row[first]) + (y0 + Int(kBefore)) * IV::load(&padded_width[first]) +
+                                      (x0 + Int(kBefore)));
+    }
+  }
+
+  // The output row of task t of a placed batch.
+  template <int64_t kChannels, typename out_t>
+  RTDETRV2_INLINE void sum_task(int64_t t, out_t* out) const {
+    using Row = RegisterRow<acc_t, kChannels>;
+    Row even{}, odd{};
+    sum_points_in_two_chains(t * points, (t + 1) * points, even, odd,
+                             [&](int64_t p, Row& mine, Row& other) RTDETRV2_LAMBDA_INLINE {
+      const acc_t* top = buffer.data() + int64_t(top_left[p]) * kChannels;
+      const acc_t* bottom = top + int64_t(padded_width[p]) * kChannels;
+      mine.add_scaled(weights[0][p], top);
+      other.add_scaled(weights[1][p], top + kChannels);
+      mine.add_scaled(weights[2][p], bottom);
+      other.add_scaled(weights[3][p], bottom + kChannels);
+    });
+    even.store_sum(odd, out);
+  }
+};
+
+// The output rows of the (batch, head, query) triples i in [begin, end), queries innermost, from staged heads.
+// A batch of tasks never spans two (batch, head) pairs: they read different buffers.
+template <typename scalar_t, typename Points>
+RTDETRV2_CPU_MULTIVERSION void staged_forward_range(const Problem<scalar_t, Points>& problem, int64_t begin,
+                                                    int64_t end, scalar_t* output) {
+  const int64_t C = problem.channels, H = problem.heads, Q = problem.queries;
+  StagedHead<scalar_t> head(problem);
+  dispatch_channels(C, [&](auto channels) RTDETRV2_LAMBDA_INLINE {
+    constexpr int64_t kChannels = decltype(channels)::value;
+    if constexpr (StagedHead<scalar_t>::template stages_channels<kChannels>()) {
+      for (int64_t i = begin; i < end;) {
+        const int64_t b = i / (Q * H), h = i / Q % H, q0 = i % Q;
+        const int64_t tasks = std::min({head.tasks, end - i, Q - q0});
+        head.template stage<kChannels>(problem, problem.value_rows(b, h));
+        for (int64_t t = 0; t < tasks; ++t) {
+          const int64_t first = t * head.points, bqh = (b * Q + q0 + t) * H + h;
+          // Head by head, the per-query inputs are strided: request the next batch's.
+          if (q0 + t + head.tasks < Q) problem.source.prefetch(bqh + head.tasks * H);
+          problem.source.load(bqh, &head.x[first], &head.y[first], &head.attention[first]);
+        }
+        head.place(tasks * head.points);
+        for (int64_t t = 0; t < tasks; ++t) head.template sum_task<kChannels>(t, output + ((b * Q + q0 + t) * H + h) * C);
+        i += tasks;
+      }
+    }
+  });
+}
+
 // grad_output of one (batch, query, head), channel by channel as RegisterRow splits them. With kChannels > 0
 // the row is loaded once into registers; with kChannels = 0 any C works: the row is converted into a buffer
 // and read from there.
@@ -857,9 +1048,13 @@ at::Tensor forward_cpu(const KernelInputs& in, int64_t queries, const MakePoints
     scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
     const int64_t work_per_head = std::max<int64_t>(1, problem.points * problem.channels * (in.discrete ? 1 : 4));
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / work_per_head);
+    const bool staged = !in.discrete && StagedHead<scalar_t>::pays(in.levels, problem.rows, problem.queries,
+                                                                   problem.points, problem.channels);
     const bool heads_innermost = walk_heads_innermost(problem);
     at::parallel_for(0, problem.batch * problem.queries * problem.heads, grain, [&](int64_t begin, int64_t end) {
-      if (in.discrete) {
+      if (staged) {
+        staged_forward_range<scalar_t>(problem, begin, end, output_data);
+      } else if (in.discrete) {
         forward_range<scalar_t, true>(problem, heads_innermost, begin, end, output_data);
       } else {
         forward_range<scalar_t, false>(problem, heads_innermost, begin, end, output_data);

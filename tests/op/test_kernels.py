@@ -14,6 +14,7 @@ from helpers import (
     assert_close,
     backend_params,
     backends_for,
+    make_fused_inputs,
     make_inputs,
     needs_cpu_kernels,
     needs_gpu_kernels,
@@ -22,7 +23,7 @@ from helpers import (
 )
 
 import rtdetrv2_kernels
-from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_reference
+from rtdetrv2_kernels import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_reference
 
 METHODS = ["default", "discrete"]
 NAMES = ("output", "grad_value", "grad_locations", "grad_weights")
@@ -97,13 +98,62 @@ def test_cpu_channel_counts(channels, dtype, method):
 @needs_cpu_kernels
 @pytest.mark.parametrize("method", METHODS)
 def test_cpu_forward_walks_the_heads_of_each_query_where_inputs_outgrow_the_l2(method):
-    # A small value and more per-query inputs than a core's L2 (2 MiB) holds, as RF-DETR's training has:
-    # the forward walks the heads of each query innermost (csrc/cpu: walk_heads_innermost), not head by head.
-    # Two threads split its 3 x 1001 x 16 tasks mid-batch and mid-query (at batch 1, query 500, head 8).
+    # A small value and more per-query inputs than a core's L2 (2 MiB) holds: the forward walks the heads of
+    # each query innermost (csrc/cpu: walk_heads_innermost), not head by head, where it does not sample a staged
+    # copy of each head (48 channels are more than a staged row holds in registers; 16, RF-DETR's training
+    # shapes, stage). Two threads split its 3 x 1001 x 16 tasks mid-batch and mid-query (at batch 1, query 500,
+    # head 8).
     shapes, points = [(9, 11), (5, 6)], [2, 1]
     with torch_threads(2):
         check_against_reference("cpu", "cpu", torch.float64, method, shapes=shapes, points=points, batch=3,
-                                queries=1001, heads=16, channels=16)
+                                queries=1001, heads=16, channels=48)
+
+
+def bits_with_nan_positions(tensor):
+    """The tensor's bit patterns, with every NaN's replaced by one marker (a NaN's payload may depend on
+    which operand an instruction took it from), for comparing results bit for bit."""
+    integers = {8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()]
+    bits = tensor.contiguous().view(integers).clone()
+    bits[tensor.isnan()] = -1
+    return bits
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("channels", FAMILY_HEAD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_cpu_forward_from_a_staged_head_gives_the_unstaged_bits(channels, dtype, fused):
+    # Where a (batch, head)'s rows are read at least once each (csrc/cpu: StagedHead::pays), the CPU forward
+    # samples a copy of them with a border of zeros. The test levels have 63 rows and a query reads 44 (11
+    # points, 4 corners): six queries stage, one does not. A query's output depends on that query alone, so the
+    # six-query call must give, query by query, the bits of one-query calls: the same weights and the same
+    # order of the sum, outside corners reading zeros, with locations that are NaN, infinite, huge or outside
+    # the levels, a NaN in value and one in the attention weights or logits (fp64 stages up to 16 channels;
+    # 14 channels, whose last two are single ones past the vectors in fp32, do not stage).
+    batch, queries, heads = 2, 6, 3
+    if fused:
+        value, reference, offsets, logits = make_fused_inputs(batch=batch, queries=queries, heads=heads,
+                                                              channels=channels, dtype=dtype)
+        offsets.view(-1)[::7] = 40.0  # far outside
+        offsets.view(-1)[3::29] = float("inf")
+        logits.view(-1)[5] = float("nan")
+        per_query = (reference, offsets, logits)
+        call = lambda r, o, a: ms_deform_attn_fused(value, SHAPES, r, o, a, POINTS, 0.5, backend="cpu")
+    else:
+        value, locations, weights = make_inputs(batch=batch, queries=queries, heads=heads, channels=channels,
+                                                dtype=dtype)
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -3e9, 2.0, -1.0], dtype=dtype)
+        locations.view(-1)[: 13 * specials.numel() : 13] = specials
+        weights.view(-1)[5] = float("nan")
+        per_query = (locations, weights)
+        call = lambda l, w: ms_deform_attn(value, SHAPES, l, w, POINTS, backend="cpu")
+    value[1, 7, 2, 0] = float("nan")
+    with torch.no_grad():
+        staged = call(*per_query)
+        for q in range(queries):
+            unstaged = call(*(t[:, q : q + 1] for t in per_query))
+            assert torch.equal(bits_with_nan_positions(staged[:, q : q + 1]), bits_with_nan_positions(unstaged)), q
+    assert staged.isnan().any() and not staged.isnan().all()
 
 
 def test_gather_form_of_the_reference_equals_grid_sample():
