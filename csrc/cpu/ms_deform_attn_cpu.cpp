@@ -723,13 +723,13 @@ RTDETRV2_CPU_MULTIVERSION void forward_range(const Problem<scalar_t, Points>& pr
 
 // The forward where a (batch, head)'s value rows are read several times each (DEIMv2's and RF-DETR's decoders
 // on their small levels, D-FINE N, the training decoders, the DETR encoder; pays() says when): the rows are
-// first copied, as acc_t, into a
-// buffer that puts a border of zeros around each level (two rows above it and two columns left of it, one row
-// below and one column right), and the points are sampled from there. Every corner of a point then lies in the
-// buffer, found from one row index and the level's padded width, and a corner outside the level reads the
-// border's zeros: no per-corner test and no detour to a zero row, which with the row addresses cost most of
-// the unstaged forward's instructions per point (bench/results/family-cpu-2026-12-07-epyc/). The weights and
-// the order of the sum are the unstaged forward's, so both give the same bits.
+// first copied, as acc_t, into a buffer that puts a border of zeros around each level (two rows above it and
+// two columns left of it, one row below and one column right), and the points are sampled from there. Every
+// corner of a point then lies in the buffer, found from one row index and the level's padded width, and a
+// corner outside the level reads the border's zeros: no per-corner test and no detour to a zero row, which
+// with the row addresses cost most of the unstaged forward's instructions per point
+// (bench/results/family-cpu-2026-12-07-epyc/). The weights and the order of the sum are the unstaged
+// forward's, so both give the same bits.
 template <typename scalar_t>
 struct StagedHead {
   using acc_t = at::opmath_type<scalar_t>;
@@ -755,7 +755,7 @@ struct StagedHead {
 
   // Whether staging pays, from the reads per row (the taps of a (batch, head), Q * P * 4, over its rows): from
   // 2.5 on, the copy costs less than it saves (DEIMv2's and D-FINE's small decoders 3.6-4.8, the training
-  // decoders 2.9-54, the DETR encoder 64: 1.2-1.8x faster); at 1.2-1.7 it does not (RF-DETR base and large
+  // decoders 2.9-54, the DETR encoder 64: 1.2-1.7x faster); at 1.2-1.7 it does not (RF-DETR base and large
   // inference 0.9-1.1x, RT-DETRv2's and LW-DETR's inference decoders 1.4x slower). Measured on the EPYC of
   // bench/results/family-cpu-2026-12-07-epyc/. Up to a 4 MiB buffer a thread, for the head sizes of
   // stages_channels.
@@ -775,7 +775,7 @@ struct StagedHead {
     return total;
   }
 
-  int64_t tasks, points, channels;
+  int64_t tasks, points;
   std::vector<acc_t> buffer;                   // zeroed once: staging writes the levels' pixels only
   std::vector<int64_t> level_first_row;         // per level: the buffer row of its padded (0, 0)
   const scalar_t* staged_value_bh = nullptr;    // whose rows the buffer holds
@@ -789,7 +789,6 @@ struct StagedHead {
   explicit StagedHead(const Problem<scalar_t, Points>& problem)
       : tasks(std::max<int64_t>(1, kPoints / std::max<int64_t>(1, problem.points))),
         points(problem.points),
-        channels(problem.channels),
         buffer(buffer_rows(problem.levels) * problem.channels, acc_t(0)) {
     const LevelTable& levels = problem.levels;
     for (int64_t l = 0, row = 0; l < levels.num_levels(); ++l) {
@@ -852,8 +851,8 @@ struct StagedHead {
         const auto inside = column_inside[k & 1] & row_inside[k >> 1];
         V::store(&weights[k][first], point_attention * (inside ? wx[k & 1] * wy[k >> 1] : acc_t(0)));
       }
-      IV::store(&top_left[first], IV::load(&first_row[first]) + (y0 + Int(kBefore)) * IV::load(&padded_width[first]) +
-                                      (x0 + Int(kBefore)));
+      const IVec row = (y0 + Int(kBefore)) * IV::load(&padded_width[first]) + (x0 + Int(kBefore));
+      IV::store(&top_left[first], IV::load(&first_row[first]) + row);
     }
   }
 
@@ -896,7 +895,9 @@ RTDETRV2_CPU_MULTIVERSION void staged_forward_range(const Problem<scalar_t, Poin
           problem.source.load(bqh, &head.x[first], &head.y[first], &head.attention[first]);
         }
         head.place(tasks * head.points);
-        for (int64_t t = 0; t < tasks; ++t) head.template sum_task<kChannels>(t, output + ((b * Q + q0 + t) * H + h) * C);
+        for (int64_t t = 0; t < tasks; ++t) {
+          head.template sum_task<kChannels>(t, output + ((b * Q + q0 + t) * H + h) * C);
+        }
         i += tasks;
       }
     }
