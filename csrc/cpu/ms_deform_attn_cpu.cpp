@@ -767,10 +767,12 @@ struct StagedHead {
     const int64_t bytes = buffer_rows(levels) * channels * int64_t(sizeof(acc_t));
     return channels_in_registers && bytes <= (4 << 20) && 2 * queries * points * 4 >= 5 * rows;
   }
+  // A level's height or width with its border.
+  static int64_t with_border(int64_t size) { return size + kBefore + 1; }
   static int64_t buffer_rows(const LevelTable& levels) {
     int64_t total = 0;
     for (int64_t l = 0; l < levels.num_levels(); ++l) {
-      total += (int64_t(levels.height[l]) + kBefore + 1) * (int64_t(levels.width[l]) + kBefore + 1);
+      total += with_border(levels.height[l]) * with_border(levels.width[l]);
     }
     return total;
   }
@@ -793,7 +795,7 @@ struct StagedHead {
     const LevelTable& levels = problem.levels;
     for (int64_t l = 0, row = 0; l < levels.num_levels(); ++l) {
       level_first_row.push_back(row);
-      row += (int64_t(levels.height[l]) + kBefore + 1) * (int64_t(levels.width[l]) + kBefore + 1);
+      row += with_border(levels.height[l]) * with_border(levels.width[l]);
     }
     const int64_t padded = (tasks * points + kLanes - 1) / kLanes * kLanes;
     for (auto* v : {&x, &y, &attention, &weights[0], &weights[1], &weights[2], &weights[3]}) v->assign(padded, 0);
@@ -802,7 +804,7 @@ struct StagedHead {
       for (int64_t l = 0; l < levels.num_levels(); ++l) {
         for (int64_t p = 0; p < levels.points[l]; ++p, ++i) {
           height[i] = levels.height[l], width[i] = levels.width[l];
-          padded_width[i] = Int(levels.width[l] + kBefore + 1);
+          padded_width[i] = Int(with_border(levels.width[l]));
           first_row[i] = Int(level_first_row[l]);
         }
       }
@@ -816,10 +818,10 @@ struct StagedHead {
     staged_value_bh = value_bh;
     const LevelTable& levels = problem.levels;
     for (int64_t l = 0; l < levels.num_levels(); ++l) {
-      const int64_t W = levels.width[l], padded = W + kBefore + 1;
+      const int64_t W = levels.width[l];
       for (int64_t yy = 0; yy < levels.height[l]; ++yy) {
         const scalar_t* from = value_bh + (levels.start[l] + yy * W) * problem.row_stride;
-        acc_t* to = buffer.data() + (level_first_row[l] + (yy + kBefore) * padded + kBefore) * kChannels;
+        acc_t* to = buffer.data() + (level_first_row[l] + (yy + kBefore) * with_border(W) + kBefore) * kChannels;
         for (int64_t xx = 0; xx < W; ++xx, from += problem.row_stride, to += kChannels) {
           for (int64_t c = 0; c < kChannels; ++c) to[c] = static_cast<acc_t>(from[c]);
         }
