@@ -890,10 +890,11 @@ RTDETRV2_CPU_MULTIVERSION void staged_forward_range(const Problem<scalar_t, Poin
         const int64_t b = i / (Q * H), h = i / Q % H, q0 = i % Q;
         const int64_t tasks = std::min({head.tasks, end - i, Q - q0});
         head.template stage<kChannels>(problem, problem.value_rows(b, h));
+        // The per-query inputs are not requested ahead, as the unstaged forward requests them: their stride is
+        // constant here, which the hardware prefetcher follows, and the requests were 23% of the
+        // instructions of RF-DETR's training forward (bench/results/family-cpu-2026-12-07-epyc/).
         for (int64_t t = 0; t < tasks; ++t) {
           const int64_t first = t * head.points, bqh = (b * Q + q0 + t) * H + h;
-          // Head by head, the per-query inputs are strided: request the next batch's.
-          if (q0 + t + head.tasks < Q) problem.source.prefetch(bqh + head.tasks * H);
           problem.source.load(bqh, &head.x[first], &head.y[first], &head.attention[first]);
         }
         head.place(tasks * head.points);
