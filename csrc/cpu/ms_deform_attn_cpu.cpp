@@ -892,7 +892,7 @@ RTDETRV2_CPU_MULTIVERSION void staged_forward_range(const Problem<scalar_t, Poin
         head.template stage<kChannels>(problem, problem.value_rows(b, h));
         // The per-query inputs are not requested ahead, as the unstaged forward requests them: their stride is
         // constant here, which the hardware prefetcher follows, and the requests were 23% of the
-        // instructions of RF-DETR's training forward (bench/results/family-cpu-2026-12-07-epyc/).
+        // instructions of rfdetr-nano-train-b4's forward (bench/results/family-cpu-2026-12-07-epyc/).
         for (int64_t t = 0; t < tasks; ++t) {
           const int64_t first = t * head.points, bqh = (b * Q + q0 + t) * H + h;
           problem.source.load(bqh, &head.x[first], &head.y[first], &head.attention[first]);

@@ -123,13 +123,13 @@ def bits_with_nan_positions(tensor):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 def test_cpu_forward_from_a_staged_head_gives_the_unstaged_bits(channels, dtype, fused):
-    # Where a (batch, head)'s rows are read 2.5 times each or more (csrc/cpu: StagedHead::pays), the CPU
-    # forward samples a copy of them with a border of zeros. The test levels have 63 rows and a query reads 44
-    # (11 points, 4 corners): six queries (4.2 reads a row) stage, one (0.7) does not. A query's output depends on that query alone, so the
-    # six-query call must give, query by query, the bits of one-query calls: the same weights and the same
-    # order of the sum, outside corners reading zeros, with locations that are NaN, infinite, huge or outside
-    # the levels, a NaN in value and one in the attention weights or logits (fp64 stages up to 16 channels;
-    # 14 channels, whose last two are single ones past the vectors in fp32, do not stage).
+    # Where a (batch, head)'s rows are read 2.5 times each or more (csrc/cpu: StagedHead::pays), the CPU forward
+    # samples a copy of them with a border of zeros. The test levels have 63 rows and a query reads 44 (11 points,
+    # 4 corners): six queries (4.2 reads a row) stage, one (0.7) does not. A query's output depends on that query
+    # alone, so the six-query call must give, query by query, the bits of one-query calls: the same weights and
+    # the same order of the sum, outside corners reading zeros, with locations that are NaN, infinite, huge or
+    # outside the levels, a NaN in value and one in the attention weights or logits (fp64 stages up to 16
+    # channels; 14 channels, whose last two are single ones past the vectors in fp32, do not stage).
     batch, queries, heads = 2, 6, 3
     if fused:
         value, reference, offsets, logits = make_fused_inputs(batch=batch, queries=queries, heads=heads,
