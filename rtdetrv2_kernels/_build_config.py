@@ -3,6 +3,7 @@ torch may be absent) and _extension.py (builds at first use), so it must not imp
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -59,6 +60,8 @@ def cuda_unavailable_reason() -> str | None:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
+    if os.environ.get("RTDETRV2_BUILD_CUDA") == "0":
+        return "RTDETRV2_BUILD_CUDA=0 is set (scripts/bench.sh sets it where no GPU is present)"
     if torch.version.cuda is None:
         return "this torch is a CPU-only build"
     nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"

@@ -101,6 +101,23 @@ def test_cuda_toolkit_detection_explains_a_misleading_cuda_home(tmp_path, monkey
     assert _build_config.cuda_unavailable_reason() is None
 
 
+def test_cuda_build_can_be_turned_off(tmp_path, monkeypatch):
+    """RTDETRV2_BUILD_CUDA=0 (the main job sets it where no GPU could run the CUDA kernels) leaves the CUDA
+    library out even where it could be built, saying why."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from rtdetrv2_kernels import _build_config
+
+    fake_toolkit(tmp_path, "13.0")
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so.13").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setenv("RTDETRV2_BUILD_CUDA", "0")
+    assert "RTDETRV2_BUILD_CUDA=0 is set" in _build_config.cuda_unavailable_reason()
+    monkeypatch.setenv("RTDETRV2_BUILD_CUDA", "1")
+    assert "RTDETRV2_BUILD_CUDA" not in (_build_config.cuda_unavailable_reason() or "")
+
+
 def fake_toolkit(root, release):
     """A toolkit root whose bin/nvcc reports CUDA `release`."""
     (root / "bin").mkdir()
