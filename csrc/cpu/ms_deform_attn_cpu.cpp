@@ -182,19 +182,27 @@ struct PlainPoints {
   // the fp32 copies into calls to memcpy, slower at this size. The family's counts of points per head
   // (RF-DETR 2, DEIMv2's small models 6, LW-DETR 8, RT-DETRv2 and D-FINE 12, the Deformable-DETR encoder 16)
   // get loops of constant count, which the compiler unrolls (a run-time count cost about 9 instructions per point).
-  RTDETRV2_INLINE void load(int64_t bqh, acc_t* x, acc_t* y, acc_t* weight) const {
-    const scalar_t* location = locations + 2 * bqh * points;
-    const scalar_t* attention = weights + bqh * points;
+  // load_tasks reads `tasks` consecutive tasks' inputs, the first of (batch, query, head) bqh and the others
+  // `stride` apart, into runs of P: one dispatch on the count for all (6 of RF-DETR's ~128 instructions a task).
+  RTDETRV2_INLINE void load_tasks(int64_t bqh, int64_t stride, int64_t tasks, acc_t* x, acc_t* y,
+                                  acc_t* weight) const {
     auto copy = [&](auto count) RTDETRV2_LAMBDA_INLINE {
       const int64_t n = decltype(count)::value > 0 ? int64_t(decltype(count)::value) : points;
-      RTDETRV2_DISJOINT
-      for (int64_t i = 0; i < n; ++i) {
-        x[i] = static_cast<acc_t>(location[2 * i]);
-        y[i] = static_cast<acc_t>(location[2 * i + 1]);
-        weight[i] = static_cast<acc_t>(attention[i]);
+      for (int64_t t = 0; t < tasks; ++t) {
+        const scalar_t* location = locations + 2 * (bqh + t * stride) * points;
+        const scalar_t* attention = weights + (bqh + t * stride) * points;
+        RTDETRV2_DISJOINT
+        for (int64_t i = 0; i < n; ++i) {
+          x[t * n + i] = static_cast<acc_t>(location[2 * i]);
+          y[t * n + i] = static_cast<acc_t>(location[2 * i + 1]);
+          weight[t * n + i] = static_cast<acc_t>(attention[i]);
+        }
       }
     };
     dispatch_constant<2, 6, 8, 12, 16>(points, copy);
+  }
+  RTDETRV2_INLINE void load(int64_t bqh, acc_t* x, acc_t* y, acc_t* weight) const {
+    load_tasks(bqh, 0, 1, x, y, weight);
   }
   RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t* grad_loc, const acc_t* grad_weight) const {
     scalar_t* grad_location = grad_locations + 2 * bqh * points;
@@ -235,6 +243,10 @@ struct FusedPoints {
       x[p] = loc_x;
       y[p] = loc_y;
     });
+  }
+  RTDETRV2_INLINE void load_tasks(int64_t bqh, int64_t stride, int64_t tasks, acc_t* x, acc_t* y,
+                                  acc_t* weight) const {
+    for (int64_t t = 0; t < tasks; ++t) load(bqh + t * stride, x + t * points, y + t * points, weight + t * points);
   }
   RTDETRV2_INLINE void store_gradients(int64_t bqh, const acc_t* grad_loc, const acc_t* grad_weight) const {
     prologue.backpropagate(bqh, grad_weight, grad_loc, grad_logits, grad_offsets,
@@ -893,10 +905,7 @@ RTDETRV2_CPU_MULTIVERSION void staged_forward_range(const Problem<scalar_t, Poin
         // The per-query inputs are not requested ahead, as the unstaged forward requests them: their stride is
         // constant here, which the hardware prefetcher follows, and the requests were 23% of the
         // instructions of rfdetr-nano-train-b4's forward (bench/results/family-cpu-2026-12-07-epyc/).
-        for (int64_t t = 0; t < tasks; ++t) {
-          const int64_t first = t * head.points, bqh = (b * Q + q0 + t) * H + h;
-          problem.source.load(bqh, &head.x[first], &head.y[first], &head.attention[first]);
-        }
+        problem.source.load_tasks((b * Q + q0) * H + h, H, tasks, head.x.data(), head.y.data(), head.attention.data());
         head.place(tasks * head.points);
         for (int64_t t = 0; t < tasks; ++t) {
           head.template sum_task<kChannels>(t, output + ((b * Q + q0 + t) * H + h) * C);
