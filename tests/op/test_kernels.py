@@ -109,6 +109,22 @@ def test_cpu_forward_walks_the_heads_of_each_query_where_inputs_outgrow_the_l2(m
                                 queries=1001, heads=16, channels=48)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_staged_forward_split_between_threads_mid_head(dtype):
+    # Three threads split these 2 x 3 x 45 tasks (8 channels: a grain of 93) at batch 0, head 2, query 3 and at
+    # batch 1, head 1, query 6, so two threads start staging mid-head (csrc/cpu: StagedHead); 45 queries read
+    # each row 31 times, which stages. The result must not depend on the split.
+    inputs = make_inputs(batch=2, queries=45, heads=3, channels=8, dtype=dtype)
+    outputs = []
+    for count in (1, 3):
+        with torch_threads(count), torch.no_grad():
+            outputs.append(ms_deform_attn(inputs[0], SHAPES, *inputs[1:], POINTS, backend="cpu"))
+    assert torch.equal(outputs[0], outputs[1])
+    expected = ms_deform_attn_reference(inputs[0].double(), SHAPES, *(t.double() for t in inputs[1:]), POINTS)
+    assert_close(outputs[1], expected, dtype, "output")
+
+
 def bits_with_nan_positions(tensor):
     """The tensor's bit patterns, with every NaN's replaced by one marker (a NaN's payload may depend on
     which operand an instruction took it from), for comparing results bit for bit."""
